@@ -1,0 +1,34 @@
+"""Self-attention with a fused QKV projection, RoPE and GQA over a KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cometserve.kernels import ref
+from cometserve.model.layers.norm import RMSNorm
+from cometserve.model.layers.rotary import RotaryEmbedding
+from cometserve.model.plain_cache import LayerCache
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, qkv_proj, o_proj, rotary) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.qkv_proj, self.o_proj = qkv_proj, o_proj
+        self.rotary: RotaryEmbedding = rotary
+        self.scale = head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache, norm: RMSNorm) -> torch.Tensor:
+        """x [T, hidden] (pre-norm residual stream); positions [T] -> [T, hidden]."""
+        t = x.shape[0]
+        qkv = self.qkv_proj(x, norm)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        keys, values = cache.update(k, v)
+        out = ref.attention(q, keys, values, positions, self.scale)
+        return self.o_proj(out.reshape(t, q_size))

@@ -1,0 +1,128 @@
+"""Linear layers: 16-bit, and quantized (W4Ax / W8A8 / weight-only) over the same call.
+
+Every linear takes `forward(x, norm=None)`: the RMSNorm that precedes it, if any, is handed over so
+a quantized layer can fuse it into the activation quantization (one pass over x: normalize, gather
+by the FMPQ permutation, quantize per token and 128-channel block). A 16-bit layer just applies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cometserve.kernels import ref
+from cometserve.model.layers.norm import RMSNorm
+from cometserve.scheme import num_blocks, padded_k
+
+
+class Linear(nn.Module):
+    """16-bit linear. `observer(layer, x)` sees the exact input of the matmul (calibration)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.observer: Callable[[Linear, torch.Tensor], None] | None = None
+
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        if norm is not None:
+            x = norm(x)
+        if self.observer is not None:
+            self.observer(self, x)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class QuantLinear(nn.Module):
+    """Integer weights with float16 scales. With a block map, activations are quantized per token and
+    block (W4Ax, COMET section 3) and the product runs on integer codes; without one, the weights are
+    dequantized once and the product is 16-bit (weight-only quantization).
+
+    Buffers (checkpoint names): qweight uint8 [N, K_pad/2] (INT4) or int8 [N, K_pad] (INT8); w_scales
+    float16 [N, G]; bias [N]; perm int32 [K] (absent when folded into the previous layer); block_bits
+    uint8 [num_blocks].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        w_bits: int,
+        w_group_size: int,
+        has_block_map: bool,
+        has_perm: bool,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.w_bits = in_features, out_features, w_bits
+        k_pad = padded_k(in_features)
+        groups = 1 if w_group_size == 0 else k_pad // w_group_size
+        if w_bits == 4:
+            self.register_buffer("qweight", torch.zeros(out_features, k_pad // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, k_pad, dtype=torch.int8))
+        self.register_buffer("w_scales", torch.ones(out_features, groups, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nb = num_blocks(in_features)
+        self.register_buffer("block_bits", torch.full((nb,), 4, dtype=torch.uint8) if has_block_map else None)
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32) if has_perm else None)
+        self._ops = None  # set by prepare(): the kernel module chosen for this device and shape
+        self._dense: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Once, after the weights are on their device: pick the kernels and lay weights out for them.
+        `dtype` is the activation dtype (used by the weight-only path's dequantized copy)."""
+        if self.block_bits is None:
+            w = ref.weight_codes(self.qweight).float()
+            g = w.shape[1] // self.w_scales.shape[1]
+            w = w * self.w_scales.float().repeat_interleave(g, dim=1)
+            self._dense = w[:, : self.in_features].to(dtype)
+            return
+        self._ops = select_gemm_ops(self.out_features, self.in_features, self.w_bits, self.qweight.device)
+        self._qweight, self._w_scales = self._ops.prepare_weights(self.qweight, self.w_scales)
+
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        if self._dense is not None:
+            if norm is not None:
+                x = norm(x)
+            return nn.functional.linear(x, self._dense, self.bias)
+        if self._ops is None:
+            raise RuntimeError("QuantLinear.prepare() must run after the weights are loaded")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        norm_w, eps = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
+        codes, scales = self._ops.quant_act(x2, self.perm, self.block_bits, norm_w, eps)
+        y = self._ops.w4ax_gemm(codes, scales, self._qweight, self._w_scales, self.bias, x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+def select_gemm_ops(n: int, k: int, w_bits: int, device: torch.device):
+    """The Triton kernels where they can implement the shape on this device, else the reference.
+
+    A refusal is not an error: the reference computes the same function (slower)."""
+    if device.type == "cuda":
+        try:
+            from cometserve.kernels import gemm_w4ax, quant_act
+        except ImportError:
+            return ref
+        ok, _reason = gemm_w4ax.can_implement(n, padded_k(k), w_bits, device)
+        if ok:
+            return _KernelOps(gemm_w4ax, quant_act)
+    return ref
+
+
+class _KernelOps:
+    """The two Triton modules behind the reference's three-function interface."""
+
+    def __init__(self, gemm, act) -> None:
+        self.prepare_weights = gemm.prepare_weights
+        self.w4ax_gemm = gemm.w4ax_gemm
+        self._act = act
+
+    def quant_act(self, x, perm, block_bits, norm_weight, eps):
+        ok, _ = self._act.can_implement(x.shape[-1], x.device)
+        fn = self._act.quant_act if ok else ref.quant_act
+        return fn(x, perm, block_bits, norm_weight, eps)

@@ -1,0 +1,1 @@
+"""Offline quantization (FMPQ). Nothing on the serving path imports this package."""

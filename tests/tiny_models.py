@@ -1,0 +1,43 @@
+"""Tiny random LLaMA-family checkpoints written to disk, for shapes and parity tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def tiny_hf_config(family: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=320, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if family == "llama":
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 128, "rope_theta": 500000.0}
+        return LlamaConfig(rope_scaling=rope, **common)
+    if family == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    return Qwen2Config(**{**common, "tie_word_embeddings": True})
+
+
+def write_tiny_model(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """A random HF model of `family` saved as safetensors in `out`; returns `out`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    # default init is tiny (std 0.02): widen it so that logits differ visibly between tokens
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
