@@ -3,8 +3,9 @@
 Each function here has the signature of its kernel counterpart. They run anywhere (CPU included)
 and are what the model uses when no kernel can implement a shape. Numerics follow `scheme.py`:
 
-- rounding is half away from zero, `sign(v) * floor(|v| + 0.5)`: exact in float32 for the small
-  magnitudes involved, and a kernel reproduces it with the same two instructions;
+- rounding is half away from zero, computed as `floor(|v|) + (frac(|v|) >= 0.5)` with the sign put
+  back: exact in float32 (`floor(|v| + 0.5)` is not: 0.49999997 + 0.5 rounds up to 1.0), and a
+  kernel reproduces it with floor, subtract and compare;
 - a per-block reciprocal is taken once (`qmax / absmax`, correctly rounded division) and each
   element is multiplied by it, so a kernel that does the same gets the same codes bit for bit.
 """
@@ -22,7 +23,9 @@ KV_MIN_SCALE = 1e-5  # a constant channel still gets a usable scale
 
 
 def round_half_away(v: torch.Tensor) -> torch.Tensor:
-    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+    a = v.abs()
+    fl = torch.floor(a)
+    return torch.sign(v) * (fl + (a - fl >= 0.5).to(v.dtype))
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""cometserve quantize | generate | eval | demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEMO_PROMPTS = (
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+)
+
+
+def _sampling(args):
+    from cometserve.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop or ()),
+    )
+
+
+def cmd_quantize(args) -> None:
+    from cometserve.quant.calib_data import CalibSpec
+    from cometserve.quant.quantize import quantize
+
+    calib = CalibSpec(args.text, args.samples, args.seq_len, args.seed) if args.text else None
+    if calib is None and (args.samples, args.seq_len, args.seed) != (32, 512, 0):
+        from cometserve import assets
+
+        calib = CalibSpec(assets.default_calibration_text()[0], args.samples, args.seq_len, args.seed)
+    out = quantize(args.model, args.out_dir, scheme=args.scheme, calib=calib, device=args.device)
+    print(f"wrote {out}")
+
+
+def cmd_generate(args) -> None:
+    from cometserve.engine.llm import LLM
+
+    llm = LLM(args.model, device=args.device)
+    chat = args.chat if args.chat is not None else bool(getattr(llm.tokenizer, "chat_template", None))
+    for out in llm.generate(args.prompt, _sampling(args), chat=chat, use_tqdm=False):
+        c = out.outputs[0]
+        print(f"> {out.prompt}\n{c.text}\n[{len(c.token_ids)} tokens, {out.seconds:.2f} s, {c.finish_reason}]")
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from cometserve import assets
+    from cometserve.engine.llm import LLM
+    from cometserve.evaluate import perplexity
+
+    llm = LLM(args.model, device=args.device)
+    source, text = (args.text, assets.load_corpus(args.text)) if args.text else assets.default_eval_text()
+    ids = torch.tensor(llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    ppl = perplexity(llm.model, llm.scheme, ids, ctx=args.ctx, max_windows=args.max_windows)
+    print(f"perplexity {ppl:.3f}  ({source}, ctx {args.ctx}, scheme {llm.scheme.name})")
+
+
+def cmd_demo(args) -> None:
+    """Quantize the shipped SmolLM2-135M with FMPQ (once, cached), then generate from the 16-bit
+    and the W4AxKV4 model side by side."""
+    from cometserve import assets
+    from cometserve.checkpoint import is_checkpoint
+    from cometserve.config import cache_dir
+    from cometserve.engine.llm import LLM
+    from cometserve.quant.quantize import quantize
+
+    src = assets.smollm2_dir()
+    ckpt = cache_dir() / "smollm2-135m-instruct-fmpq_w4axkv4"
+    if not is_checkpoint(ckpt) or args.requantize:
+        t0 = time.perf_counter()
+        quantize(src, ckpt, scheme="fmpq_w4axkv4", device=args.device)
+        print(f"quantized {src.name} with FMPQ in {time.perf_counter() - t0:.1f} s -> {ckpt}")
+    params = _sampling(args)
+    prompts = args.prompt or list(DEMO_PROMPTS)
+    results = {}
+    for label, path in (("16-bit", src), ("W4AxKV4", ckpt)):
+        llm = LLM(path, device=args.device)
+        results[label] = llm.generate(prompts, params, chat=True, use_tqdm=False)
+        print(f"{label}: {path} on {llm.device}")
+    for i, prompt in enumerate(prompts):
+        print(f"\n> {prompt}")
+        for label, outs in results.items():
+            c = outs[i].outputs[0]
+            rate = len(c.token_ids) / outs[i].seconds
+            print(f"[{label:8s} {outs[i].seconds:6.2f} s, {rate:5.1f} tok/s] {c.text.strip()}")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the GPU if there is one)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cometserve.scheme import PRESETS
+
+    parser = argparse.ArgumentParser(prog="cometserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a HF directory or GGUF file into a checkpoint")
+    q.add_argument("model")
+    q.add_argument("out_dir")
+    q.add_argument("--scheme", default="fmpq_w4axkv4", choices=[n for n in PRESETS if n != "fp16"])
+    q.add_argument("--text", help="calibration text: austen[:novel], pydoc, or a file path")
+    q.add_argument("--samples", type=int, default=32)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+    q.set_defaults(func=cmd_quantize)
+    g = sub.add_parser("generate", help="generate from a model or checkpoint")
+    g.add_argument("model")
+    g.add_argument("--prompt", action="append", required=True)
+    chat = g.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false")
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+    e = sub.add_parser("eval", help="perplexity on held-out text")
+    e.add_argument("model")
+    e.add_argument("--ppl", action="store_true", default=True)
+    e.add_argument("--text", help="austen:<novel>, pydoc, or a file path (default: held-out Austen)")
+    e.add_argument("--ctx", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_eval)
+    d = sub.add_parser("demo", help="quantize the shipped SmolLM2-135M and compare it with 16-bit")
+    d.add_argument("--prompt", action="append")
+    d.add_argument("--requantize", action="store_true")
+    _add_sampling_args(d)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"cometserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

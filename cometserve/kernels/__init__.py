@@ -1,0 +1,1 @@
+"""Device code and its pure-torch reference (ref.py). Imports nothing from the package but scheme.py."""
