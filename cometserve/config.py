@@ -37,6 +37,11 @@ class ModelConfig:
     qkv_bias: bool  # Qwen2, or Llama with attention_bias
     o_bias: bool  # Llama with attention_bias
     mlp_bias: bool
+    sliding_window: int | None = None  # Mistral v0.1: attention is full up to here, so serving caps the context
+
+    @property
+    def max_model_len(self) -> int:
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -71,6 +76,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=model_type != "qwen2" and attention_bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            sliding_window=getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None,
         )
 
 

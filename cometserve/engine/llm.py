@@ -44,7 +44,7 @@ class LLM:
         self.scheme = self.loaded.scheme
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.loaded.path))
         self.device = self.model.model.embed_tokens.weight.device
-        self.max_model_len = self.model.config.max_position_embeddings
+        self.max_model_len = self.model.config.max_model_len
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
