@@ -42,7 +42,7 @@ class QuantScheme:
     outlier_threshold: float = 12.0  # a channel is an outlier if absmax > this x median absmax
     kv_bits: int = 4  # 4 or 16
     kv_group_size: int = 64  # tokens that share one (scale, zero) per channel
-    weight_rounding: str = "rtn"  # "rtn" (round to nearest); better rounding comes later
+    weight_rounding: str = "gptq"  # "gptq" (error-compensating, Hessian-weighted) or "rtn" (round to nearest)
 
     def __post_init__(self) -> None:
         if self.w_bits not in (4, 8, 16):
@@ -64,8 +64,8 @@ class QuantScheme:
             raise ValueError(f"QuantScheme.kv_group_size must be a power of two, got {self.kv_group_size}")
         if self.outlier_threshold <= 1.0:
             raise ValueError(f"QuantScheme.outlier_threshold must be > 1, got {self.outlier_threshold}")
-        if self.weight_rounding not in ("rtn",):
-            raise ValueError(f"QuantScheme.weight_rounding must be 'rtn', got {self.weight_rounding!r}")
+        if self.weight_rounding not in ("rtn", "gptq"):
+            raise ValueError(f"QuantScheme.weight_rounding must be 'rtn' or 'gptq', got {self.weight_rounding!r}")
 
     @property
     def quantizes_weights(self) -> bool:
@@ -91,9 +91,10 @@ PRESETS: dict[str, QuantScheme] = {
     s.name: s
     for s in (
         QuantScheme(name="fp16", w_bits=16, a_mode="none", kv_bits=16),
-        QuantScheme(name="w8a8", w_bits=8, w_group_size=0, a_mode="int8", kv_bits=16),
-        QuantScheme(name="w4a16", a_mode="none", kv_bits=16),
-        QuantScheme(name="w4a4_rtn", a_mode="int4", kv_bits=16),
+        QuantScheme(name="w8a8", w_bits=8, w_group_size=0, a_mode="int8", kv_bits=16, weight_rounding="rtn"),
+        QuantScheme(name="w4a16_rtn", a_mode="none", kv_bits=16, weight_rounding="rtn"),
+        QuantScheme(name="w4a16_gptq", a_mode="none", kv_bits=16),
+        QuantScheme(name="w4a4_rtn", a_mode="int4", kv_bits=16, weight_rounding="rtn"),
         QuantScheme(name="w4a8kv4", a_mode="int8"),
         QuantScheme(name="fmpq_w4ax", kv_bits=16),
         QuantScheme(name="fmpq_w4axkv4"),

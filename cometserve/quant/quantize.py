@@ -12,11 +12,13 @@ import cometserve
 from cometserve import checkpoint
 from cometserve.model.loader import load_model, resolve_model_path
 from cometserve.model.llama import LlamaForCausalLM
+from cometserve.model.llama import DecoderLayer
 from cometserve.quant.calib_data import CalibSpec, calibration_tokens
-from cometserve.quant.calibrate import channel_absmax
+from cometserve.quant.calibrate import InputStats, calibrate_layerwise
 from cometserve.quant.fmpq import block_map, int8_fraction
 from cometserve.quant.pack import pack_int4
-from cometserve.quant.rounding.rtn import round_weight
+from cometserve.quant.primitives import dequantize_weight
+from cometserve.quant.rounding import gptq, rtn
 from cometserve.scheme import QuantScheme, get_scheme, padded_k
 
 SAVE_DTYPE = torch.bfloat16  # embeddings, norms, biases and the LM head stay 16-bit
@@ -40,8 +42,8 @@ def quantize(
         raise ValueError(f"scheme {scheme.name!r} keeps 16-bit weights: serve the source model directly")
     src = resolve_model_path(model)
     loaded = load_model(src, device=device, dtype=torch.float32)
-    stats, calib_info = {}, None
-    if scheme.a_mode == "fmpq":
+    tokens, calib_info = None, None
+    if needs_calibration(scheme):
         if calib_tokens is None:
             from transformers import AutoTokenizer
 
@@ -50,10 +52,9 @@ def quantize(
         else:
             calib = calib or CalibSpec(source="tokens given", n_samples=len(calib_tokens), seq_len=calib_tokens.shape[1])
             tokens = calib_tokens
-        t0 = time.time()
-        stats = channel_absmax(loaded.model, tokens)
-        calib_info = {**calib.to_dict(), "tokens": tokens.numel(), "seconds": round(time.time() - t0, 1)}
-    tensors, layers = quantize_model(loaded.model, scheme, stats)
+        calib_info = {**calib.to_dict(), "tokens": tokens.numel()}
+    t0 = time.time()
+    tensors, layers = quantize_model(loaded.model, scheme, tokens)
     qcfg = {
         "scheme": scheme.to_dict(),
         "dtype": str(SAVE_DTYPE).removeprefix("torch."),
@@ -61,6 +62,7 @@ def quantize(
         "layers": layers,
         "provenance": {
             "source_model": str(model),
+            "seconds": round(time.time() - t0, 1),
             "calibration": calib_info,
             "cometserve_version": cometserve.__version__,
             "torch": torch.__version__,
@@ -80,56 +82,84 @@ def _calibration_text(calib: CalibSpec | None) -> tuple[CalibSpec, str]:
 
 
 @torch.no_grad()
-def quantize_model(model: LlamaForCausalLM, scheme: QuantScheme, stats: dict) -> tuple[dict, dict]:
-    """-> (tensors for model.safetensors, quant_config "layers" entries). Mutates nothing it returns
-    by reference: the model's gate/up rows are permuted in a copy."""
-    tensors = {k: v.to(SAVE_DTYPE) for k, v in model.state_dict().items() if not _is_linear_weight(model, k)}
+def quantize_model(model: LlamaForCausalLM, scheme: QuantScheme, tokens: torch.Tensor | None) -> tuple[dict, dict]:
+    """-> (tensors for model.safetensors, quant_config "layers" entries). Layer by layer: calibrate
+    on what the already quantized layers produce, choose the block maps, round the weights. The
+    model is left computing with the dequantized weights (fake quantization)."""
+    tensors = {k: v.to(SAVE_DTYPE) for k, v in model.state_dict().items() if not k.endswith("_proj.weight")}
     layers: dict[str, dict] = {}
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        down_perm, down_bits = _map(stats, f"{p}.mlp.down_proj", scheme, mlp.down_proj.in_features)
-        gate_up_w = mlp.gate_up_proj.weight.float()
-        if down_perm is not None:  # fold down_proj's permutation into the rows of gate and up
-            gate, up = gate_up_w.split(mlp.intermediate)
-            gate_up_w = torch.cat((gate[down_perm], up[down_perm]))
-        for name, lin, weight in (
-            (f"{p}.self_attn.qkv_proj", attn.qkv_proj, None),
-            (f"{p}.self_attn.o_proj", attn.o_proj, None),
-            (f"{p}.mlp.gate_up_proj", mlp.gate_up_proj, gate_up_w),
-        ):
-            perm, bits = _map(stats, name, scheme, lin.in_features)
-            layers[name] = _quantize_linear(tensors, name, lin, weight, perm, bits, scheme, folded=False)
-        layers[f"{p}.mlp.down_proj"] = _quantize_linear(
-            tensors, f"{p}.mlp.down_proj", mlp.down_proj, None, down_perm, down_bits, scheme, folded=True
-        )
+
+    def quantize_layer(i: int, layer: DecoderLayer, stats: dict[str, InputStats]) -> None:
+        layers.update(_quantize_decoder_layer(f"model.layers.{i}", layer, stats, scheme, tensors))
+
+    if tokens is None:  # nothing depends on activations: no calibration pass
+        for i, layer in enumerate(model.model.layers):
+            quantize_layer(i, layer, {})
+    else:
+        calibrate_layerwise(model, tokens, quantize_layer, hessian=scheme.weight_rounding == "gptq")
     return tensors, layers
 
 
-def _is_linear_weight(model: LlamaForCausalLM, key: str) -> bool:
-    return key.endswith("_proj.weight")
+def needs_calibration(scheme: QuantScheme) -> bool:
+    return scheme.a_mode == "fmpq" or scheme.weight_rounding == "gptq"
+
+
+def _quantize_decoder_layer(p: str, layer: DecoderLayer, stats: dict, scheme: QuantScheme, tensors: dict) -> dict:
+    attn, mlp = layer.self_attn, layer.mlp
+    down_perm, down_bits = _map(stats, f"{p}.mlp.down_proj", scheme, mlp.down_proj.in_features)
+    # down_proj's permutation is folded into the output rows of gate and up: its input arrives permuted
+    rows = None if down_perm is None else torch.cat((down_perm, down_perm + mlp.intermediate))
+    out = {}
+    for name, lin, row_perm in (
+        (f"{p}.self_attn.qkv_proj", attn.qkv_proj, None),
+        (f"{p}.self_attn.o_proj", attn.o_proj, None),
+        (f"{p}.mlp.gate_up_proj", mlp.gate_up_proj, rows),
+    ):
+        perm, bits = _map(stats, name, scheme, lin.in_features)
+        out[name] = _quantize_linear(tensors, name, lin, stats.get(name), perm, bits, scheme, row_perm)
+    name = f"{p}.mlp.down_proj"
+    out[name] = _quantize_linear(tensors, name, mlp.down_proj, stats.get(name), down_perm, down_bits, scheme, None)
+    out[name]["perm_folded"] = down_perm is not None
+    return out
 
 
 def _map(stats: dict, name: str, scheme: QuantScheme, k: int):
     if not scheme.quantizes_activations:
         return None, None
-    return block_map(stats.get(name), scheme, k)
+    st = stats.get(name)
+    return block_map(st.absmax.cpu() if st is not None else None, scheme, k)
 
 
-def _quantize_linear(tensors, name, lin, weight, perm, bits, scheme: QuantScheme, folded: bool) -> dict:
-    w = (lin.weight if weight is None else weight).float()
+def _quantize_linear(tensors, name, lin, st: InputStats | None, perm, bits, scheme: QuantScheme, row_perm) -> dict:
+    """Round lin's weight (rows reordered by row_perm, K columns by perm, K zero padded), store the
+    codes and scales, and write the dequantized weight back into lin in its original order."""
+    k, k_pad = lin.in_features, padded_k(lin.in_features)
+    w = lin.weight.float()
+    if row_perm is not None:
+        w = w[row_perm]
     if perm is not None:
         w = w[:, perm]
-    w = torch.nn.functional.pad(w, (0, padded_k(lin.in_features) - lin.in_features))
-    codes, scales = round_weight(w, scheme.w_bits, scheme.w_group_size)
-    tensors[f"{name}.qweight"] = pack_int4(codes) if scheme.w_bits == 4 else codes
-    tensors[f"{name}.w_scales"] = scales
+    w = torch.nn.functional.pad(w, (0, k_pad - k))
+    if scheme.weight_rounding == "gptq":
+        h = st.hessian if perm is None else st.hessian[perm][:, perm]
+        h = torch.nn.functional.pad(h, (0, k_pad - k, 0, k_pad - k))
+        codes, scales = gptq.round_weight(w, scheme.w_bits, scheme.w_group_size, h)
+    else:
+        codes, scales = rtn.round_weight(w, scheme.w_bits, scheme.w_group_size)
+    tensors[f"{name}.qweight"] = (pack_int4(codes) if scheme.w_bits == 4 else codes).cpu()
+    tensors[f"{name}.w_scales"] = scales.cpu()
+    deq = dequantize_weight(codes, scales)[:, :k]
+    if perm is not None:
+        deq = deq[:, torch.argsort(perm.to(deq.device))]
+    if row_perm is not None:
+        deq = deq[torch.argsort(row_perm.to(deq.device))]
+    lin.weight.copy_(deq)
     return {
-        "in_features": lin.in_features,
+        "in_features": k,
         "out_features": lin.out_features,
         "w_bits": scheme.w_bits,
         "w_group_size": scheme.w_group_size,
         "block_bits": bits,
         "perm": perm.tolist() if perm is not None else None,
-        "perm_folded": folded and perm is not None,
+        "perm_folded": False,
     }
