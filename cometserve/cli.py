@@ -50,30 +50,45 @@ def cmd_eval(args) -> None:
 
     from cometserve import assets
     from cometserve.engine.llm import LLM
-    from cometserve.evaluate import perplexity
+    from cometserve.evaluate import mmlu_accuracy, mmlu_questions, perplexity
 
     llm = LLM(args.model, device=args.device)
-    source, text = (args.text, assets.load_corpus(args.text)) if args.text else assets.default_eval_text()
-    ids = torch.tensor(llm.tokenizer(text, add_special_tokens=False)["input_ids"])
-    ppl = perplexity(llm.model, llm.scheme, ids, ctx=args.ctx, max_windows=args.max_windows)
-    print(f"perplexity {ppl:.3f}  ({source}, ctx {args.ctx}, scheme {llm.scheme.name})")
+    if args.mmlu is not None:
+        rows = mmlu_questions(args.mmlu or None)
+        acc = mmlu_accuracy(llm.model, llm.scheme, llm.tokenizer, rows)
+        print(f"mmlu {100 * acc:.1f}%  ({len(rows)} questions, zero-shot, scheme {llm.scheme.name})")
+    if args.ppl or args.mmlu is None:
+        source, text = (args.text, assets.load_corpus(args.text)) if args.text else assets.default_eval_text()
+        ids = torch.tensor(llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ppl = perplexity(llm.model, llm.scheme, ids, ctx=args.ctx, max_windows=args.max_windows)
+        print(f"perplexity {ppl:.3f}  ({source}, ctx {args.ctx}, scheme {llm.scheme.name})")
+
+
+def demo_checkpoint(device: str | None = None, requantize: bool = False) -> Path:
+    """The shipped SmolLM2-135M quantized to W4AxKV4 with FMPQ (default calibration), made once and
+    cached beside its 16-bit copy."""
+    from cometserve import assets
+    from cometserve.checkpoint import is_checkpoint
+    from cometserve.config import cache_dir
+    from cometserve.quant.quantize import quantize
+
+    src = assets.smollm2_dir()
+    ckpt = cache_dir() / "smollm2-135m-instruct-fmpq_w4axkv4"
+    if not is_checkpoint(ckpt) or requantize:
+        t0 = time.perf_counter()
+        quantize(src, ckpt, scheme="fmpq_w4axkv4", device=device)
+        print(f"quantized {src.name} with FMPQ in {time.perf_counter() - t0:.1f} s -> {ckpt}")
+    return ckpt
 
 
 def cmd_demo(args) -> None:
     """Quantize the shipped SmolLM2-135M with FMPQ (once, cached), then generate from the 16-bit
     and the W4AxKV4 model side by side."""
     from cometserve import assets
-    from cometserve.checkpoint import is_checkpoint
-    from cometserve.config import cache_dir
     from cometserve.engine.llm import LLM
-    from cometserve.quant.quantize import quantize
 
     src = assets.smollm2_dir()
-    ckpt = cache_dir() / "smollm2-135m-instruct-fmpq_w4axkv4"
-    if not is_checkpoint(ckpt) or args.requantize:
-        t0 = time.perf_counter()
-        quantize(src, ckpt, scheme="fmpq_w4axkv4", device=args.device)
-        print(f"quantized {src.name} with FMPQ in {time.perf_counter() - t0:.1f} s -> {ckpt}")
+    ckpt = demo_checkpoint(args.device, args.requantize)
     params = _sampling(args)
     prompts = args.prompt or list(DEMO_PROMPTS)
     results = {}
@@ -122,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--no-chat", dest="chat", action="store_false")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
-    e = sub.add_parser("eval", help="perplexity on held-out text")
+    e = sub.add_parser("eval", help="perplexity on held-out text, MMLU")
     e.add_argument("model")
-    e.add_argument("--ppl", action="store_true", default=True)
+    e.add_argument("--ppl", action="store_true", help="sliding-window perplexity (the default)")
+    e.add_argument("--mmlu", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="zero-shot MMLU on N seeded questions (all without N)")
     e.add_argument("--text", help="austen:<novel>, pydoc, or a file path (default: held-out Austen)")
     e.add_argument("--ctx", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None)

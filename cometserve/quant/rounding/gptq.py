@@ -45,7 +45,10 @@ def round_weight(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    # H^-1 from its Cholesky factor by one triangular solve (torch.cholesky_inverse is ~25x slower
+    # on CPU), then the upper Cholesky factor of H^-1 that GPTQ's column updates use
+    chol_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), torch.eye(k, dtype=h.dtype, device=h.device), upper=False)
+    hinv = torch.linalg.cholesky(chol_inv.T @ chol_inv, upper=True).float()
     h_diag = torch.diag(h).float()
     qmax = weight_qmax(bits)
     per_channel = group_size == 0
