@@ -1,0 +1,294 @@
+"""Scheduler: continuous batching over the paged KV cache under a per-step token budget.
+
+Each `schedule()` builds one step, in this order:
+
+1. Running requests, decodes first (one token each), then a running request whose prompt is
+   still being prefilled, each in arrival order. A request that needs a block when none is free
+   makes room by preemption by recompute: the most recently arrived running request not yet
+   scheduled in this step (possibly the needy request itself) loses all its blocks, goes back to
+   the FRONT of the waiting queue with its outputs kept, and later prefills prompt + outputs again.
+   Preempting the newest protects the oldest, so the oldest always progresses: no livelock.
+2. Waiting requests in FIFO order (strict head of line: if the head's chunk does not fit, nobody
+   behind it is admitted), each getting `min(remaining tokens, remaining budget)`; a long prompt is
+   split across steps (chunked prefill). A step that preempted admits nobody: the pages just
+   freed are needed by the requests already running.
+
+Together these keep an ordering invariant that `check_invariants` asserts: every running request
+arrived before every waiting one, the waiting queue is sorted by arrival, and at most one running
+request (the newest) is mid-prefill.
+
+`schedule()` and `update()` strictly alternate. The scheduler advances `num_computed_tokens` when
+it schedules a chunk (the K/V is written by that step), and `update()` appends the sampled tokens.
+Pure Python, deterministic: no torch, no clocks, no randomness.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from cometserve.engine.interfaces import ScheduledChunk, SchedulerOutput, StepOutput
+from cometserve.engine.kv_manager import KVBlockManager
+from cometserve.engine.request import Request, RequestStatus
+
+_RUNNING = RequestStatus.RUNNING
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served (too long for the model or for the whole KV cache)."""
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the KV block manager's allocation decisions."""
+
+    def __init__(
+        self, kv: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+    ) -> None:
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_model_len", max_model_len),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Scheduler.{name} must be a positive integer, got {value!r}")
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # sorted by arrival
+        self.requests: dict[str, Request] = {}  # live (waiting or running) requests only
+        self._next_arrival = 0
+        self._finished_ids: list[str] = []  # since the last schedule(), reported to the runner
+        self._pending: SchedulerOutput | None = None  # scheduled, not yet updated
+
+    # ---- admission and removal -----------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a new request, or mark it REJECTED and raise RequestRejected if it can never fit."""
+        if request.status is not RequestStatus.WAITING or request.num_output_tokens:
+            raise ValueError(f"request {request.request_id} is not new (status {request.status.name})")
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id} is already in use")
+        reason = self._never_fits(request)
+        if reason is not None:
+            request.error = f"request {request.request_id} rejected: {reason}"
+            request.transition(RequestStatus.REJECTED)
+            raise RequestRejected(request.error)
+        request.arrival = self._next_arrival
+        self._next_arrival += 1
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def _never_fits(self, request: Request) -> str | None:
+        """Why the request can never run to max_tokens, or None if it can.
+
+        The longest the request's K/V gets is prompt + max_tokens - 1 tokens (the last sample is
+        never fed back), and preemption guarantees a request that fits the whole cache alone
+        eventually runs, so those two bounds are the whole admission test.
+        """
+        prompt, max_tokens = request.num_prompt_tokens, request.sampling_params.max_tokens
+        if prompt == 0:
+            return "the prompt is empty"
+        if prompt + max_tokens > self.max_model_len:
+            return (
+                f"prompt of {prompt} tokens + max_tokens {max_tokens} exceeds the model's context "
+                f"of {self.max_model_len} tokens"
+            )
+        need = self.kv.blocks_for(prompt + max_tokens - 1)
+        if need > self.kv.num_blocks:
+            return (
+                f"prompt of {prompt} tokens + max_tokens {max_tokens} needs {need} KV blocks of "
+                f"{self.kv.block_size} tokens but the whole cache has {self.kv.num_blocks}"
+            )
+        return None
+
+    def abort(self, request_id: str) -> bool:
+        """End a live request and free its blocks; False if it is unknown or already finished."""
+        if request_id not in self.requests:
+            return False
+        self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request:
+        """End a live request with a terminal `status` (the engine's stop strings use STOPPED)."""
+        if not status.is_finished or status is RequestStatus.REJECTED:
+            raise ValueError(f"finish_request needs a FINISHED_* status, got {status.name}")
+        request = self.requests[request_id]
+        request.transition(status)  # raises before any queue is touched if illegal
+        if request in self.running:
+            self.running.remove(request)
+            self.kv.free(request_id)
+        else:
+            self.waiting.remove(request)
+        del self.requests[request_id]
+        self._finished_ids.append(request_id)
+        return request
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def get(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's chunks (see the module docstring for the policy)."""
+        if self._pending is not None:
+            raise RuntimeError("schedule() called twice without update(): every step must be updated")
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        budget = self._schedule_running(self.max_num_batched_tokens, chunks, preempted)
+        if not preempted:
+            self._schedule_waiting(budget, chunks)
+        output = SchedulerOutput(
+            chunks=tuple(chunks),
+            preempted_ids=tuple(preempted),
+            finished_ids=tuple(self._finished_ids),
+            num_batched_tokens=sum(len(c.token_ids) for c in chunks),
+        )
+        self._finished_ids.clear()
+        self._pending = output
+        return output
+
+    def _schedule_running(self, budget: int, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
+        """Decodes, then mid-prefill continuations; preempt the newest when blocks run out."""
+        order = sorted(self.running, key=lambda r: (not r.is_decoding, r.arrival))
+        scheduled: set[str] = set()
+        for request in order:
+            if budget == 0:
+                break
+            if request.status is not _RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, scheduled, preempted):
+                continue
+            chunks.append(self._make_chunk(request, num_new))
+            scheduled.add(request.request_id)
+            budget -= num_new
+        return budget
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, scheduled: set[str], preempted: list[str]
+    ) -> bool:
+        """Take blocks for `num_new` tokens, preempting newest-first; False if `request` itself went."""
+        while self.kv.allocate(request.request_id, num_new) is None:
+            victim = max((r for r in self.running if r.request_id not in scheduled), key=lambda r: r.arrival)
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: drop the K/V, keep the tokens, go first in line."""
+        self.kv.free(request.request_id)
+        self.running.remove(request)
+        request.transition(RequestStatus.PREEMPTED)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _schedule_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
+        """Admit waiting requests FIFO while budget, sequence slots and blocks last."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self.kv.allocate(request.request_id, num_new) is None:
+                break  # head of line waits for pages; admitting a later request would break FIFO
+            self.waiting.popleft()
+            request.transition(_RUNNING)
+            self.running.append(request)  # arrived after every running request: order kept
+            chunks.append(self._make_chunk(request, num_new))
+            budget -= num_new
+
+    def _make_chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        """Describe tokens [computed, computed + num_new) and mark them computed."""
+        rid, start = request.request_id, request.num_computed_tokens
+        end = start + num_new
+        chunk = ScheduledChunk(
+            request_id=rid,
+            token_ids=tuple(request.token_slice(start, end)),
+            start_pos=start,
+            block_table=tuple(self.kv.block_table(rid)),
+            slot_mapping=tuple(self.kv.slots(rid, start, end)),
+            is_prefill=not request.is_decoding,
+            needs_sample=end == request.num_tokens,
+            sampling_params=request.sampling_params,
+        )
+        request.num_computed_tokens = end
+        return chunk
+
+    def update(self, step_output: StepOutput) -> list[Request]:
+        """Fold the step's samples into requests; returns the requests this step finished.
+
+        A request aborted between schedule() and update() is skipped. A missing sample for a
+        chunk that needed one, or a sample nobody asked for, is a runner bug and raises before
+        any request is changed.
+        """
+        if self._pending is None:
+            raise RuntimeError("update() without a preceding schedule()")
+        expected = [c.request_id for c in self._pending.chunks if c.needs_sample]
+        unexpected = set(step_output.sampled) - set(expected)
+        if unexpected:
+            raise ValueError(f"runner sampled for requests that needed no sample: {sorted(unexpected)}")
+        # aborted since schedule() (its id possibly reused by a new, waiting request): skip
+        live = [rid for rid in expected if rid in self.requests and self.requests[rid].status is _RUNNING]
+        missing = [rid for rid in live if rid not in step_output.sampled]
+        if missing:
+            raise ValueError(f"runner returned no sample for requests {missing}")
+        self._pending = None
+        finished = []
+        for rid in live:
+            token_id, logprob = step_output.sampled[rid]
+            request = self.requests[rid]
+            status = self._append_sample(request, token_id, logprob)
+            if status is not None:
+                finished.append(self.finish_request(rid, status))
+        return finished
+
+    def _append_sample(self, request: Request, token_id: int, logprob: float) -> RequestStatus | None:
+        """Record the sample; the finishing status if it ends the request (stop before length)."""
+        if request.is_stop_token(token_id):
+            request.stop_token_id = token_id
+            return RequestStatus.FINISHED_STOPPED
+        request.append_output(token_id, logprob)
+        if request.num_output_tokens >= request.sampling_params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise RuntimeError if queues, statuses, block tables or the ordering invariant disagree."""
+        self.kv.check_invariants()
+        waiting_ids = [r.request_id for r in self.waiting]
+        running_ids = [r.request_id for r in self.running]
+        if set(waiting_ids) & set(running_ids) or set(waiting_ids) | set(running_ids) != set(self.requests):
+            raise RuntimeError("waiting and running queues do not partition the live requests")
+        if len(self.running) > self.max_num_seqs:
+            raise RuntimeError(f"{len(self.running)} running requests > max_num_seqs {self.max_num_seqs}")
+        arrivals = [r.arrival for r in self.running] + [r.arrival for r in self.waiting]
+        if arrivals != sorted(arrivals):
+            raise RuntimeError(f"arrival order broken: running + waiting arrivals are {arrivals}")
+        for r in self.waiting:
+            if r.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                raise RuntimeError(f"{r!r} is in the waiting queue")
+            if r.request_id in self.kv or r.num_computed_tokens:
+                raise RuntimeError(f"waiting {r!r} holds KV blocks or computed tokens")
+        mid_prefill = [r for r in self.running if r.num_computed_tokens < r.num_tokens - 1]
+        if len(mid_prefill) > 1 or (mid_prefill and mid_prefill[0] is not self.running[-1]):
+            raise RuntimeError(f"more than the newest running request is mid-prefill: {mid_prefill}")
+        for r in self.running:
+            if r.status is not _RUNNING or self.kv.num_tokens(r.request_id) != r.num_computed_tokens:
+                raise RuntimeError(f"{r!r} holds {self.kv.num_tokens(r.request_id)} token slots")
