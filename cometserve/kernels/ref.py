@@ -162,3 +162,184 @@ def attention(
     scores = scores.masked_fill(mask[None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("htl,lhd->thd", probs, vf).to(q.dtype)
+
+
+# ---- paged INT4 KV cache (kv_cache.py, attention.py) ----
+#
+# Layout (one PagedKVCache per decoder layer; see kernels/kv_cache.py for why):
+#   k_codes, v_codes  uint8   [num_pages, Hkv, P, D/2]   byte j of a token row holds channel j in its low
+#                                                         nibble and channel j + D/2 in its high nibble
+#   k_scales, k_zeros, v_scales, v_zeros
+#                     float16 [num_pages, Hkv, P/G, D]    one (scale, zero) per group of G tokens
+#   k_window, v_window 16-bit [max_seqs, Hkv, G, D]       the partial newest group of each sequence slot;
+#                                                         token at position p sits at row p % G
+# Sequence b owns pages block_tables[b, :]; token position p lives in page block_tables[b, p // P] at
+# row p % P once its group (p // G) is full, and in k_window[seq_slots[b], :, p % G] before that.
+# context_lens[b] counts the sequence's tokens AFTER this step's write: attention reads groups
+# 0 .. context_lens // G - 1 quantized and the last context_lens % G tokens from the window.
+
+
+class PagedKVCache:
+    """The tensors of one layer's paged INT4 KV cache (layout above)."""
+
+    def __init__(self, k_codes, v_codes, k_scales, k_zeros, v_scales, v_zeros, k_window, v_window):
+        self.k_codes, self.v_codes = k_codes, v_codes
+        self.k_scales, self.k_zeros, self.v_scales, self.v_zeros = k_scales, k_zeros, v_scales, v_zeros
+        self.k_window, self.v_window = k_window, v_window
+
+    @property
+    def page_size(self) -> int:
+        return self.k_codes.shape[2]
+
+    @property
+    def group_size(self) -> int:
+        return self.k_window.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_codes.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_codes.shape[3] * 2
+
+    @classmethod
+    def allocate(cls, num_pages: int, num_kv_heads: int, head_dim: int, max_seqs: int, dtype: torch.dtype,
+                 device, page_size: int = 64, group_size: int = 64) -> PagedKVCache:
+        assert page_size % group_size == 0, f"page size {page_size} must be a multiple of group {group_size}"
+        assert head_dim % 2 == 0, f"head_dim {head_dim} must be even (two codes per byte)"
+        codes = (num_pages, num_kv_heads, page_size, head_dim // 2)
+        meta = (num_pages, num_kv_heads, page_size // group_size, head_dim)
+        win = (max_seqs, num_kv_heads, group_size, head_dim)
+        u8, f16 = torch.uint8, torch.float16
+        return cls(
+            torch.zeros(codes, dtype=u8, device=device), torch.zeros(codes, dtype=u8, device=device),
+            torch.ones(meta, dtype=f16, device=device), torch.zeros(meta, dtype=f16, device=device),
+            torch.ones(meta, dtype=f16, device=device), torch.zeros(meta, dtype=f16, device=device),
+            torch.zeros(win, dtype=dtype, device=device), torch.zeros(win, dtype=dtype, device=device),
+        )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.k_codes, self.v_codes, self.k_scales, self.k_zeros, self.v_scales, self.v_zeros,
+                self.k_window, self.v_window)
+
+    def clone(self) -> PagedKVCache:
+        return PagedKVCache(*(t.clone() for t in self.tensors()))
+
+    def bytes_per_token(self) -> float:
+        """Paged bytes per token (codes + scales and zeros), the window excluded (per sequence)."""
+        p, g = self.page_size, self.group_size
+        code = 2 * self.num_kv_heads * self.head_dim // 2
+        meta = 4 * self.num_kv_heads * self.head_dim * 2 / g
+        return (code * p + meta * p) / p
+
+
+def pack_kv_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [..., D] in 0..15 -> [..., D/2]: channel j low nibble, channel j + D/2 high nibble."""
+    half = codes.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4)
+
+
+def unpack_kv_codes(packed: torch.Tensor) -> torch.Tensor:
+    return torch.cat((packed & 0xF, packed >> 4), dim=-1)
+
+
+def _store_group(cache: PagedKVCache, page: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Quantize one full group k, v [G, Hkv, D] into page `page` at token row `row`."""
+    g = k.shape[0]
+    for x, codes_t, scales_t, zeros_t in ((k, cache.k_codes, cache.k_scales, cache.k_zeros),
+                                          (v, cache.v_codes, cache.v_scales, cache.v_zeros)):
+        codes, scale, zero = quantize_kv(x)
+        codes_t[page, :, row:row + g] = pack_kv_codes(codes.permute(1, 0, 2))
+        scales_t[page, :, row // g] = scale
+        zeros_t[page, :, row // g] = zero
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
+             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
+             max_seqlen_q: int | None = None) -> None:
+    """Append new k, v [num_tokens, Hkv, D] (K after RoPE) to the cache, in place.
+
+    Sequence b's new tokens are rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1, at positions ending at
+    context_lens[b] - 1 (context_lens counts them). Every group that becomes full is quantized as a
+    whole into its page; the tokens of a still-partial last group go to the 16-bit window.
+    """
+    gsz, psz = cache.group_size, cache.page_size
+    for b in range(context_lens.shape[0]):
+        t0, t1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        ctx, slot = int(context_lens[b]), int(seq_slots[b])
+        l0 = ctx - (t1 - t0)
+        g_first = l0 // gsz
+        start = g_first * gsz  # first position of the first group touched
+        ks = torch.cat((cache.k_window[slot, :, : l0 - start].transpose(0, 1), k[t0:t1].to(cache.k_window.dtype)))
+        vs = torch.cat((cache.v_window[slot, :, : l0 - start].transpose(0, 1), v[t0:t1].to(cache.v_window.dtype)))
+        n_full = (ctx - start) // gsz
+        for i in range(n_full):
+            pos = start + i * gsz
+            page = int(block_tables[b, pos // psz])
+            _store_group(cache, page, pos % psz, ks[i * gsz:(i + 1) * gsz], vs[i * gsz:(i + 1) * gsz])
+        rest = ks.shape[0] - n_full * gsz
+        cache.k_window[slot, :, :rest] = ks[n_full * gsz:].transpose(0, 1)
+        cache.v_window[slot, :, :rest] = vs[n_full * gsz:].transpose(0, 1)
+
+
+def gather_kv(cache: PagedKVCache, block_table: torch.Tensor, context_len: int, slot: int,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's keys and values [L, Hkv, D] as attention reads them: full groups dequantized
+    (in float32, then rounded to `dtype`, as the plain cache does), the partial group 16-bit."""
+    gsz, psz = cache.group_size, cache.page_size
+    n_full = context_len // gsz
+    out = []
+    for codes_t, scales_t, zeros_t, win in ((cache.k_codes, cache.k_scales, cache.k_zeros, cache.k_window),
+                                            (cache.v_codes, cache.v_scales, cache.v_zeros, cache.v_window)):
+        parts = []
+        for g in range(n_full):
+            page, row = int(block_table[g * gsz // psz]), g * gsz % psz
+            codes = unpack_kv_codes(codes_t[page, :, row:row + gsz]).permute(1, 0, 2)  # [G, Hkv, D]
+            parts.append(dequantize_kv(codes, scales_t[page, :, row // gsz], zeros_t[page, :, row // gsz], dtype))
+        parts.append(win[slot, :, : context_len - n_full * gsz].transpose(0, 1).to(dtype))
+        out.append(torch.cat(parts))
+    return out[0], out[1]
+
+
+def decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, seq_slots: torch.Tensor, scale: float,
+                     max_context_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D] at position context_lens[b] - 1 -> [B, Hq, D]."""
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        ctx = int(context_lens[b])
+        k, v = gather_kv(cache, block_tables[b], ctx, int(seq_slots[b]), q.dtype)
+        pos = torch.tensor([ctx - 1], device=q.device)
+        out[b] = attention(q[b:b + 1], k, v, pos, scale)[0]
+    return out
+
+
+def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
+                      scale: float, max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Causal attention of new tokens q [num_tokens, Hq, D] (sequence b: rows cu_seqlens_q[b]..,
+    positions context_lens[b] - T_b ..) over the cached prefix and themselves -> [num_tokens, Hq, D]."""
+    out = torch.empty_like(q)
+    for b in range(context_lens.shape[0]):
+        t0, t1, ctx = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(context_lens[b])
+        k, v = gather_kv(cache, block_tables[b], ctx, int(seq_slots[b]), q.dtype)
+        pos = torch.arange(ctx - (t1 - t0), ctx, device=q.device)
+        out[t0:t1] = attention(q[t0:t1], k, v, pos, scale)
+    return out
+
+
+def decode_attention_bf16(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                          block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                          max_context_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """The 16-bit paged peer: k_pages, v_pages [num_pages, Hkv, P, D], token p in page
+    block_tables[b, p // P] row p % P; q [B, Hq, D] -> [B, Hq, D]."""
+    psz = k_pages.shape[2]
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        ctx = int(context_lens[b])
+        pages = block_tables[b, : -(-ctx // psz)].long()
+        k = k_pages[pages].permute(0, 2, 1, 3).reshape(-1, *k_pages.shape[1:2], k_pages.shape[3])[:ctx]
+        v = v_pages[pages].permute(0, 2, 1, 3).reshape(-1, *v_pages.shape[1:2], v_pages.shape[3])[:ctx]
+        out[b] = attention(q[b:b + 1], k, v, torch.tensor([ctx - 1], device=q.device), scale)[0]
+    return out

@@ -1,0 +1,440 @@
+"""Paged attention over the INT4 KV cache (layout: kernels/kv_cache.py, spec: ref.PagedKVCache).
+
+Decode (one query per sequence) is a stream over the cache: its floor is KV bytes over HBM
+bandwidth, so everything here serves bytes in flight and cheap widening:
+
+- split-KV (flash-decoding): grid (sequence, KV head, split); each program walks `groups_per_split`
+  groups of G tokens and writes a partial (max, sum, output); a second kernel merges the splits.
+  Small batches at long context still fill the 132 SMs.
+- GQA: one program serves the Hq/Hkv query heads that share a KV head, so each byte of the cache is
+  read once; the rows are padded to 16 for the tensor-core dot.
+- no per-element dequantization: scores = (q * k_scale) . codes + q . k_zero (the scale folded into
+  the query, the zero into one bias per row), and p @ (codes * v_scale + v_zero) = (p @ codes) *
+  v_scale + sum(p) * v_zero. Codes are exact in float16, so both dots run on float16 codes.
+- widening on the GPU: a 32-bit `prmt` + `lop3` turns 4 bytes into 8 float16 values (1024 + c and
+  64 + c by exponent tricks, minus a constant): ~1.3 instructions per value instead of a shift, a
+  mask and an int->float conversion each (the conversion unit is quarter rate on Hopper).
+
+Prefill (chunked: new tokens over a cached prefix and themselves) is tensor-core bound: the K/V
+tile of each group is dequantized once (float16 FMA) per block of 128 query rows, where the rows
+are (token, query head of the GQA group) pairs, so the tile serves all heads that share it.
+
+Every query reads the cache after the step's write: full groups from pages, the partial last
+group from the 16-bit window.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from cometserve.kernels.ref import PagedKVCache
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _widen_codes(b, USE_ASM: tl.constexpr):
+    """uint8 [N, C] -> (low nibbles, high nibbles) as float16 code values 0..15."""
+    if USE_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, z, m0, m1;
+            mov.b32 z, 0;
+            prmt.b32 t0, $4, z, 0x4140;
+            prmt.b32 t1, $4, z, 0x4342;
+            lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $2, t0, 0x00F000F0, 0x54005400, 0xEA;
+            lop3.b32 $3, t1, 0x00F000F0, 0x54005400, 0xEA;
+            mov.b32 m0, 0x64006400;
+            mov.b32 m1, 0x54005400;
+            sub.f16x2 $0, $0, m0;
+            sub.f16x2 $1, $1, m0;
+            sub.f16x2 $2, $2, m1;
+            sub.f16x2 $3, $3, m1;
+            }""",
+            constraints="=r,=r,=r,=r,r",
+            args=[b],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        lo = (b & 15).to(tl.float16)
+        hi = (b >> 4).to(tl.float16)
+    return lo, hi
+
+
+@triton.jit
+def _mm(a, b, USE_ASM: tl.constexpr):
+    """tl.dot of two 16-bit tiles with float32 accumulation. The CPU interpreter multiplies bfloat16
+    tiles as raw integers (Triton 3.9), so off the GPU the operands are widened first."""
+    if USE_ASM:
+        return tl.dot(a, b)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _load_codes(c_ptr, page, h, row, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
+    t = tl.arange(0, G)
+    j = tl.arange(0, HALF)
+    off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
+    return tl.load(c_ptr + off)
+
+
+@triton.jit
+def _load_meta(m_ptr, page, h, row, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+               HALF: tl.constexpr):
+    """(low half, high half) float32 [HALF] of one scale or zero vector."""
+    j = tl.arange(0, HALF)
+    off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
+    return tl.load(m_ptr + off).to(tl.float32), tl.load(m_ptr + off + HALF).to(tl.float32)
+
+
+@triton.jit
+def _load_rows16(x_ptr, base, n_valid, G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, col0: tl.constexpr):
+    """Rows base .. base+G (contiguous [*, D] rows of a 16-bit tensor), channels col0 .. col0+HALF."""
+    t = tl.arange(0, G)
+    j = col0 + tl.arange(0, HALF)
+    off = (base + t).to(tl.int64)[:, None] * D + j[None, :]
+    return tl.load(x_ptr + off, mask=(t < n_valid)[:, None], other=0.0)
+
+
+@triton.jit
+def _online_update(s, m_i, l_i, acc_lo, acc_hi):
+    """Online softmax in base 2: returns p (unnormalized), new max, new sum, rescaled accumulators."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, m_new, l_new, acc_lo * alpha[:, None], acc_hi * alpha[:, None]
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
+    bt_ptr, ctx_ptr, slot_ptr, o_ptr, part_o_ptr, part_ml_ptr,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+    sm_scale, groups_per_split,
+    H: tl.constexpr, REP: tl.constexpr, M: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, SPLITS: tl.constexpr, KV16: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """Grid (B, Hkv, SPLITS). KV16: the 16-bit paged peer (kc_ptr/vc_ptr are [pages, Hkv, P, D]
+    16-bit pages, every token paged, no window)."""
+    HALF: tl.constexpr = D // 2
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    if KV16:
+        n_full = tl.cdiv(ctx, G)
+    else:
+        n_full = ctx // G
+    rows = tl.arange(0, M)
+    row_ok = rows < REP
+    j = tl.arange(0, HALF)
+    q_off = b.to(tl.int64) * stride_qb + (h * REP + rows)[:, None] * stride_qh + j[None, :]
+    q16_lo = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+    q16_hi = tl.load(q_ptr + q_off + HALF, mask=row_ok[:, None], other=0.0)
+    q_lo = q16_lo.to(tl.float32) * sm_scale  # the fold path: scale rides on q (log2 domain)
+    q_hi = q16_hi.to(tl.float32) * sm_scale
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc_lo = tl.zeros([M, HALF], tl.float32)
+    acc_hi = tl.zeros([M, HALF], tl.float32)
+    g0 = s * groups_per_split
+    g1 = tl.minimum(g0 + groups_per_split, n_full)
+    t = tl.arange(0, G)
+    for g in range(g0, g1):
+        page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
+        row = (g * G) % P
+        if KV16:
+            base = (page * H + h) * P + row
+            n_ok = ctx - g * G
+            k_lo = _load_rows16(kc_ptr, base, n_ok, G, D, HALF, 0)
+            k_hi = _load_rows16(kc_ptr, base, n_ok, G, D, HALF, HALF)
+            v_lo = _load_rows16(vc_ptr, base, n_ok, G, D, HALF, 0)
+            v_hi = _load_rows16(vc_ptr, base, n_ok, G, D, HALF, HALF)
+            qk = (_mm(q16_lo, tl.trans(k_lo), USE_ASM) + _mm(q16_hi, tl.trans(k_hi), USE_ASM)) * sm_scale
+            qk = tl.where((t < n_ok)[None, :], qk, float("-inf"))
+            p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
+            acc_lo += _mm(p.to(v_lo.dtype), v_lo, USE_ASM)
+            acc_hi += _mm(p.to(v_hi.dtype), v_hi, USE_ASM)
+        else:
+            kb = _load_codes(kc_ptr, page, h, row, H, P, G, HALF)
+            vb = _load_codes(vc_ptr, page, h, row, H, P, G, HALF)
+            ks_lo, ks_hi = _load_meta(ks_ptr, page, h, row, H, P, G, D, HALF)
+            kz_lo, kz_hi = _load_meta(kz_ptr, page, h, row, H, P, G, D, HALF)
+            vs_lo, vs_hi = _load_meta(vs_ptr, page, h, row, H, P, G, D, HALF)
+            vz_lo, vz_hi = _load_meta(vz_ptr, page, h, row, H, P, G, D, HALF)
+            k_lo, k_hi = _widen_codes(kb, USE_ASM)
+            bias = tl.sum(q_lo * kz_lo[None, :], 1) + tl.sum(q_hi * kz_hi[None, :], 1)
+            qs_lo = (q_lo * ks_lo[None, :]).to(tl.float16)
+            qs_hi = (q_hi * ks_hi[None, :]).to(tl.float16)
+            qk = tl.dot(qs_lo, tl.trans(k_lo)) + tl.dot(qs_hi, tl.trans(k_hi)) + bias[:, None]
+            p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
+            v_lo, v_hi = _widen_codes(vb, USE_ASM)
+            p16 = p.to(tl.float16)
+            p_sum = tl.sum(p16.to(tl.float32), 1)[:, None]
+            acc_lo += tl.dot(p16, v_lo) * vs_lo[None, :] + p_sum * vz_lo[None, :]
+            acc_hi += tl.dot(p16, v_hi) * vs_hi[None, :] + p_sum * vz_hi[None, :]
+    if not KV16:
+        n_win = ctx - n_full * G
+        if (n_win > 0) & (n_full >= g0) & (n_full < g0 + groups_per_split):
+            slot = tl.load(slot_ptr + b)
+            base = (slot * H + h) * G
+            k_lo = _load_rows16(kw_ptr, base, n_win, G, D, HALF, 0)
+            k_hi = _load_rows16(kw_ptr, base, n_win, G, D, HALF, HALF)
+            v_lo = _load_rows16(vw_ptr, base, n_win, G, D, HALF, 0)
+            v_hi = _load_rows16(vw_ptr, base, n_win, G, D, HALF, HALF)
+            qk = (_mm(q16_lo, tl.trans(k_lo), USE_ASM) + _mm(q16_hi, tl.trans(k_hi), USE_ASM)) * sm_scale
+            qk = tl.where((t < n_win)[None, :], qk, float("-inf"))
+            p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
+            acc_lo += _mm(p.to(v_lo.dtype), v_lo, USE_ASM)
+            acc_hi += _mm(p.to(v_hi.dtype), v_hi, USE_ASM)
+    hq = h * REP + rows
+    if SPLITS == 1:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        o_off = b.to(tl.int64) * stride_ob + hq[:, None] * stride_oh + j[None, :]
+        tl.store(o_ptr + o_off, (acc_lo / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(o_ptr + o_off + HALF, (acc_hi / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        # partials: part_o [B, Hq, SPLITS, D] float32, part_ml [B, Hq, SPLITS, 2] (max, sum)
+        idx = ((b * (H * REP) + hq) * SPLITS + s).to(tl.int64)
+        tl.store(part_o_ptr + idx[:, None] * D + j[None, :], acc_lo, mask=row_ok[:, None])
+        tl.store(part_o_ptr + idx[:, None] * D + HALF + j[None, :], acc_hi, mask=row_ok[:, None])
+        tl.store(part_ml_ptr + idx * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + idx * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, HQ: tl.constexpr,
+                         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr):
+    """Grid (B * Hq): out = sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s."""
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    sp = tl.arange(0, SPLITS_P2)
+    ok = sp < SPLITS
+    idx = pid.to(tl.int64) * SPLITS + sp
+    m = tl.load(part_ml_ptr + idx * 2, mask=ok, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + idx * 2 + 1, mask=ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+    d = tl.arange(0, D)
+    o = tl.load(part_o_ptr + idx[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(l_s * w, 0)
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+
+
+def _num_splits(batch: int, kv_heads: int, num_groups: int) -> int:
+    """Enough programs for ~4 waves of 132 SMs, at least 4 groups (256 tokens) per split."""
+    want = max(1, -(-4 * 132 // (batch * kv_heads)))
+    return max(1, min(want, -(-num_groups // 4), 64))
+
+
+def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scale, max_context_len,
+                   num_splits, num_kv_heads, page_size, group_size, head_dim):
+    b, hq, d = q.shape
+    assert d == head_dim, f"q head_dim {d} != cache {head_dim}"
+    assert hq % num_kv_heads == 0, f"query heads {hq} not a multiple of KV heads {num_kv_heads}"
+    assert q.stride(-1) == 1, "q needs a contiguous last dimension"
+    assert context_lens.dtype == torch.int32 and block_tables.dtype == torch.int32
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    num_groups = -(-max_context_len // group_size) + 1  # + the window
+    splits = num_splits or _num_splits(b, num_kv_heads, num_groups)
+    gps = -(-num_groups // splits)
+    splits = -(-num_groups // gps)
+    out = torch.empty_like(q)
+    rep = hq // num_kv_heads
+    if splits > 1:
+        part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_ml = out
+    _decode_kernel[(b, num_kv_heads, splits)](
+        q, *tensors, block_tables, context_lens, seq_slots, out, part_o, part_ml,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        scale * LOG2E, gps,
+        H=num_kv_heads, REP=rep, M=max(16, triton.next_power_of_2(rep)), P=page_size, G=group_size,
+        D=d, SPLITS=splits, KV16=kv16, USE_ASM=q.is_cuda, num_warps=4,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(b * hq,)](
+            part_o, part_ml, out, out.stride(0), out.stride(1),
+            HQ=hq, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), D=d, num_warps=4,
+        )
+    return out
+
+
+def decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, seq_slots: torch.Tensor, scale: float,
+                     max_context_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (sequence b's query at position context_lens[b] - 1) -> [B, Hq, D] in q's dtype.
+
+    block_tables int32 [B, max_pages], context_lens int32 [B] (after the step's write), seq_slots
+    int32 [B]. max_context_len: max(context_lens) if known on the host (saves a sync; CUDA graphs
+    need it, as it sets the grid). num_splits: override the split-KV heuristic.
+    """
+    ok, reason = can_implement(q, cache)
+    assert ok, reason
+    return _launch_decode(q, False, cache.tensors(), block_tables, context_lens, seq_slots, scale,
+                          max_context_len, num_splits, cache.num_kv_heads, cache.page_size,
+                          cache.group_size, cache.head_dim)
+
+
+def decode_attention_bf16(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                          block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                          max_context_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """The 16-bit paged peer of decode_attention: k_pages, v_pages [num_pages, Hkv, P, D] in q's dtype."""
+    assert k_pages.is_contiguous() and v_pages.is_contiguous() and k_pages.dtype == q.dtype
+    psz = k_pages.shape[2]
+    tile = 64 if psz % 64 == 0 else psz
+    dummy = k_pages
+    tensors = (k_pages, v_pages, dummy, dummy, dummy, dummy, dummy, dummy)
+    return _launch_decode(q, True, tensors, block_tables, context_lens, context_lens, scale,
+                          max_context_len, num_splits, k_pages.shape[1], psz, tile, k_pages.shape[3])
+
+
+@triton.jit
+def _dequant_tile(c_ptr, s_ptr, z_ptr, page, h, row, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
+                  D: tl.constexpr, HALF: tl.constexpr, USE_ASM: tl.constexpr):
+    """One group's K or V [G, D/2] x 2 halves, dequantized to float16 in registers."""
+    cb = _load_codes(c_ptr, page, h, row, H, P, G, HALF)
+    c_lo, c_hi = _widen_codes(cb, USE_ASM)
+    s_lo, s_hi = _load_meta(s_ptr, page, h, row, H, P, G, D, HALF)
+    z_lo, z_hi = _load_meta(z_ptr, page, h, row, H, P, G, D, HALF)
+    x_lo = c_lo * s_lo.to(tl.float16)[None, :] + z_lo.to(tl.float16)[None, :]
+    x_hi = c_hi * s_hi.to(tl.float16)[None, :] + z_hi.to(tl.float16)[None, :]
+    return x_lo, x_hi
+
+
+@triton.jit
+def _attend_tile(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, visible, m_i, l_i, acc_lo, acc_hi):
+    qk = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
+    qk = tl.where(visible, qk, float("-inf"))
+    p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
+    acc_lo += tl.dot(p.to(v_lo.dtype), v_lo)
+    acc_hi += tl.dot(p.to(v_hi.dtype), v_hi)
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
+    bt_ptr, cu_ptr, ctx_ptr, slot_ptr, o_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, sm_scale,
+    H: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """Grid (query blocks, B, Hkv). A block is ROWS rows = BLOCK_T tokens x REP query heads (row r:
+    token r // REP, head r % REP of KV head h's group); rows past BLOCK_T * REP are padding."""
+    HALF: tl.constexpr = D // 2
+    BLOCK_T: tl.constexpr = ROWS // REP
+    mb = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    tok0 = tl.load(cu_ptr + b)
+    n_new = tl.load(cu_ptr + b + 1) - tok0
+    if mb * BLOCK_T < n_new:
+        ctx = tl.load(ctx_ptr + b)
+        l0 = ctx - n_new
+        r = tl.arange(0, ROWS)
+        tok = mb * BLOCK_T + r // REP
+        row_ok = (r < BLOCK_T * REP) & (tok < n_new)
+        qpos = l0 + tok
+        hq = h * REP + r % REP
+        j = tl.arange(0, HALF)
+        q_off = (tok0 + tok).to(tl.int64)[:, None] * stride_qt + hq[:, None] * stride_qh + j[None, :]
+        # scale folded into q before the float16 cast (log2 domain for exp2)
+        q_lo = (tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale).to(tl.float16)
+        q_hi = (tl.load(q_ptr + q_off + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale).to(tl.float16)
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc_lo = tl.zeros([ROWS, HALF], tl.float32)
+        acc_hi = tl.zeros([ROWS, HALF], tl.float32)
+        n_full = ctx // G
+        last_pos = l0 + tl.minimum(n_new, (mb + 1) * BLOCK_T) - 1
+        g_end = tl.minimum(n_full, last_pos // G + 1)
+        first_masked = (l0 + mb * BLOCK_T) // G  # groups before this one are fully visible
+        t = tl.arange(0, G)
+        for g in range(g_end):
+            page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
+            row = (g * G) % P
+            k_lo, k_hi = _dequant_tile(kc_ptr, ks_ptr, kz_ptr, page, h, row, H, P, G, D, HALF, USE_ASM)
+            v_lo, v_hi = _dequant_tile(vc_ptr, vs_ptr, vz_ptr, page, h, row, H, P, G, D, HALF, USE_ASM)
+            visible = ((g * G + t)[None, :] <= qpos[:, None]) | (g < first_masked)
+            m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, visible,
+                                                    m_i, l_i, acc_lo, acc_hi)
+        n_win = ctx - n_full * G
+        if (n_win > 0) & (n_full * G <= last_pos):
+            slot = tl.load(slot_ptr + b)
+            base = (slot * H + h) * G
+            k_lo = _load_rows16(kw_ptr, base, n_win, G, D, HALF, 0).to(tl.float16)
+            k_hi = _load_rows16(kw_ptr, base, n_win, G, D, HALF, HALF).to(tl.float16)
+            v_lo = _load_rows16(vw_ptr, base, n_win, G, D, HALF, 0).to(tl.float16)
+            v_hi = _load_rows16(vw_ptr, base, n_win, G, D, HALF, HALF).to(tl.float16)
+            visible = ((n_full * G + t)[None, :] <= qpos[:, None]) & (t < n_win)[None, :]
+            m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, visible,
+                                                    m_i, l_i, acc_lo, acc_hi)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        o_off = (tok0 + tok).to(tl.int64)[:, None] * stride_ot + hq[:, None] * stride_oh + j[None, :]
+        tl.store(o_ptr + o_off, (acc_lo / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(o_ptr + o_off + HALF, (acc_hi / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
+                      scale: float, max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Chunked prefill: q [num_tokens, Hq, D], sequence b's rows cu_seqlens_q[b] .. at positions
+    context_lens[b] - T_b .. context_lens[b] - 1, causal over the cache (read after the step's
+    write) -> [num_tokens, Hq, D]. Keys and values are dequantized to float16 in registers; q is
+    cast to float16 after the softmax scale (|q * scale| must stay under 65504)."""
+    ok, reason = can_implement(q, cache)
+    assert ok, reason
+    b = context_lens.shape[0]
+    assert cu_seqlens_q.shape == (b + 1,) and q.stride(-1) == 1
+    for t in (block_tables, cu_seqlens_q, context_lens, seq_slots):
+        assert t.dtype == torch.int32, f"metadata must be int32, got {t.dtype}"
+    out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    hkv = cache.num_kv_heads
+    rep = q.shape[1] // hkv
+    rows = 128 if rep <= 64 else triton.next_power_of_2(rep)
+    block_t = rows // rep
+    grid = (triton.cdiv(max_seqlen_q, block_t), b, hkv)
+    _prefill_kernel[grid](
+        q, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale * LOG2E,
+        H=hkv, REP=rep, ROWS=rows, P=cache.page_size, G=cache.group_size, D=cache.head_dim,
+        USE_ASM=q.is_cuda, num_warps=8, num_stages=2,
+    )
+    return out
+
+
+def can_implement(q: torch.Tensor, cache: PagedKVCache) -> tuple[bool, str]:
+    """Whether the kernels take these shapes; q is [B or num_tokens, Hq, D]."""
+    if q.dim() != 3:
+        return False, f"q must be [tokens, heads, head_dim], got {tuple(q.shape)}"
+    hq, d = q.shape[1], q.shape[2]
+    if d != cache.head_dim:
+        return False, f"q head_dim {d} != cache head_dim {cache.head_dim}"
+    if d not in (64, 128, 256):
+        return False, f"head_dim {d} not supported (64, 128, 256)"
+    if hq % cache.num_kv_heads:
+        return False, f"query heads {hq} not a multiple of KV heads {cache.num_kv_heads}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"q dtype {q.dtype} not supported (float16, bfloat16)"
+    if cache.k_window.dtype != q.dtype:
+        return False, f"window dtype {cache.k_window.dtype} != q dtype {q.dtype}"
+    if cache.group_size not in (16, 32, 64, 128) or cache.page_size % cache.group_size:
+        return False, f"group {cache.group_size} / page {cache.page_size} not supported"
+    return True, ""

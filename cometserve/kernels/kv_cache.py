@@ -1,0 +1,177 @@
+"""Quantize-and-scatter of new K (after RoPE) and V into the paged INT4 KV cache.
+
+Layout (the specification is `ref.PagedKVCache`; numbers in benchmarks/kernels/NOTES-attention.md):
+
+- Pages of P tokens (P a multiple of the quantization group G; default P = G = 64). Per layer:
+  codes uint8 [num_pages, Hkv, P, D/2], byte j of a token row = channel j (low nibble) | channel
+  j + D/2 (high nibble). The "half split" lets attention widen a byte tile into two [tokens, D/2]
+  operand halves with a mask and a shift, never interleaving registers (HARDWARE.md: widening is
+  the cost that matters). Head-major pages make one (page, head) a contiguous 4 KB tile (D = 128).
+- float16 scale and zero per (page, group, head, channel): [num_pages, Hkv, P/G, D] x 4 tensors.
+  Bytes per token, Llama-3-8B (8 KV heads x 128): codes 1024 + scales 128 = 1152 vs bf16 4096: 0.28x.
+- The newest, not yet full group of each sequence stays 16-bit in a window [max_seqs, Hkv, G, D]
+  indexed by a per-sequence slot id. A bounded per-sequence cost (G tokens at 16 bits), not a per
+  token one: keeping 16-bit values inside every page would cost 4x the codes for every page.
+
+Write semantics: sequence b's new tokens are rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1 of k and
+v, at positions context_lens[b] - T_b .. context_lens[b] - 1. Every group that becomes full is
+quantized as a whole (window rows + new rows) into its page; the rest of a partial last group goes
+to the window. No per-token slot mapping is needed: block_tables and positions define every slot.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from cometserve.kernels.ref import PagedKVCache
+
+KV_QMAX = 15.0
+KV_MIN_SCALE = 1e-5
+
+
+@triton.jit
+def _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H: tl.constexpr,
+                     G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, col0: tl.constexpr):
+    """Rows `pos` [G] of one head, channels col0 .. col0 + HALF: from the window if before l0, else
+    from the new tokens. Returns float32 [G, HALF]."""
+    d = col0 + tl.arange(0, HALF)
+    in_win = pos < l0
+    in_new = (pos >= l0) & (pos < ctx)
+    w_off = ((slot * H + h) * G + (pos % G)).to(tl.int64)[:, None] * D + d[None, :]
+    x_off = (tok0 + pos - l0).to(tl.int64)[:, None] * stride_xt + h * stride_xh + d[None, :]
+    xw = tl.load(w_ptr + w_off, mask=in_win[:, None], other=0.0)
+    xn = tl.load(x_ptr + x_off, mask=in_new[:, None], other=0.0)
+    return tl.where(in_win[:, None], xw.to(tl.float32), xn.to(tl.float32))
+
+
+@triton.jit
+def _quantize_half(x):
+    """x float32 [G, C] (one full group) -> codes uint8 [G, C], scale and zero float16 [C].
+    Bit for bit `ref.quantize_kv`: correctly rounded divisions, round half away from zero."""
+    mn = tl.min(x, axis=0)
+    mx = tl.max(x, axis=0)
+    scale = tl.maximum(tl.math.div_rn(mx - mn, 15.0), 1e-5).to(tl.float16)
+    zero = mn.to(tl.float16)
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale.to(tl.float32))
+    v = (x - zero.to(tl.float32)[None, :]) * inv[None, :]
+    a = tl.abs(v)
+    fl = tl.floor(a)
+    r = fl + tl.where(a - fl >= 0.5, 1.0, 0.0)
+    r = tl.where(v < 0, -r, r)
+    r = tl.minimum(tl.maximum(r, 0.0), 15.0)
+    return r.to(tl.uint8), scale, zero
+
+
+@triton.jit
+def _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, tok0, pos, l0, ctx, h, slot, page, row, stride_xt,
+               stride_xh, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+               HALF: tl.constexpr):
+    """Quantize the full group at rows `pos` of K or V and store its packed codes, scale and zero."""
+    lo = _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, HALF, 0)
+    hi = _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, HALF, HALF)
+    c_lo, s_lo, z_lo = _quantize_half(lo)
+    c_hi, s_hi, z_hi = _quantize_half(hi)
+    t = tl.arange(0, G)
+    j = tl.arange(0, HALF)
+    c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
+    tl.store(c_ptr + c_off, c_lo | (c_hi << 4))
+    m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
+    tl.store(s_ptr + m_off, s_lo)
+    tl.store(s_ptr + m_off + HALF, s_hi)
+    tl.store(z_ptr + m_off, z_lo)
+    tl.store(z_ptr + m_off + HALF, z_hi)
+
+
+@triton.jit
+def _copy_tail(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H: tl.constexpr,
+               G: tl.constexpr, D: tl.constexpr):
+    """New tokens of the partial last group (rows `pos`, those >= l0 and < ctx) into the window."""
+    d = tl.arange(0, D)
+    m = ((pos >= l0) & (pos < ctx))[:, None]
+    x = tl.load(x_ptr + (tok0 + pos - l0).to(tl.int64)[:, None] * stride_xt + h * stride_xh + d[None, :], mask=m)
+    w_off = ((slot * H + h) * G + (pos % G)).to(tl.int64)[:, None] * D + d[None, :]
+    tl.store(w_ptr + w_off, x.to(w_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
+    bt_ptr, cu_ptr, ctx_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+    H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+):
+    """Grid (B, groups touched, Hkv). Program (b, i, h) quantizes group g_first + i of sequence b
+    if this step fills it. Program i = 0 alone also writes the partial last group to the window,
+    after a barrier: it is the only program that reads the old window (g_first's head rows), so
+    no other program can overwrite window rows before they are read."""
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    h = tl.program_id(2)
+    tok0 = tl.load(cu_ptr + b)
+    n_new = tl.load(cu_ptr + b + 1) - tok0
+    ctx = tl.load(ctx_ptr + b)
+    slot = tl.load(slot_ptr + b)
+    l0 = ctx - n_new
+    g = l0 // G + i
+    pos = g * G + tl.arange(0, G)
+    if (n_new > 0) & ((g + 1) * G <= ctx):
+        page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
+        row = (g * G) % P
+        _write_one(k_ptr, kw_ptr, kc_ptr, ks_ptr, kz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
+                   stride_kt, stride_kh, H, P, G, D, D // 2)
+        _write_one(v_ptr, vw_ptr, vc_ptr, vs_ptr, vz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
+                   stride_vt, stride_vh, H, P, G, D, D // 2)
+    if (i == 0) & (n_new > 0) & (ctx % G != 0):
+        tl.debug_barrier()
+        tail = ((ctx - 1) // G) * G + tl.arange(0, G)
+        _copy_tail(k_ptr, kw_ptr, tok0, tail, l0, ctx, h, slot, stride_kt, stride_kh, H, G, D)
+        _copy_tail(v_ptr, vw_ptr, tok0, tail, l0, ctx, h, slot, stride_vt, stride_vh, H, G, D)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
+             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
+             max_seqlen_q: int | None = None) -> None:
+    """Append k, v [num_tokens, Hkv, D] to `cache` in place (semantics: module docstring, ref.write_kv).
+
+    block_tables int32 [B, max_pages]; cu_seqlens_q int32 [B+1]; context_lens int32 [B] (after this
+    step); seq_slots int32 [B] (window row of each sequence). max_seqlen_q: the largest T_b, if the
+    caller knows it (saves a device-to-host sync).
+    """
+    ok, reason = can_implement(k, cache)
+    assert ok, reason
+    b = context_lens.shape[0]
+    assert v.shape == k.shape, f"v {tuple(v.shape)} != k {tuple(k.shape)}"
+    assert cu_seqlens_q.shape == (b + 1,) and seq_slots.shape == (b,) and block_tables.shape[0] == b
+    assert k.stride(-1) == 1 and v.stride(-1) == 1, "k and v need a contiguous last dimension"
+    for t in (block_tables, cu_seqlens_q, context_lens, seq_slots):
+        assert t.dtype == torch.int32, f"metadata must be int32, got {t.dtype}"
+    if b == 0 or k.shape[0] == 0:
+        return
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    g = cache.group_size
+    groups = (max_seqlen_q + 2 * g - 2) // g  # groups a run of T tokens can touch
+    _write_kv_kernel[(b, groups, cache.num_kv_heads)](
+        k, v, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_tables.stride(0),
+        H=cache.num_kv_heads, P=cache.page_size, G=g, D=cache.head_dim, num_warps=4,
+    )
+
+
+def can_implement(k: torch.Tensor, cache: PagedKVCache) -> tuple[bool, str]:
+    d = cache.head_dim
+    if k.dim() != 3 or k.shape[1:] != (cache.num_kv_heads, d):
+        return False, f"k must be [num_tokens, {cache.num_kv_heads}, {d}], got {tuple(k.shape)}"
+    if d not in (64, 128, 256):
+        return False, f"head_dim {d} not supported (64, 128, 256)"
+    if cache.group_size not in (16, 32, 64, 128):
+        return False, f"group size {cache.group_size} not supported (16..128, power of two)"
+    if cache.page_size % cache.group_size:
+        return False, f"page size {cache.page_size} is not a multiple of group {cache.group_size}"
+    if k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False, f"k dtype {k.dtype} not supported"
+    if not all(t.is_contiguous() for t in cache.tensors()):
+        return False, "cache tensors must be contiguous"
+    return True, ""

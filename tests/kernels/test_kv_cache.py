@@ -1,0 +1,122 @@
+"""kernels/kv_cache.py write_kv against ref.write_kv: codes, scales, zeros and window bit for bit.
+
+CPU: the Triton kernel runs under TRITON_INTERPRET=1 in a subprocess (the variable must be set before
+triton is imported, and other test modules of this pytest process may import it first). The
+subprocess runs every case of this file once and reports each by name; the tests read the report.
+GPU (`-m gpu`): the compiled kernel, larger shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# (name, kv_heads, head_dim, group, page, steps: new tokens per sequence per step)
+CPU_CASES = [
+    ("d64_g16_p32_ragged", 2, 64, 16, 32, [[5, 40, 16], [1, 1, 1], [30, 7, 50], [1, 1, 1]]),
+    ("d128_g16_p16_decode", 1, 128, 16, 16, [[15, 16, 17], [1, 1, 1], [1, 1, 1]]),
+    ("d64_g32_p64_chunks", 2, 64, 32, 64, [[33, 64], [70, 1], [95, 31]]),
+]
+
+
+def run_write_case(kv_heads, head_dim, group, page, steps, device="cpu", dtype=torch.bfloat16, seed=0):
+    """Drive ref.write_kv and kernels.write_kv through the same steps; raise on the first mismatch."""
+    from cometserve.kernels import kv_cache, ref
+
+    gen = torch.Generator().manual_seed(seed)
+    b = len(steps[0])
+    total = [sum(s[i] for s in steps) for i in range(b)]
+    max_pages = max(-(-t // page) for t in total) + 1
+    block_tables = torch.randperm(b * max_pages, generator=gen).to(torch.int32).view(b, max_pages)
+    seq_slots = torch.randperm(b + 2, generator=gen)[:b].to(torch.int32)
+    c_ref = ref.PagedKVCache.allocate(b * max_pages, kv_heads, head_dim, b + 2, dtype, "cpu", page, group)
+    c_ref.k_window.normal_(generator=gen)  # stale window rows must never leak into codes
+    ctx = torch.zeros(b, dtype=torch.int32)
+    c_dev = None
+    for step in steps:
+        n = torch.tensor(step, dtype=torch.int32)
+        cu = torch.cat((torch.zeros(1, dtype=torch.int32), n.cumsum(0).to(torch.int32)))
+        ctx = ctx + n
+        k = (torch.randn(int(cu[-1]), kv_heads, head_dim, generator=gen) * 3 + 1).to(dtype)
+        v = torch.randn(int(cu[-1]), kv_heads, head_dim, generator=gen).to(dtype)
+        k[:, 0, 0] = 0.25  # a constant channel: the minimum scale
+        if c_dev is None:
+            c_dev = ref.PagedKVCache(*(t.to(device) for t in c_ref.tensors()))
+        ref.write_kv(k, v, c_ref, block_tables, cu, ctx, seq_slots)
+        dev = [t.to(device) for t in (block_tables, cu, ctx, seq_slots)]
+        kv_cache.write_kv(k.to(device), v.to(device), c_dev, *dev)
+        names = ("k_codes", "v_codes", "k_scales", "k_zeros", "v_scales", "v_zeros", "k_window", "v_window")
+        for name, a, d in zip(names, c_ref.tensors(), c_dev.tensors()):
+            if "window" in name:  # only rows holding live tokens are defined
+                for i in range(b):
+                    r = int(ctx[i]) % group
+                    s = int(seq_slots[i])
+                    if not torch.equal(a[s, :, :r], d[s, :, :r].cpu()):
+                        raise AssertionError(f"{name} differs (sequence {i}) after step {step}")
+            elif not torch.equal(a, d.cpu()):
+                raise AssertionError(f"{name}: {int((a != d.cpu()).sum())} entries differ after step {step}")
+
+
+def _main() -> None:
+    report = {}
+    for name, *args in CPU_CASES:
+        try:
+            run_write_case(*args)
+            report[name] = "ok"
+        except Exception as e:  # noqa: BLE001 - reported to the parent test by name
+            report[name] = f"{type(e).__name__}: {e}"
+    print("REPORT" + json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def interpreted_report():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")]
+    assert lines, f"interpreter subprocess failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("REPORT"):])
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CPU_CASES])
+def test_write_kv_interpreted_bit_exact(interpreted_report, name):
+    assert interpreted_report[name] == "ok", interpreted_report[name]
+
+
+def test_kv_bytes_per_token_under_0_3x_bf16():
+    from cometserve.kernels import ref
+
+    cache = ref.PagedKVCache.allocate(1, 8, 128, 1, torch.bfloat16, "cpu", 64, 64)
+    bf16 = 2 * 8 * 128 * 2
+    assert cache.bytes_per_token() / bf16 <= 0.3
+
+
+def test_can_implement_refuses_with_reason():
+    pytest.importorskip("triton")
+    from cometserve.kernels import kv_cache, ref
+
+    cache = ref.PagedKVCache.allocate(1, 2, 96, 1, torch.bfloat16, "cpu", 64, 64)
+    ok, reason = kv_cache.can_implement(torch.zeros(3, 2, 96), cache)
+    assert not ok and "head_dim" in reason
+    cache = ref.PagedKVCache.allocate(1, 2, 64, 1, torch.bfloat16, "cpu", 64, 64)
+    ok, reason = kv_cache.can_implement(torch.zeros(3, 4, 64), cache)
+    assert not ok and "num_tokens" in reason
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,page", [(128, 64), (64, 128)])
+def test_write_kv_gpu_bit_exact(dtype, head_dim, page):
+    steps = [[1000, 1, 64, 300, 63], [1] * 5, [130, 64, 1, 2, 1], [1] * 5]
+    run_write_case(8, head_dim, 64, page, steps, device="cuda", dtype=dtype)
+
+
+if __name__ == "__main__":
+    _main()
