@@ -87,8 +87,9 @@ def quant_act(
 
 
 def prepare_weights(qweight: torch.Tensor, w_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference reads the checkpoint's plain layout: nothing to prepare."""
-    return qweight, w_scales
+    """The reference's layout: codes widened once to float32 [N, K_pad] (exact), scales float32
+    [N, nb or 1], so each call is one batched float matmul instead of an unpack per call."""
+    return weight_codes(qweight).float(), w_scales.float()
 
 
 def w4ax_gemm(
@@ -101,24 +102,27 @@ def w4ax_gemm(
 ) -> torch.Tensor:
     """Y[M, N] = sum over K blocks b of int32(A_b . W_b^T) * a_scale[m, b] * w_scale[n, b] (+ bias).
 
-    a_codes int8 [M, K_pad]; a_scales float32 [M, nb]; qweight uint8 [N, K_pad/2] (INT4) or int8
-    [N, K_pad] (INT8); w_scales float16 [N, nb] or [N, 1] (per output channel).
+    a_codes int8 [M, K_pad]; a_scales float32 [M, nb]; qweight uint8 [N, K_pad/2] (INT4), int8
+    [N, K_pad] (INT8) or float32 codes (prepare_weights); w_scales [N, nb] or [N, 1] (per output
+    channel), float16 (or float32 from prepare_weights).
     The per-block integer products are computed in float32, which is exact: every partial sum is an
-    integer below 128 * 127 * 127 < 2^24. The epilogue is float32, blocks summed in order.
+    integer below 128 * 127 * 127 < 2^24. The epilogue is float32.
     """
     m, k_pad = a_codes.shape
-    w = weight_codes(qweight)
+    w = qweight if qweight.dtype == torch.float32 else weight_codes(qweight).float()
     n = w.shape[0]
     nb = k_pad // BLOCK_SIZE
     assert w.shape[1] == k_pad, f"weight K {w.shape[1]} != activation K {k_pad}"
     assert a_scales.shape == (m, nb), f"a_scales {tuple(a_scales.shape)} != {(m, nb)}"
     assert w_scales.shape[0] == n and w_scales.shape[1] in (1, nb), f"w_scales {tuple(w_scales.shape)}"
+    a = a_codes.float().view(m, nb, BLOCK_SIZE).transpose(0, 1)  # [nb, M, 128]
+    wb = w.view(n, nb, BLOCK_SIZE).permute(1, 2, 0)  # [nb, 128, N]
     ws = w_scales.float().expand(n, nb)
     out = torch.zeros(m, n, dtype=torch.float32, device=a_codes.device)
-    for b in range(nb):
-        blk = slice(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE)
-        acc = a_codes[:, blk].float() @ w[:, blk].float().T  # exact integers
-        out += acc * a_scales[:, b : b + 1] * ws[:, b]
+    step = max(1, (1 << 26) // max(1, m * n))  # blocks per batched product: bounds the [nb, M, N] buffer
+    for b in range(0, nb, step):
+        acc = torch.bmm(a[b : b + step], wb[b : b + step])  # exact integers
+        out += (acc * a_scales.T[b : b + step, :, None] * ws.T[b : b + step, None, :]).sum(0)
     if bias is not None:
         out += bias.float()
     return out.to(out_dtype)
