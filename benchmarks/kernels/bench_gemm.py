@@ -1,0 +1,338 @@
+"""Benchmark of the W4Ax GEMM (issue 4) against cuBLAS bf16, cuBLAS FP8 (per-row scales) and
+torch._int_mm, plus the fused activation quantization against the copy ceiling.
+
+    PYTHONPATH=. python benchmarks/kernels/bench_gemm.py [--quick] [--out DIR]
+    python benchmarks/kernels/bench_gemm.py --render benchmarks/results/gemm.json  # md + png only
+
+Timings are medians of `triton.testing.do_bench`, which flushes the 50 MB L2 before every call, so
+weights and activations come from DRAM as they would in a model (no cache-resident repeats).
+The GEMM reads activation codes in int8 containers whatever the block map, so its time does not
+depend on the INT4 fraction; the other fractions are timed at a subset of M to show that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+SHAPES = {  # name: (N, K)
+    "llama3-8b qkv": (6144, 4096), "llama3-8b o": (4096, 4096),
+    "llama3-8b gate_up": (28672, 4096), "llama3-8b down": (4096, 14336),
+    "llama3-70b qkv": (10240, 8192), "llama3-70b o": (8192, 8192),
+    "llama3-70b gate_up": (57344, 8192), "llama3-70b down": (8192, 28672),
+    "llama2-7b qkv": (12288, 4096), "llama2-7b gate_up": (22016, 4096), "llama2-7b down": (4096, 11008),
+}
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+FRACTIONS = [0.84, 0.75, 1.0, 0.0]
+SUBSET_M = [1, 16, 256, 4096]  # where the non-default fractions are timed
+BUCKETS = [("M<=16", 1, 16), ("M 32-256", 32, 256), ("M 512", 512, 512), ("M>=1024", 1024, 1 << 30)]
+
+
+def _bench(fn) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3  # us
+
+
+def _operands(m, n, k, frac, dev):
+    import torch
+
+    from cometserve.kernels import gemm_w4ax, quant_act
+
+    nb = k // 128
+    bits = torch.full((nb,), 4, dtype=torch.uint8, device=dev)
+    bits[: round(nb * (1 - frac))] = 8
+    bits = bits[torch.randperm(nb, device=dev)]
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    codes, scales = quant_act.quant_act(x, torch.randperm(k, device=dev), bits)
+    qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+    ws = (torch.rand(n, nb, device=dev) * 0.01 + 1e-3).half()
+    pq, ps = gemm_w4ax.prepare_weights(qw, ws)
+    return x, (codes, scales, pq, ps)
+
+
+def _peers(x, n, k, dev):
+    """cuBLAS bf16, FP8 per-row, int_mm times (us) for this M; None where a peer cannot run."""
+    import torch
+    import torch.nn.functional as F
+
+    m = x.shape[0]
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    out = {"cublas_bf16": _bench(lambda: F.linear(x, w))}
+    try:
+        xa = x.to(torch.float8_e4m3fn)
+        wb = w.to(torch.float8_e4m3fn)
+        sa = torch.rand(m, 1, device=dev)
+        sb = torch.rand(1, n, device=dev)
+        torch._scaled_mm(xa, wb.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+        out["cublas_fp8"] = _bench(
+            lambda: torch._scaled_mm(xa, wb.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+    except RuntimeError:
+        out["cublas_fp8"] = None
+    try:
+        xi = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+        wi = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
+        torch._int_mm(xi, wi.t())
+        out["int_mm"] = _bench(lambda: torch._int_mm(xi, wi.t()))
+    except RuntimeError:
+        out["int_mm"] = None
+    return out
+
+
+def _progress(it, total):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(it, total=total, file=sys.stderr, mininterval=5)
+    except ImportError:
+        return it
+
+
+def run_gemm(shapes, ms, fractions, dev):
+    import torch
+
+    from cometserve.kernels import gemm_w4ax
+
+    rows = []
+    pts = [(s, m) for s in shapes for m in ms]
+    for name, m in _progress(pts, len(pts)):
+        n, k = SHAPES[name]
+        torch.manual_seed(m)
+        peers = None
+        for frac in fractions:
+            if frac != fractions[0] and m not in SUBSET_M:
+                continue
+            x, ops = _operands(m, n, k, frac, dev)
+            if peers is None:
+                peers = _peers(x, n, k, dev)
+            gemm_w4ax.w4ax_gemm(*ops, None, torch.bfloat16)  # first call of a bucket tunes it
+            us = _bench(lambda ops=ops: gemm_w4ax.w4ax_gemm(*ops, None, torch.bfloat16))
+            cfg = gemm_w4ax._config_for(*ops, None, torch.empty(m, n, device=dev, dtype=torch.bfloat16))
+            rows.append({"shape": name, "N": n, "K": k, "M": m, "int4_fraction": frac,
+                         "us": {**peers, "w4ax": us}, "config": cfg.__dict__})
+    return rows
+
+
+def run_act(ms, dev):
+    """Fused RMSNorm + gather + quantize (qkv-style input) GB/s and the copy ceiling."""
+    import torch
+
+    from cometserve.kernels import quant_act
+
+    big = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    copy_gbs = 2 * big.numel() / _bench(lambda: big.clone()) / 1e3
+    out = {"copy_GBps": copy_gbs, "rows": []}
+    for k, norm in ((4096, True), (8192, True), (14336, False)):
+        nb = k // 128
+        bits = (torch.rand(nb, device=dev) < 0.16).to(torch.uint8) * 4 + 4
+        perm = torch.randperm(k, device=dev).int() if norm else None
+        nw = torch.rand(k, device=dev, dtype=torch.bfloat16) if norm else None
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            us = _bench(lambda x=x, perm=perm, bits=bits, nw=nw: quant_act.quant_act(x, perm, bits, nw))
+            moved = m * k * 2 + m * k + m * nb * 4
+            out["rows"].append({"M": m, "K": k, "norm_perm": norm, "us": us,
+                                "GBps": moved / us / 1e3, "of_copy": moved / us / 1e3 / copy_gbs})
+    return out
+
+
+def run_variants(dev):
+    """Ablations of the two register tricks (NOTES-gemm.md): I2F vs magic-number conversion,
+    byte ops vs 32-bit packed masks, at one decode and one prefill point."""
+    import torch
+
+    from cometserve.kernels import gemm_w4ax as g
+
+    res = []
+    for name, m in (("llama3-8b gate_up", 16), ("llama3-8b gate_up", 4096), ("llama3-8b qkv", 4096)):
+        n, k = SHAPES[name]
+        _, ops = _operands(m, n, k, 0.84, dev)
+        y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+        cfg = g._config_for(*ops, None, y)
+        for magic in (True, False):
+            for asm in (True, False):
+                t = _bench(lambda cfg=cfg, ops=ops, y=y, magic=magic, asm=asm:
+                           g._launch(cfg, *ops, None, y, magic_cvt=magic, use_asm=asm))
+                res.append({"shape": name, "M": m, "magic_cvt": magic, "asm_masks": asm, "us": t})
+    return res
+
+
+def run_diag(dev):
+    """Compiler report per candidate config: registers, spills, and which MMA the PTX uses."""
+    import torch
+
+    from cometserve.kernels import gemm_w4ax as g
+
+    out = []
+    for name, m in (("llama3-8b gate_up", 16), ("llama3-8b gate_up", 256), ("llama3-8b gate_up", 4096)):
+        n, k = SHAPES[name]
+        _, ops = _operands(m, n, k, 0.84, dev)
+        y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+        for cfg in g.candidates(m, n, k // 128, dev):
+            h = g._launch(cfg, *ops, None, y)
+            ptx = h.asm.get("ptx", "")
+            out.append({"M": m, "config": cfg.__dict__, "regs": h.n_regs, "spills": h.n_spills,
+                        "wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx,
+                        "cvt_rn_f32_s32": ptx.count("cvt.rn.f32.s32")})
+            print(out[-1])
+    return out
+
+
+def run_sweep(dev):
+    """Every candidate config (and a few extra) at chosen points, magic conversion on and off."""
+    import torch
+
+    from cometserve.kernels import gemm_w4ax as g
+
+    C = g.GemmConfig
+    extra = {16: [C(64, 16, 4, 8, 4, 4), C(128, 16, 2, 8, 4, 6), C(64, 16, 8, 8, 4, 3)],
+             256: [C(128, 64, 1, 8, 4, 3), C(64, 128, 1, 8, 4, 4), C(128, 128, 1, 8, 8, 3)],
+             4096: [C(128, 64, 1, 8, 4, 4), C(64, 128, 1, 8, 4, 4), C(128, 128, 1, 8, 8, 2),
+                    C(128, 256, 1, 8, 8, 2), C(128, 128, 1, 16, 8, 4)]}
+    res = []
+    for name, m in (("llama3-8b qkv", 1), ("llama3-8b o", 1), ("llama3-8b gate_up", 1), ("llama3-8b down", 16),
+                    ("llama3-8b qkv", 256), ("llama3-8b gate_up", 256), ("llama3-8b gate_up", 4096),
+                    ("llama3-8b qkv", 4096)):
+        n, k = SHAPES[name]
+        _, ops = _operands(m, n, k, 0.84, dev)
+        y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+        cfgs = g.candidates(m, n, k // 128, dev) + extra[min(4096, max(16, 1 << (m - 1).bit_length()))]
+        for cfg in cfgs:
+            for magic in (True, False):
+                t = _bench(lambda cfg=cfg, ops=ops, y=y, magic=magic: g._launch(cfg, *ops, None, y, magic_cvt=magic))
+                h = g._launch(cfg, *ops, None, y, magic_cvt=magic)
+                res.append({"shape": name, "M": m, "config": cfg.__dict__, "magic": magic, "us": t,
+                            "regs": h.n_regs, "spills": h.n_spills, "smem": h.metadata.shared})
+                print(f"{name:18s} M={m:5d} {cfg} magic={magic} {t:8.1f} us regs={h.n_regs} "
+                      f"spills={h.n_spills} smem={h.metadata.shared}", flush=True)
+    return res
+
+
+def _env(args):
+    import torch
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout
+    drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=False).stdout
+    return {"gpu": torch.cuda.get_device_name(), "driver": drv.strip(), "torch": torch.__version__,
+            "triton": triton.__version__, "commit": commit.strip() or os.environ.get("BENCH_COMMIT", ""),
+            "command": "python " + " ".join(sys.argv), "date": str(date.today())}
+
+
+def _geo(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summarize(res) -> str:
+    rows = [r for r in res["rows"] if r["int4_fraction"] == 0.84]
+    lines = [(f"GPU {res['gpu']}, driver {res['driver']}, torch {res['torch']}, triton {res['triton']}, "
+              f"commit {res['commit']}"), f"command: `{res['command']}`", "",
+             "| bucket | W4Ax vs bf16 (geomean) | W4Ax vs FP8 (geomean) | min vs FP8 |", "|---|---|---|---|"]
+    for label, lo, hi in BUCKETS:
+        sel = [r for r in rows if lo <= r["M"] <= hi]
+        vb = [r["us"]["cublas_bf16"] / r["us"]["w4ax"] for r in sel]
+        vf = [r["us"]["cublas_fp8"] / r["us"]["w4ax"] for r in sel if r["us"]["cublas_fp8"]]
+        if vb:
+            lines.append(f"| {label} | {_geo(vb):.2f}x | {_geo(vf) or 0:.2f}x | {min(vf or [0]):.2f}x |")
+    lines += ["", "| shape | M | bf16 us | fp8 us | int_mm us | W4Ax us | vs bf16 | vs fp8 | config |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        u = r["us"]
+        f = lambda v: f"{v:.1f}" if v else "-"
+        c = r.get("config") or {}
+        cs = f"{c.get('block_n')}x{c.get('block_m')} s{c.get('split_k')} w{c.get('num_warps')}" if c else ""
+        lines.append(f"| {r['shape']} | {r['M']} | {f(u['cublas_bf16'])} | {f(u['cublas_fp8'])} | "
+                     f"{f(u['int_mm'])} | {f(u['w4ax'])} | {u['cublas_bf16'] / u['w4ax']:.2f}x | "
+                     f"{(u['cublas_fp8'] or 0) / u['w4ax']:.2f}x | {cs} |")
+    other = [r for r in res["rows"] if r["int4_fraction"] != 0.84]
+    if other:
+        lines += ["", "Other INT4 fractions (W4Ax us): " + ", ".join(
+            f"{r['shape']} M={r['M']} f={r['int4_fraction']}: {r['us']['w4ax']:.1f}" for r in other)]
+    if res.get("act"):
+        a = res["act"]
+        lines += ["", f"Fused act-quant (copy ceiling {a['copy_GBps']:.0f} GB/s):", "",
+                  "| K | norm+perm | M | us | GB/s | of copy |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['K']} | {r['norm_perm']} | {r['M']} | {r['us']:.1f} | {r['GBps']:.0f} | "
+                  f"{r['of_copy']:.0%} |" for r in a["rows"]]
+    if res.get("variants"):
+        lines += ["", "| variant shape | M | magic cvt | asm masks | us |", "|---|---|---|---|---|"]
+        lines += [f"| {v['shape']} | {v['M']} | {v['magic_cvt']} | {v['asm_masks']} | {v['us']:.1f} |"
+                  for v in res["variants"]]
+    return "\n".join(lines)
+
+
+def render(res, md_path: Path, png_path: Path) -> None:
+    md_path.write_text("# W4Ax GEMM benchmark\n\n" + summarize(res) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name in SHAPES:
+        rs = sorted((r for r in res["rows"] if r["shape"] == name and r["int4_fraction"] == 0.84),
+                    key=lambda r: r["M"])
+        if rs:
+            ax.plot([r["M"] for r in rs], [r["us"]["cublas_bf16"] / r["us"]["w4ax"] for r in rs],
+                    marker="o", ms=3, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel("speedup over cuBLAS bf16")
+    ax.set_title(f"W4Ax (84% INT4 blocks) on {res['gpu']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="4 shapes, 6 M values, 84%% only")
+    p.add_argument("--variants", action="store_true", help="also time the register-trick ablations")
+    p.add_argument("--sweep", action="store_true", help="only time every config at a few points")
+    p.add_argument("--diag", action="store_true", help="also print the compiler report per config")
+    p.add_argument("--out", default="benchmarks/results", help="folder for gemm.json / md / png")
+    p.add_argument("--render", help="only render md + png from this gemm.json")
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        render(res, out / f"{res.get('date', date.today())}-gemm.md", out / "gemm.png")
+        return
+    import torch
+
+    dev = torch.device("cuda")
+    shapes = list(SHAPES)[:4] if args.quick else list(SHAPES)
+    ms = [1, 16, 64, 256, 1024, 4096] if args.quick else MS
+    fr = [0.84] if args.quick else FRACTIONS
+    res = _env(args)
+    if args.sweep:
+        res["sweep"] = run_sweep(dev)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(res, indent=1))
+        return
+    if args.diag:
+        res["diag"] = run_diag(dev)
+    res["rows"] = run_gemm(shapes, ms, fr, dev)
+    res["act"] = run_act([1, 16, 256, 4096] if args.quick else [1, 16, 256, 4096, 8192], dev)
+    if args.variants:
+        res["variants"] = run_variants(dev)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gemm.json").write_text(json.dumps(res, indent=1))
+    print(summarize(res))
+    try:
+        render(res, out / f"{res['date']}-gemm.md", out / "gemm.png")
+    except ImportError:
+        (out / f"{res['date']}-gemm.md").write_text("# W4Ax GEMM benchmark\n\n" + summarize(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()

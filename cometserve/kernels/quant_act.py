@@ -1,0 +1,166 @@
+"""Fused activation quantization (FMPQ, COMET section 3): [RMSNorm ->] gather by the layer's channel
+permutation -> per-token, per-128-channel-block symmetric scale -> INT4- or INT8-grid codes, in one
+pass over x. Codes go to int8 containers [M, K_pad] (zero padded), scales to float32 [M, nb].
+
+Why one pass: this op is a pure byte stream (read 2 bytes, write ~1 byte per channel); every extra
+pass over x would cost as much as the whole op. The permutation gather reads x at random channel
+positions within one row; a row (K * 2 bytes, 8-56 KB) stays in L1/L2, so DRAM still sees each
+byte once.
+
+Numerics are bit-exact with `ref.quant_act` when there is no RMSNorm: the per-block reciprocal is a
+correctly rounded division (`div_rn`: a plain `/` on fp32 may lower to an approximate reciprocal on
+GPU), codes are `floor(|v| + 0.5)` with the sign put back, and FMA contraction is disabled at launch
+so `v * inv` is rounded before `+ 0.5` exactly as in the reference. With the fused RMSNorm, the
+sum of squares is reduced in another order than torch's, so a rare code may differ by one (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from cometserve.scheme import BLOCK_SIZE, padded_k
+
+_BLK = tl.constexpr(BLOCK_SIZE)  # a global read inside @triton.jit must be a tl.constexpr
+
+
+@triton.jit
+def _row_rstd(x_row, K, stride_xk, eps, NORM_BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of one row, in float32, all roundings correct."""
+    acc = tl.zeros([NORM_BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, NORM_BLOCK):
+        offs = k0 + tl.arange(0, NORM_BLOCK)
+        v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+        acc += v * v
+    mean = tl.math.div_rn(tl.sum(acc, axis=0), K.to(tl.float32))
+    return tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
+
+
+@triton.jit
+def _quant_act_kernel(
+    x_ptr, perm_ptr, bits_ptr, nw_ptr, codes_ptr, scales_ptr,  # pointers
+    K, NB, BLOCKS_PER_PROG,  # dims
+    stride_xm, stride_xk, stride_cm, stride_sm,  # strides
+    eps,
+    HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr,  # meta
+    NB_TILE: tl.constexpr, NORM_BLOCK: tl.constexpr,
+):
+    # program = (token row, chunk of blocks): small M splits a row over several programs so that
+    # all SMs have loads in flight; the RMSNorm statistic is then recomputed per chunk (from L2).
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    if HAS_NORM:
+        rstd = _row_rstd(x_row, K, stride_xk, eps, NORM_BLOCK)
+    offs_j = tl.arange(0, _BLK)
+    offs_t = tl.arange(0, NB_TILE)
+    b_start = chunk * BLOCKS_PER_PROG
+    b_end = tl.minimum(b_start + BLOCKS_PER_PROG, NB)
+    for b0 in range(b_start, b_end, NB_TILE):
+        blk = b0 + offs_t  # [T] block ids
+        bmask = blk < b_end
+        kk = blk[:, None] * _BLK + offs_j[None, :]  # [T, 128] permuted channel ids
+        kmask = bmask[:, None] & (kk < K)
+        if HAS_PERM:
+            src = tl.load(perm_ptr + kk, mask=kmask, other=0)  # original channel of each slot
+        else:
+            src = kk
+        v = tl.load(x_row + src * stride_xk, mask=kmask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            v = v * rstd * tl.load(nw_ptr + src, mask=kmask, other=0.0).to(tl.float32)
+        absmax = tl.max(tl.abs(v), axis=1)  # [T]
+        bits = tl.load(bits_ptr + blk, mask=bmask, other=4)
+        qmax = tl.where(bits == 8, 127.0, 7.0)
+        inv = tl.where(absmax > 0, tl.math.div_rn(qmax, tl.where(absmax > 0, absmax, 1.0)), 0.0)
+        q = v * inv[:, None]
+        mag = tl.minimum(tl.floor(tl.abs(q) + 0.5), qmax[:, None])  # round half away from zero
+        codes = tl.where(q < 0, -mag, mag).to(tl.int8)
+        tl.store(codes_ptr + row * stride_cm + kk, codes, mask=bmask[:, None])
+        tl.store(scales_ptr + row * stride_sm + blk, tl.math.div_rn(absmax, qmax), mask=bmask)
+
+
+class _SmCount:
+    """Multiprocessor count per device, read once (used to size the grid for small M)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[torch.device, int] = {}
+
+    def __call__(self, device: torch.device) -> int:
+        if device.type != "cuda":
+            return 4
+        if device not in self.cache:
+            self.cache[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        return self.cache[device]
+
+
+_SM_COUNT = _SmCount()
+
+
+def _grid_shape(m: int, nb: int, has_norm: bool, sms: int) -> tuple[int, int, int]:
+    """(NB_TILE, blocks per program, chunks per row). Enough programs for ~4 per SM; with a norm
+    and many rows, one program per row so the row statistic is computed once."""
+    nb_tile = min(8, triton.next_power_of_2(nb))
+    if has_norm and m >= 2 * sms:
+        return nb_tile, nb, 1
+    chunks = max(1, min(triton.cdiv(4 * sms, m), triton.cdiv(nb, nb_tile)))
+    per = triton.cdiv(triton.cdiv(nb, chunks), nb_tile) * nb_tile
+    return nb_tile, per, triton.cdiv(nb, per)
+
+
+def _launch(x, perm, block_bits, norm_weight, eps, codes, scales) -> None:
+    m, k = x.shape
+    nb = block_bits.numel()
+    nb_tile, per, chunks = _grid_shape(m, nb, norm_weight is not None, _SM_COUNT(x.device))
+    _quant_act_kernel[(m, chunks)](
+        x, perm if perm is not None else codes, block_bits,
+        norm_weight if norm_weight is not None else x, codes, scales,
+        k, nb, per,
+        x.stride(0), x.stride(1), codes.stride(0), scales.stride(0),
+        float(eps),
+        HAS_PERM=perm is not None, HAS_NORM=norm_weight is not None,
+        NB_TILE=nb_tile, NORM_BLOCK=min(4096, triton.next_power_of_2(k)),
+        num_warps=4 if nb_tile * BLOCK_SIZE <= 512 else 8,
+        enable_fp_fusion=False,  # v * inv must round before + 0.5, as in the reference
+    )
+
+
+def can_implement(k: int, device: torch.device) -> tuple[bool, str]:
+    """Whether the fused kernel runs for a layer input of `k` channels on `device`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"fused activation quantization needs a CUDA device, got {device.type}"
+    if k <= 0 or k >= 2**31 // 8:
+        return False, f"K={k} out of range"
+    return True, ""
+
+
+def quant_act(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    block_bits: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float (any strides) -> (a_codes int8 [M, K_pad], a_scales float32 [M, nb]).
+
+    perm: [K] int (slot j reads channel perm[j]) or None; block_bits: [nb] int, 4 or 8;
+    norm_weight: [K] in the original channel order (fuses RMSNorm) or None."""
+    assert x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16, torch.float32), (
+        f"x must be a 2-D float tensor [M, K], got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    k_pad = padded_k(k)
+    nb = block_bits.numel()
+    assert nb * BLOCK_SIZE == k_pad, f"block_bits has {nb} blocks, K={k} needs {k_pad // BLOCK_SIZE}"
+    assert perm is None or (perm.shape == (k,) and perm.is_contiguous()), "perm must be contiguous [K]"
+    assert norm_weight is None or (norm_weight.shape == (k,) and norm_weight.is_contiguous()), (
+        "norm_weight must be contiguous [K]")
+    for t in (perm, block_bits, norm_weight):
+        assert t is None or t.device == x.device, f"all inputs must be on {x.device}, got {t.device}"
+    perm = perm.to(torch.int32) if perm is not None else None
+    block_bits = block_bits.contiguous()
+    codes = torch.empty((m, k_pad), dtype=torch.int8, device=x.device)
+    scales = torch.empty((m, nb), dtype=torch.float32, device=x.device)
+    if m > 0:
+        _launch(x, perm, block_bits, norm_weight, eps, codes, scales)
+    return codes, scales

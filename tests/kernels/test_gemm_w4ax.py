@@ -1,0 +1,179 @@
+"""W4Ax GEMM kernel vs `ref.w4ax_gemm`.
+
+Tolerances (tiered, ARCHITECTURE.md rule 4):
+- exact: with all scales 1 and float32 output, Y is the integer A . W^T (the int32 block sums and
+  their fp32 sum are exact below 2^24), on the split-K and the direct path;
+- kernel vs reference on the same codes: fp32 output within 1e-5 of max|ref| (the kernel fuses the
+  scale multiply into an FMA and sums splits in another order); 16-bit output within one ulp of
+  the output dtype (rtol 2^-7 bf16, 2^-10 fp16) plus that atol.
+
+The CPU suite runs the real Triton kernels under TRITON_INTERPRET=1 in a subprocess: the variable
+must be set before triton is first imported, which other test modules of this pytest process may
+already have done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+RTOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 0.0}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _operands(m, n, k, w_bits, frac8, device, unit_scales=False, seed=0):
+    from cometserve.kernels import ref
+    from cometserve.scheme import num_blocks, padded_k
+
+    g = torch.Generator().manual_seed(seed)
+    nb, k_pad = num_blocks(k), padded_k(k)
+    bits = torch.full((nb,), 4, dtype=torch.uint8)
+    bits[torch.randperm(nb, generator=g)[: round(nb * frac8)]] = 8
+    x = torch.randn(m, k, generator=g) * (1 + 20 * (torch.rand(k, generator=g) > 0.97))  # outliers
+    codes, scales = ref.quant_act(x, torch.randperm(k, generator=g), bits)
+    if w_bits == 4:
+        qw = torch.randint(0, 256, (n, k_pad // 2), dtype=torch.uint8, generator=g)
+        qw[:, k // 2:] = 0  # checkpoint zero padding past K
+    else:
+        qw = torch.randint(-127, 128, (n, k_pad), dtype=torch.int8, generator=g)
+    ws = (torch.rand(n, nb, generator=g) * 0.02 + 1e-3).half()
+    if unit_scales:
+        scales, ws = torch.ones_like(scales), torch.ones_like(ws)
+    bias = torch.randn(n, generator=g)
+    return [t.to(device) for t in (codes, scales, qw, ws, bias)]
+
+
+def check_case(m, n, k, w_bits, frac8, dtype, use_bias, device, cfg=None, unit=False) -> dict:
+    """Run the kernel (default or forced config) and return error metrics vs the reference."""
+    from cometserve.kernels import gemm_w4ax, ref
+
+    codes, scales, qw, ws, bias = _operands(m, n, k, w_bits, frac8, device, unit_scales=unit)
+    bias = bias if use_bias else None
+    yr = ref.w4ax_gemm(codes, scales, qw, ws, bias, dtype).float()
+    pq, ps = gemm_w4ax.prepare_weights(qw, ws)
+    if cfg is None:
+        y = gemm_w4ax.w4ax_gemm(codes, scales, pq, ps, bias, dtype)
+    else:
+        y = torch.full((m, n), float("nan"), dtype=dtype, device=device)  # poison: all must be written
+        gemm_w4ax._launch(gemm_w4ax.GemmConfig(*cfg), codes, scales, pq, ps, bias, y)
+    y = y.float()
+    err = (y - yr).abs()
+    atol = 1e-5 * yr.abs().max().item()
+    bound = atol + RTOL[dtype] * yr.abs()
+    return {"finite": bool(torch.isfinite(y).all()), "exact": bool((y == yr).all()),
+            "max_excess": float((err - bound).max()), "shape": list(y.shape)}
+
+
+# cases: (m, n, k, w_bits, frac8, dtype, bias, cfg (block_n, block_m, split_k, group_n, warps, stages))
+CPU_CASES = {
+    "m1_w4_int4only_bf16": (1, 128, 256, 4, 0.0, "bf16", True, None),
+    "m3_w4_q25_fp16_kpad": (3, 192, 320, 4, 0.25, "fp16", False, None),
+    "m17_w4_int8only_bf16": (17, 256, 384, 4, 1.0, "bf16", True, None),
+    "m17_w4_direct_fp32": (17, 128, 384, 4, 0.25, "fp32", True, (64, 16, 1, 2, 4, 4)),
+    "m17_w4_split3_fp32": (17, 128, 384, 4, 0.25, "fp32", True, (64, 16, 3, 2, 4, 4)),
+    "m40_w4_bm64_bf16": (40, 128, 256, 4, 0.25, "bf16", False, (128, 64, 2, 2, 4, 4)),
+    "m3_w8_fp16": (3, 64, 256, 8, 0.25, "fp16", True, None),
+    "m17_w8_split_fp32": (17, 128, 320, 8, 1.0, "fp32", False, (64, 32, 3, 2, 4, 4)),
+}
+EXACT_CASES = {
+    "exact_w4_split": (17, 128, 384, 4, 0.25, "fp32", False, (64, 16, 3, 2, 4, 4)),
+    "exact_w4_direct": (5, 64, 320, 4, 1.0, "fp32", False, (64, 16, 1, 1, 4, 4)),
+    "exact_w8": (3, 64, 256, 8, 0.0, "fp32", False, None),
+}
+
+
+def _interp_main() -> None:
+    """Subprocess entry (TRITON_INTERPRET=1): every CPU case, results as JSON on stdout."""
+    out = {}
+    for name, (m, n, k, wb, f8, dt, b, cfg) in CPU_CASES.items():
+        out[name] = check_case(m, n, k, wb, f8, DTYPES[dt], b, "cpu", cfg)
+    for name, (m, n, k, wb, f8, dt, b, cfg) in EXACT_CASES.items():
+        out[name] = check_case(m, n, k, wb, f8, DTYPES[dt], b, "cpu", cfg, unit=True)
+    print("RESULTS " + json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def interp_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    code = "import tests.kernels.test_gemm_w4ax as t; t._interp_main()"
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                       check=False, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_interpreter_matches_reference(interp_results, name):
+    res = interp_results[name]
+    assert res["finite"], f"{name}: unwritten or non-finite outputs"
+    assert res["max_excess"] <= 0, f"{name}: error exceeds the stated tolerance by {res['max_excess']}"
+
+
+@pytest.mark.parametrize("name", list(EXACT_CASES))
+def test_interpreter_integer_exact(interp_results, name):
+    assert interp_results[name]["exact"], f"{name}: integer accumulation is not exact"
+
+
+def test_prepare_weights_is_a_permutation_of_nibbles():
+    from cometserve.kernels import gemm_w4ax, ref
+
+    qw = torch.randint(0, 256, (8, 192), dtype=torch.uint8)
+    ws = torch.rand(8, 3).half()
+    pq, ps = gemm_w4ax.prepare_weights(qw, ws)
+    codes = ref.unpack_int4(qw).view(8, 3, 128)
+    lo = (pq.view(8, 3, 64).to(torch.int16) & 0xF).to(torch.int8)
+    hi = (pq.view(8, 3, 64).to(torch.int16) >> 4).to(torch.int8)
+    lo, hi = torch.where(lo >= 8, lo - 16, lo), torch.where(hi >= 8, hi - 16, hi)
+    assert torch.equal(torch.cat((lo, hi), -1), codes)
+    assert torch.equal(ps, ws.t())
+
+
+def test_can_implement_refuses_with_reason():
+    from cometserve.kernels import gemm_w4ax
+
+    ok, why = gemm_w4ax.can_implement(4096, 4096, 4, torch.device("cpu"))
+    assert not ok and "CUDA" in why
+    for n, k, bits, word in ((4096, 4000, 4, "128"), (100, 4096, 4, "64"), (4096, 4096, 16, "INT4")):
+        ok, why = gemm_w4ax.can_implement(n, k, bits, torch.device("cuda"))
+        assert not ok and word in why, why
+
+
+LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192),
+                (8192, 8192), (57344, 8192), (8192, 28672), (12288, 4096), (22016, 4096), (4096, 11008)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 255, 4096])
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES)
+def test_gpu_llama_shapes(m, n, k):
+    res = check_case(m, n, k, 4, 0.16, torch.bfloat16, True, "cuda")
+    assert res["finite"] and res["max_excess"] <= 0, res
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("frac8", [0.0, 0.16, 0.25, 1.0])
+@pytest.mark.parametrize("m", [1, 17, 255, 4096])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_block_maps(m, frac8, dtype):
+    res = check_case(m, 4096, 4096, 4, frac8, DTYPES[dtype], False, "cuda")
+    assert res["finite"] and res["max_excess"] <= 0, res
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 255, 4096])
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_gpu_integer_exact(m, w_bits):
+    from cometserve.kernels import gemm_w4ax
+
+    for cfg in gemm_w4ax.candidates(m, 6144, 32, torch.device("cuda")):
+        res = check_case(m, 6144, 4096, w_bits, 0.25, torch.float32, False, "cuda",
+                         cfg=tuple(cfg.__dict__.values()), unit=True)
+        assert res["exact"], (cfg, res)

@@ -1,0 +1,123 @@
+"""Fused activation quantization kernel vs `ref.quant_act`.
+
+Tolerances: without RMSNorm, codes and scales are bit-exact (same correctly rounded reciprocal, same
+rounding instructions, FMA contraction off). With the fused RMSNorm the sum of squares is reduced in
+another order, so a code may differ by one: at most 0.2% of codes may differ, never by more than 1,
+and scales within 1e-5 relative.
+
+The CPU suite runs the Triton kernel under TRITON_INTERPRET=1 in a subprocess (see
+test_gemm_w4ax.py for why).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MAX_FLIP_FRACTION = 2e-3
+
+
+def check_case(m, k, frac8, dtype, norm, perm, strided, device, seed=0) -> dict:
+    from cometserve.kernels import quant_act, ref
+    from cometserve.scheme import num_blocks
+
+    g = torch.Generator().manual_seed(seed)
+    nb = num_blocks(k)
+    bits = torch.full((nb,), 4, dtype=torch.uint8)
+    bits[torch.randperm(nb, generator=g)[: round(nb * frac8)]] = 8
+    x = torch.randn(m, 2 * k if strided else k, generator=g) * 3
+    x[:, torch.rand(x.shape[1], generator=g) > 0.98] *= 30  # outlier channels
+    x = x.to(dtype)
+    if strided:
+        x = x[:, ::2]  # stride (2K, 2): the kernel must honour both strides
+    p = torch.randperm(k, generator=g).int() if perm else None
+    nw = (torch.rand(k, generator=g) + 0.5).to(dtype) if norm else None
+    x, bits = x.to(device), bits.to(device)
+    p = p.to(device) if p is not None else None
+    nw = nw.to(device) if nw is not None else None
+    c, s = quant_act.quant_act(x, p, bits, nw)
+    cr, sr = ref.quant_act(x, p, bits, nw)
+    diff = (c.int() - cr.int()).abs()
+    return {"codes_exact": bool(torch.equal(c, cr)), "scales_exact": bool(torch.equal(s, sr)),
+            "flip_fraction": float((diff > 0).float().mean()), "max_code_diff": int(diff.max()),
+            "scale_rel": float(((s - sr).abs() / sr.clamp_min(1e-30)).max()),
+            "shapes": [list(c.shape), list(s.shape)], "dtypes": [str(c.dtype), str(s.dtype)]}
+
+
+# (m, k, frac8, dtype, norm, perm, strided)
+CPU_CASES = {
+    "m1_k256_bf16_perm": (1, 256, 0.0, "bf16", False, True, False),
+    "m3_k320_fp16_strided_kpad": (3, 320, 0.25, "fp16", False, True, True),
+    "m17_k384_bf16_all_int8": (17, 384, 1.0, "bf16", False, False, False),
+    "m17_k1152_fp32_perm": (17, 1152, 0.25, "fp32", False, True, False),
+    "m3_k384_bf16_norm_perm": (3, 384, 0.25, "bf16", True, True, False),
+    "m17_k320_fp16_norm_strided": (17, 320, 0.0, "fp16", True, True, True),
+}
+
+
+def _interp_main() -> None:
+    out = {name: check_case(*c[:3], DTYPES[c[3]], *c[4:], "cpu") for name, c in CPU_CASES.items()}
+    print("RESULTS " + json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def interp_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    code = "import tests.kernels.test_quant_act as t; t._interp_main()"
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                       check=False, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
+    return json.loads(line[len("RESULTS "):])
+
+
+def _assert_ok(res, norm):
+    from cometserve.scheme import padded_k  # noqa: F401  (shape contract lives there)
+
+    assert res["dtypes"] == ["torch.int8", "torch.float32"], res
+    if not norm:
+        assert res["codes_exact"] and res["scales_exact"], res
+    else:
+        assert res["flip_fraction"] <= MAX_FLIP_FRACTION and res["max_code_diff"] <= 1, res
+        assert res["scale_rel"] <= 1e-5, res
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_interpreter_matches_reference(interp_results, name):
+    res = interp_results[name]
+    m, k = CPU_CASES[name][:2]
+    assert res["shapes"] == [[m, -(-k // 128) * 128], [m, -(-k // 128)]]
+    _assert_ok(res, CPU_CASES[name][4])
+
+
+def test_can_implement_refuses_cpu():
+    from cometserve.kernels import quant_act
+
+    ok, why = quant_act.can_implement(4096, torch.device("cpu"))
+    assert not ok and "CUDA" in why
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 255, 4096])
+@pytest.mark.parametrize("k", [4096, 8192, 14336, 576])
+@pytest.mark.parametrize("norm", [False, True])
+def test_gpu_matches_reference(m, k, norm):
+    res = check_case(m, k, 0.16, torch.bfloat16, norm, norm, False, "cuda")
+    _assert_ok(res, norm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("frac8", [0.0, 0.25, 1.0])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_gpu_block_maps_dtypes_strides(frac8, dtype, strided):
+    res = check_case(17, 4096, frac8, DTYPES[dtype], False, True, strided, "cuda")
+    _assert_ok(res, False)
