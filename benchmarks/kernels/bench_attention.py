@@ -87,7 +87,7 @@ def _pages_bf16(x_all, bt_all, page):
 
 
 def decode_row(batch: int, ctx: int, page: int = 64, splits=(None,), dtype=torch.bfloat16,
-               peers: bool = True) -> dict:
+               peers: bool = True, variants: dict | None = None) -> dict:
     from cometserve.kernels import attention
 
     bf16_bytes = batch * ctx * HKV * D * 2 * 2
@@ -110,13 +110,16 @@ def decode_row(batch: int, ctx: int, page: int = 64, splits=(None,), dtype=torch
     scale = D**-0.5
     kv4_bytes = cache.bytes_per_token() * batch * ctx  # windows are empty: ctx is a multiple of G
 
-    def kv4(ns):
+    def kv4(ns, cfg=None):
         return lambda: [attention.decode_attention(q_all[r], cache, bts[r], ctx_t, slots[r], scale,
-                                                   max_context_len=ctx, num_splits=ns) for r in range(rot)]
+                                                   max_context_len=ctx, num_splits=ns, config=cfg)
+                        for r in range(rot)]
 
     us = {}
     for ns in splits:
         us[f"kv4_s{ns}" if ns else "kv4"] = _bench(kv4(ns)) / rot
+    for name, (ns, cfg) in (variants or {}).items():
+        us[name] = _bench(kv4(ns, cfg)) / rot
     if not peers:
         return {**row, "us": us}
     us["bf16_paged"] = _bench(lambda: [attention.decode_attention_bf16(
@@ -296,23 +299,25 @@ def main() -> None:
     if args.check:
         gpu_check()
     if args.sweep:
-        for b, c in ((1, 8192), (8, 2048), (8, 8192), (32, 2048), (32, 8192), (1, 32768)):
-            for page in (64, 128):
-                r = decode_row(b, c, page, splits=(None, 1, 2, 4, 8, 16, 32), peers=False)
-                print(f"sweep b={b} ctx={c} page={page}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()),
-                      flush=True)
+        variants = {"noasm": (None, {"use_asm": False}), "gpi2": (None, {"gpi": 2}),
+                    "gpi2_noasm": (None, {"gpi": 2, "use_asm": False}), "w8": (None, {"num_warps": 8}),
+                    "w2": (None, {"num_warps": 2}), "st1": (None, {"num_stages": 1}),
+                    "st3": (None, {"num_stages": 3}), "gpi2_w8": (None, {"gpi": 2, "num_warps": 8})}
+        for b, c in ((8, 2048), (8, 8192), (1, 32768), (128, 2048), (32, 8192)):
+            r = decode_row(b, c, 64, splits=(None, 16, 32), peers=False, variants=variants)
+            print(f"sweep b={b} ctx={c}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()), flush=True)
     batches, contexts = ((8, 32), (2048, 8192)) if args.quick else ((1, 8, 32, 128), (512, 2048, 8192, 32768))
     prompts = (2048,) if args.quick else (512, 2048, 8192)
     rows = []
+    for p in prompts:
+        for prefix in (0, p):
+            rows.append(prefill_row(p, prefix))
+            print(json.dumps(rows[-1]), flush=True)
     for b in batches:
         for c in contexts:
             rows.append(decode_row(b, c))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
-    for p in prompts:
-        for prefix in (0, p):
-            rows.append(prefill_row(p, prefix))
-            print(json.dumps(rows[-1]), flush=True)
     from cometserve.kernels import ref
 
     kv4 = ref.PagedKVCache.allocate(1, HKV, D, 1, torch.bfloat16, "cpu", 64, G).bytes_per_token()

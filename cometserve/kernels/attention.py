@@ -115,13 +115,60 @@ def _online_update(s, m_i, l_i, acc_lo, acc_hi):
 
 
 @triton.jit
+def _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, row, ok, H: tl.constexpr,
+                P: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """One group's packed K and V codes [G, D/2] and its scales/zeros as (low, high) float32 halves
+    [D/2], masked by ok."""
+    HALF: tl.constexpr = D // 2
+    t = tl.arange(0, G)
+    j = tl.arange(0, HALF)
+    c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
+    m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
+    n_ok = tl.where(ok, G, 0)  # masks built by comparisons (the interpreter refuses `tensor & scalar`)
+    c_ok = (t < n_ok)[:, None]
+    m_ok = (j * 0 + n_ok) > 0
+    kb = tl.load(kc_ptr + c_off, mask=c_ok, other=0)
+    vb = tl.load(vc_ptr + c_off, mask=c_ok, other=0)
+    meta = (tl.load(ks_ptr + m_off, mask=m_ok, other=0.0).to(tl.float32),
+            tl.load(ks_ptr + m_off + HALF, mask=m_ok, other=0.0).to(tl.float32),
+            tl.load(kz_ptr + m_off, mask=m_ok, other=0.0).to(tl.float32),
+            tl.load(kz_ptr + m_off + HALF, mask=m_ok, other=0.0).to(tl.float32),
+            tl.load(vs_ptr + m_off, mask=m_ok, other=0.0).to(tl.float32),
+            tl.load(vs_ptr + m_off + HALF, mask=m_ok, other=0.0).to(tl.float32),
+            tl.load(vz_ptr + m_off, mask=m_ok, other=0.0).to(tl.float32),
+            tl.load(vz_ptr + m_off + HALF, mask=m_ok, other=0.0).to(tl.float32))
+    return kb, vb, meta
+
+
+@triton.jit
+def _int4_update(q_lo, q_hi, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi, USE_ASM: tl.constexpr):
+    """Online-softmax update with one INT4 group, never dequantizing a K or V element:
+    scores = (q * k_scale) . codes + q . k_zero; p @ V = (p @ codes) * v_scale + sum(p) * v_zero."""
+    ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vs_hi, vz_lo, vz_hi = meta
+    k_lo, k_hi = _widen_codes(kb, USE_ASM)
+    bias = tl.sum(q_lo * kz_lo[None, :], 1) + tl.sum(q_hi * kz_hi[None, :], 1)
+    qs_lo = (q_lo * ks_lo[None, :]).to(tl.float16)
+    qs_hi = (q_hi * ks_hi[None, :]).to(tl.float16)
+    qk = tl.dot(qs_lo, tl.trans(k_lo)) + tl.dot(qs_hi, tl.trans(k_hi)) + bias[:, None]
+    qk = tl.where(ok, qk, float("-inf"))
+    p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
+    v_lo, v_hi = _widen_codes(vb, USE_ASM)
+    p16 = p.to(tl.float16)
+    p_sum = tl.sum(p16.to(tl.float32), 1)[:, None]
+    acc_lo += tl.dot(p16, v_lo) * vs_lo[None, :] + p_sum * vz_lo[None, :]
+    acc_hi += tl.dot(p16, v_hi) * vs_hi[None, :] + p_sum * vz_hi[None, :]
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
     bt_ptr, ctx_ptr, slot_ptr, o_ptr, part_o_ptr, part_ml_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
     sm_scale, groups_per_split,
     H: tl.constexpr, REP: tl.constexpr, M: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
-    D: tl.constexpr, SPLITS: tl.constexpr, KV16: tl.constexpr, USE_ASM: tl.constexpr,
+    D: tl.constexpr, SPLITS: tl.constexpr, KV16: tl.constexpr, USE_ASM: tl.constexpr, ON_GPU: tl.constexpr,
+    GPI: tl.constexpr,
 ):
     """Grid (B, Hkv, SPLITS). KV16: the 16-bit paged peer (kc_ptr/vc_ptr are [pages, Hkv, P, D]
     16-bit pages, every token paged, no window)."""
@@ -149,7 +196,7 @@ def _decode_kernel(
     g0 = s * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, n_full)
     t = tl.arange(0, G)
-    for g in range(g0, g1):
+    for g in range(g0, g1, GPI):
         page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
         if KV16:
@@ -159,29 +206,26 @@ def _decode_kernel(
             k_hi = _load_rows16(kc_ptr, base, n_ok, G, D, HALF, HALF)
             v_lo = _load_rows16(vc_ptr, base, n_ok, G, D, HALF, 0)
             v_hi = _load_rows16(vc_ptr, base, n_ok, G, D, HALF, HALF)
-            qk = (_mm(q16_lo, tl.trans(k_lo), USE_ASM) + _mm(q16_hi, tl.trans(k_hi), USE_ASM)) * sm_scale
+            qk = (_mm(q16_lo, tl.trans(k_lo), ON_GPU) + _mm(q16_hi, tl.trans(k_hi), ON_GPU)) * sm_scale
             qk = tl.where((t < n_ok)[None, :], qk, float("-inf"))
             p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
-            acc_lo += _mm(p.to(v_lo.dtype), v_lo, USE_ASM)
-            acc_hi += _mm(p.to(v_hi.dtype), v_hi, USE_ASM)
+            acc_lo += _mm(p.to(v_lo.dtype), v_lo, ON_GPU)
+            acc_hi += _mm(p.to(v_hi.dtype), v_hi, ON_GPU)
         else:
-            kb = _load_codes(kc_ptr, page, h, row, H, P, G, HALF)
-            vb = _load_codes(vc_ptr, page, h, row, H, P, G, HALF)
-            ks_lo, ks_hi = _load_meta(ks_ptr, page, h, row, H, P, G, D, HALF)
-            kz_lo, kz_hi = _load_meta(kz_ptr, page, h, row, H, P, G, D, HALF)
-            vs_lo, vs_hi = _load_meta(vs_ptr, page, h, row, H, P, G, D, HALF)
-            vz_lo, vz_hi = _load_meta(vz_ptr, page, h, row, H, P, G, D, HALF)
-            k_lo, k_hi = _widen_codes(kb, USE_ASM)
-            bias = tl.sum(q_lo * kz_lo[None, :], 1) + tl.sum(q_hi * kz_hi[None, :], 1)
-            qs_lo = (q_lo * ks_lo[None, :]).to(tl.float16)
-            qs_hi = (q_hi * ks_hi[None, :]).to(tl.float16)
-            qk = tl.dot(qs_lo, tl.trans(k_lo)) + tl.dot(qs_hi, tl.trans(k_hi)) + bias[:, None]
-            p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
-            v_lo, v_hi = _widen_codes(vb, USE_ASM)
-            p16 = p.to(tl.float16)
-            p_sum = tl.sum(p16.to(tl.float32), 1)[:, None]
-            acc_lo += tl.dot(p16, v_lo) * vs_lo[None, :] + p_sum * vz_lo[None, :]
-            acc_hi += tl.dot(p16, v_hi) * vs_hi[None, :] + p_sum * vz_hi[None, :]
+            # GPI groups per iteration: every tile's loads are issued before the first is used
+            kb, vb, meta = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, row,
+                                                 g < g1, H, P, G, D)
+            if GPI == 2:
+                ok2 = g + 1 < g1
+                page2 = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + ((g + 1) * G) // P, mask=ok2, other=0)
+                row2 = ((g + 1) * G) % P
+                kb2, vb2, meta2 = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page2,
+                                                           h, row2, ok2, H, P, G, D)
+            m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb, vb, meta, g < g1,
+                                                    m_i, l_i, acc_lo, acc_hi, USE_ASM)
+            if GPI == 2:
+                m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb2, vb2, meta2, ok2,
+                                                        m_i, l_i, acc_lo, acc_hi, USE_ASM)
     if not KV16:
         n_win = ctx - n_full * G
         if (n_win > 0) & (n_full >= g0) & (n_full < g0 + groups_per_split):
@@ -191,11 +235,11 @@ def _decode_kernel(
             k_hi = _load_rows16(kw_ptr, base, n_win, G, D, HALF, HALF)
             v_lo = _load_rows16(vw_ptr, base, n_win, G, D, HALF, 0)
             v_hi = _load_rows16(vw_ptr, base, n_win, G, D, HALF, HALF)
-            qk = (_mm(q16_lo, tl.trans(k_lo), USE_ASM) + _mm(q16_hi, tl.trans(k_hi), USE_ASM)) * sm_scale
+            qk = (_mm(q16_lo, tl.trans(k_lo), ON_GPU) + _mm(q16_hi, tl.trans(k_hi), ON_GPU)) * sm_scale
             qk = tl.where((t < n_win)[None, :], qk, float("-inf"))
             p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
-            acc_lo += _mm(p.to(v_lo.dtype), v_lo, USE_ASM)
-            acc_hi += _mm(p.to(v_hi.dtype), v_hi, USE_ASM)
+            acc_lo += _mm(p.to(v_lo.dtype), v_lo, ON_GPU)
+            acc_hi += _mm(p.to(v_hi.dtype), v_hi, ON_GPU)
     hq = h * REP + rows
     if SPLITS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -231,6 +275,11 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, H
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
+# Decode launch parameters (benchmarks/kernels/NOTES-attention.md has the sweep behind them);
+# decode_attention(config=...) overrides them for tuning.
+DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "gpi": 1, "use_asm": True}
+
+
 def _num_splits(batch: int, kv_heads: int, num_groups: int) -> int:
     """Enough programs for ~4 waves of 132 SMs, at least 4 groups (256 tokens) per split."""
     want = max(1, -(-4 * 132 // (batch * kv_heads)))
@@ -238,7 +287,8 @@ def _num_splits(batch: int, kv_heads: int, num_groups: int) -> int:
 
 
 def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scale, max_context_len,
-                   num_splits, num_kv_heads, page_size, group_size, head_dim):
+                   num_splits, num_kv_heads, page_size, group_size, head_dim, config):
+    cfg = {**DECODE_CONFIG, **(config or {})}
     b, hq, d = q.shape
     assert d == head_dim, f"q head_dim {d} != cache {head_dim}"
     assert hq % num_kv_heads == 0, f"query heads {hq} not a multiple of KV heads {num_kv_heads}"
@@ -262,7 +312,8 @@ def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scal
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         scale * LOG2E, gps,
         H=num_kv_heads, REP=rep, M=max(16, triton.next_power_of_2(rep)), P=page_size, G=group_size,
-        D=d, SPLITS=splits, KV16=kv16, USE_ASM=q.is_cuda, num_warps=4,
+        D=d, SPLITS=splits, KV16=kv16, USE_ASM=q.is_cuda and cfg["use_asm"], ON_GPU=q.is_cuda,
+        GPI=cfg["gpi"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq,)](
@@ -274,23 +325,26 @@ def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scal
 
 def decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, seq_slots: torch.Tensor, scale: float,
-                     max_context_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                     max_context_len: int | None = None, num_splits: int | None = None,
+                     config: dict | None = None) -> torch.Tensor:
     """q [B, Hq, D] (sequence b's query at position context_lens[b] - 1) -> [B, Hq, D] in q's dtype.
 
     block_tables int32 [B, max_pages], context_lens int32 [B] (after the step's write), seq_slots
     int32 [B]. max_context_len: max(context_lens) if known on the host (saves a sync; CUDA graphs
-    need it, as it sets the grid). num_splits: override the split-KV heuristic.
+    need it, as it sets the grid). num_splits, config: override the split-KV heuristic and
+    DECODE_CONFIG (benchmarks only).
     """
     ok, reason = can_implement(q, cache)
     assert ok, reason
     return _launch_decode(q, False, cache.tensors(), block_tables, context_lens, seq_slots, scale,
                           max_context_len, num_splits, cache.num_kv_heads, cache.page_size,
-                          cache.group_size, cache.head_dim)
+                          cache.group_size, cache.head_dim, config)
 
 
 def decode_attention_bf16(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                          max_context_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                          max_context_len: int | None = None, num_splits: int | None = None,
+                          config: dict | None = None) -> torch.Tensor:
     """The 16-bit paged peer of decode_attention: k_pages, v_pages [num_pages, Hkv, P, D] in q's dtype."""
     assert k_pages.is_contiguous() and v_pages.is_contiguous() and k_pages.dtype == q.dtype
     psz = k_pages.shape[2]
@@ -298,7 +352,7 @@ def decode_attention_bf16(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch
     dummy = k_pages
     tensors = (k_pages, v_pages, dummy, dummy, dummy, dummy, dummy, dummy)
     return _launch_decode(q, True, tensors, block_tables, context_lens, context_lens, scale,
-                          max_context_len, num_splits, k_pages.shape[1], psz, tile, k_pages.shape[3])
+                          max_context_len, num_splits, k_pages.shape[1], psz, tile, k_pages.shape[3], config)
 
 
 @triton.jit

@@ -88,12 +88,13 @@ def quantization_error(device="cpu", dtype=torch.bfloat16, length=300, kv_heads=
     from cometserve.kernels import ref
 
     gen = torch.Generator().manual_seed(1)
-    cache = ref.PagedKVCache.allocate(8, kv_heads, head_dim, 1, dtype, device, 64, 64)
+    pages = -(-length // 64)
+    cache = ref.PagedKVCache.allocate(pages, kv_heads, head_dim, 1, dtype, device, 64, 64)
     k = torch.randn(length, kv_heads, head_dim, generator=gen).to(dtype).to(device)
     v = torch.randn(length, kv_heads, head_dim, generator=gen).to(dtype).to(device)
     q = torch.randn(length, kv_heads * rep, head_dim, generator=gen).to(dtype).to(device)
     i32 = {"dtype": torch.int32, "device": device}
-    meta = (torch.arange(8, **i32)[None], torch.tensor([0, length], **i32), torch.tensor([length], **i32),
+    meta = (torch.arange(pages, **i32)[None], torch.tensor([0, length], **i32), torch.tensor([length], **i32),
             torch.zeros(1, **i32))
     ref.write_kv(k, v, cache, *meta)
     out = ref.prefill_attention(q, cache, *meta, head_dim**-0.5)
