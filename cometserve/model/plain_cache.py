@@ -33,6 +33,11 @@ class LayerCache:
                 self._quantize_oldest_group()
         return torch.cat((self.deq_k, self.window_k)), torch.cat((self.deq_v, self.window_v))
 
+    def attend(self, q, k, v, positions, scale: float) -> torch.Tensor:
+        """Write k, v [T, Hkv, D], then causal attention of q [T, Hq, D] at `positions` over the cache."""
+        keys, values = self.update(k, v)
+        return ref.attention(q, keys, values, positions, scale)
+
     def _quantize_oldest_group(self) -> None:
         g = self.group
         for window, groups, name in ((self.window_k, self.groups_k, "k"), (self.window_v, self.groups_v, "v")):

@@ -1,14 +1,17 @@
-"""Self-attention with a fused QKV projection, RoPE and GQA over a KV cache."""
+"""Self-attention with a fused QKV projection, RoPE and GQA over a KV cache.
+
+The cache object of each layer does the write and the attention read together
+(`cache.attend(q, k, v, positions, scale)`): the plain per-sequence cache (reference path) and the
+engine's paged INT4 cache (one batch of ragged sequences, metadata built once per step) plug in
+here without the model knowing which one it has."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from cometserve.kernels import ref
 from cometserve.model.layers.norm import RMSNorm
 from cometserve.model.layers.rotary import RotaryEmbedding
-from cometserve.model.plain_cache import LayerCache
 
 
 class Attention(nn.Module):
@@ -19,7 +22,7 @@ class Attention(nn.Module):
         self.rotary: RotaryEmbedding = rotary
         self.scale = head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache, norm: RMSNorm) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache, norm: RMSNorm) -> torch.Tensor:
         """x [T, hidden] (pre-norm residual stream); positions [T] -> [T, hidden]."""
         t = x.shape[0]
         qkv = self.qkv_proj(x, norm)
@@ -29,6 +32,5 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        keys, values = cache.update(k, v)
-        out = ref.attention(q, keys, values, positions, self.scale)
+        out = cache.attend(q, k, v, positions, self.scale)
         return self.o_proj(out.reshape(t, q_size))
