@@ -109,6 +109,7 @@ def decode_row(batch: int, ctx: int, page: int = 64, splits=(None,), dtype=torch
     bts = bt_all.view(rot, batch, -1)
     scale = D**-0.5
     kv4_bytes = cache.bytes_per_token() * batch * ctx  # windows are empty: ctx is a multiple of G
+    torch.cuda.synchronize()  # do_bench_cudagraph runs on a side stream: the data must be ready
 
     def kv4(ns, cfg=None):
         return lambda: [attention.decode_attention(q_all[r], cache, bts[r], ctx_t, slots[r], scale,
@@ -140,7 +141,7 @@ def decode_row(batch: int, ctx: int, page: int = 64, splits=(None,), dtype=torch
             "speedup_vs_sdpa": us["sdpa_bf16"] / best, "rel_err_vs_bf16": err}
 
 
-def prefill_row(prompt: int, prefix: int, dtype=torch.bfloat16) -> dict:
+def prefill_row(prompt: int, prefix: int, dtype=torch.bfloat16, variants: dict | None = None) -> dict:
     from torch.nn.attention.bias import causal_lower_right
 
     from cometserve.kernels import attention, kv_cache, ref
@@ -161,8 +162,12 @@ def prefill_row(prompt: int, prefix: int, dtype=torch.bfloat16) -> dict:
     kv_cache.write_kv(kn, vn, cache, bt, cu, cl, slot, prompt)
     qt = q[0].transpose(0, 1)  # [prompt, Hq, D], strided view as the model's qkv split gives
     scale = D**-0.5
+    torch.cuda.synchronize()  # do_bench_cudagraph runs on a side stream: the data must be ready
     us = {"kv4": _bench(lambda: attention.prefill_attention(qt, cache, bt, cu, cl, slot, scale, prompt)),
           "kv4_write": _bench(lambda: kv_cache.write_kv(kn, vn, cache, bt, cu, cl, slot, prompt))}
+    for name, cfg in (variants or {}).items():
+        us[name] = _bench(lambda cfg=cfg: attention.prefill_attention(qt, cache, bt, cu, cl, slot, scale, prompt,
+                                                                      config=cfg))
     mask = {"is_causal": True} if not prefix else {"attn_mask": causal_lower_right(prompt, ctx)}
     us["sdpa_bf16"], backend = _sdpa_best(lambda: lambda: _sdpa(q, k, v, **mask))
     out = attention.prefill_attention(qt, cache, bt, cu, cl, slot, scale, prompt)
@@ -299,13 +304,18 @@ def main() -> None:
     if args.check:
         gpu_check()
     if args.sweep:
-        variants = {"noasm": (None, {"use_asm": False}), "gpi2": (None, {"gpi": 2}),
-                    "gpi2_noasm": (None, {"gpi": 2, "use_asm": False}), "w8": (None, {"num_warps": 8}),
-                    "w2": (None, {"num_warps": 2}), "st1": (None, {"num_stages": 1}),
-                    "st3": (None, {"num_stages": 3}), "gpi2_w8": (None, {"gpi": 2, "num_warps": 8})}
+        variants = {"st1": (None, {"num_stages": 1}), "st3": (None, {"num_stages": 3}),
+                    "nopf": (None, {"prefetch": False}), "nopf_st3": (None, {"prefetch": False, "num_stages": 3}),
+                    "w8": (None, {"num_warps": 8}), "noasm": (None, {"use_asm": False}),
+                    "w8_st1": (None, {"num_warps": 8, "num_stages": 1})}
         for b, c in ((8, 2048), (8, 8192), (1, 32768), (128, 2048), (32, 8192)):
             r = decode_row(b, c, 64, splits=(None, 16, 32), peers=False, variants=variants)
             print(f"sweep b={b} ctx={c}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()), flush=True)
+        pv = {"w4": {"num_warps": 4}, "st1": {"num_stages": 1}, "st3": {"num_stages": 3},
+              "r64": {"rows": 64, "num_warps": 4}, "r64_w8": {"rows": 64}}
+        for p, prefix in ((2048, 0), (2048, 2048), (8192, 0)):
+            r = prefill_row(p, prefix, variants=pv)
+            print(f"sweep prefill {p}+{prefix}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()), flush=True)
     batches, contexts = ((8, 32), (2048, 8192)) if args.quick else ((1, 8, 32, 128), (512, 2048, 8192, 32768))
     prompts = (2048,) if args.quick else (512, 2048, 8192)
     rows = []

@@ -168,7 +168,7 @@ def _decode_kernel(
     sm_scale, groups_per_split,
     H: tl.constexpr, REP: tl.constexpr, M: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, SPLITS: tl.constexpr, KV16: tl.constexpr, USE_ASM: tl.constexpr, ON_GPU: tl.constexpr,
-    GPI: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Grid (B, Hkv, SPLITS). KV16: the 16-bit paged peer (kc_ptr/vc_ptr are [pages, Hkv, P, D]
     16-bit pages, every token paged, no window)."""
@@ -196,11 +196,10 @@ def _decode_kernel(
     g0 = s * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, n_full)
     t = tl.arange(0, G)
-    for g in range(g0, g1, GPI):
-        page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
-        row = (g * G) % P
-        if KV16:
-            base = (page * H + h) * P + row
+    if KV16:
+        for g in range(g0, g1):
+            page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
+            base = (page * H + h) * P + (g * G) % P
             n_ok = ctx - g * G
             k_lo = _load_rows16(kc_ptr, base, n_ok, G, D, HALF, 0)
             k_hi = _load_rows16(kc_ptr, base, n_ok, G, D, HALF, HALF)
@@ -211,21 +210,30 @@ def _decode_kernel(
             p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
             acc_lo += _mm(p.to(v_lo.dtype), v_lo, ON_GPU)
             acc_hi += _mm(p.to(v_hi.dtype), v_hi, ON_GPU)
-        else:
-            # GPI groups per iteration: every tile's loads are issued before the first is used
-            kb, vb, meta = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, row,
-                                                 g < g1, H, P, G, D)
-            if GPI == 2:
-                ok2 = g + 1 < g1
-                page2 = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + ((g + 1) * G) // P, mask=ok2, other=0)
-                row2 = ((g + 1) * G) % P
-                kb2, vb2, meta2 = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page2,
-                                                           h, row2, ok2, H, P, G, D)
+    elif PREFETCH:
+        # software pipelining by hand: the next group's codes and scales are loaded into registers
+        # before this group is computed, and its page id one step earlier still, so no load latency
+        # (page id -> codes -> scales) is exposed inside the loop
+        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+        page = tl.load(bt_row + (g0 * G) // P, mask=g0 < g1, other=0)
+        page_next = tl.load(bt_row + ((g0 + 1) * G) // P, mask=g0 + 1 < g1, other=0)
+        kb, vb, meta = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, (g0 * G) % P,
+                                   g0 < g1, H, P, G, D)
+        for g in range(g0, g1):
+            page_next2 = tl.load(bt_row + ((g + 2) * G) // P, mask=g + 2 < g1, other=0)
+            kb_n, vb_n, meta_n = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page_next, h,
+                                             ((g + 1) * G) % P, g + 1 < g1, H, P, G, D)
             m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb, vb, meta, g < g1,
                                                     m_i, l_i, acc_lo, acc_hi, USE_ASM)
-            if GPI == 2:
-                m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb2, vb2, meta2, ok2,
-                                                        m_i, l_i, acc_lo, acc_hi, USE_ASM)
+            kb, vb, meta = kb_n, vb_n, meta_n
+            page_next = page_next2
+    else:
+        for g in range(g0, g1):
+            page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
+            kb, vb, meta = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, (g * G) % P,
+                                       g < g1, H, P, G, D)
+            m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb, vb, meta, g < g1,
+                                                    m_i, l_i, acc_lo, acc_hi, USE_ASM)
     if not KV16:
         n_win = ctx - n_full * G
         if (n_win > 0) & (n_full >= g0) & (n_full < g0 + groups_per_split):
@@ -277,7 +285,10 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, H
 
 # Decode launch parameters (benchmarks/kernels/NOTES-attention.md has the sweep behind them);
 # decode_attention(config=...) overrides them for tuning.
-DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "gpi": 1, "use_asm": True}
+DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "prefetch": True, "use_asm": True}
+
+
+PREFILL_CONFIG = {"rows": 128, "num_warps": 8, "num_stages": 2}
 
 
 def _num_splits(batch: int, kv_heads: int, num_groups: int) -> int:
@@ -313,7 +324,7 @@ def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scal
         scale * LOG2E, gps,
         H=num_kv_heads, REP=rep, M=max(16, triton.next_power_of_2(rep)), P=page_size, G=group_size,
         D=d, SPLITS=splits, KV16=kv16, USE_ASM=q.is_cuda and cfg["use_asm"], ON_GPU=q.is_cuda,
-        GPI=cfg["gpi"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PREFETCH=cfg["prefetch"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq,)](
@@ -444,11 +455,12 @@ def _prefill_kernel(
 
 def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
-                      scale: float, max_seqlen_q: int | None = None) -> torch.Tensor:
+                      scale: float, max_seqlen_q: int | None = None, config: dict | None = None) -> torch.Tensor:
     """Chunked prefill: q [num_tokens, Hq, D], sequence b's rows cu_seqlens_q[b] .. at positions
     context_lens[b] - T_b .. context_lens[b] - 1, causal over the cache (read after the step's
     write) -> [num_tokens, Hq, D]. Keys and values are dequantized to float16 in registers; q is
-    cast to float16 after the softmax scale (|q * scale| must stay under 65504)."""
+    cast to float16 after the softmax scale (|q * scale| must stay under 65504). config overrides
+    PREFILL_CONFIG (benchmarks only)."""
     ok, reason = can_implement(q, cache)
     assert ok, reason
     b = context_lens.shape[0]
@@ -460,16 +472,17 @@ def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.
         return out
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    cfg = {**PREFILL_CONFIG, **(config or {})}
     hkv = cache.num_kv_heads
     rep = q.shape[1] // hkv
-    rows = 128 if rep <= 64 else triton.next_power_of_2(rep)
+    rows = max(cfg["rows"], triton.next_power_of_2(rep))
     block_t = rows // rep
     grid = (triton.cdiv(max_seqlen_q, block_t), b, hkv)
     _prefill_kernel[grid](
         q, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale * LOG2E,
         H=hkv, REP=rep, ROWS=rows, P=cache.page_size, G=cache.group_size, D=cache.head_dim,
-        USE_ASM=q.is_cuda, num_warps=8, num_stages=2,
+        USE_ASM=q.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
