@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "QuantScheme", "quantize"]
+__all__ = ["LLM", "QuantScheme", "SamplingParams", "quantize"]
 
 
 def __getattr__(name: str):

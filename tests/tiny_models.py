@@ -12,11 +12,11 @@ FAMILIES = ("llama", "mistral", "qwen2")
 def tiny_hf_config(family: str, **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(
-        vocab_size=320, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": 320, "hidden_size": 192, "intermediate_size": 320, "num_hidden_layers": 2,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    }
     common.update(overrides)
     if family == "llama":
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

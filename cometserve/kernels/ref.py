@@ -156,7 +156,7 @@ def attention(
     q: [T, Hq, D]; k, v: [L, Hkv, D] (key j sits at position j); q_positions: [T].
     Query i sees keys 0..q_positions[i]. Softmax in float32. Returns [T, Hq, D] in q's dtype.
     """
-    t, hq, d = q.shape
+    hq = q.shape[1]
     n_rep = hq // k.shape[1]
     kf = k.float().repeat_interleave(n_rep, dim=1)
     vf = v.float().repeat_interleave(n_rep, dim=1)

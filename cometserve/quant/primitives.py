@@ -27,7 +27,7 @@ def weight_scales(w: torch.Tensor, bits: int, group_size: int, clip: float | tor
 
 def quantize_weight(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """w [N, K] float, scales float16 [N, G] -> int8 codes [N, K] in -2^(b-1)..2^(b-1)-1."""
-    n, k = w.shape
+    k = w.shape[1]
     g = k // scales.shape[1]
     s = scales.float().repeat_interleave(g, dim=1)
     q = round_half_away(w.float() / s)

@@ -10,9 +10,8 @@ import torch
 
 import cometserve
 from cometserve import checkpoint
+from cometserve.model.llama import DecoderLayer, LlamaForCausalLM
 from cometserve.model.loader import load_model, resolve_model_path
-from cometserve.model.llama import LlamaForCausalLM
-from cometserve.model.llama import DecoderLayer
 from cometserve.quant.calib_data import CalibSpec, calibration_tokens
 from cometserve.quant.calibrate import InputStats, calibrate_layerwise
 from cometserve.quant.fmpq import block_map, int8_fraction
