@@ -25,6 +25,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 
@@ -120,6 +121,10 @@ def decode_row(batch: int, ctx: int, page: int = 64, splits=(None,), dtype=torch
     for ns in splits:
         us[f"kv4_s{ns}" if ns else "kv4"] = _bench(kv4(ns)) / rot
     for name, (ns, cfg) in (variants or {}).items():
+        if ns == "2x":  # twice the heuristic's split count
+            from cometserve.kernels.attention import _num_splits
+
+            ns = 2 * _num_splits(batch, HKV, ctx // G + 1)
         us[name] = _bench(kv4(ns, cfg)) / rot
     if not peers:
         return {**row, "us": us}
@@ -205,8 +210,8 @@ def _meta(command: str) -> dict:
     import triton
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                                check=False).stdout.strip() or "unknown"
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False)
+        commit = proc.stdout.strip() if proc.returncode == 0 else "unknown"
     except OSError:
         commit = "unknown"
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -284,6 +289,13 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _log(out_dir: str, line: str) -> None:
+    print(line, flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "sweep.log"), "a") as f:
+        f.write(line + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few sizes only")
@@ -291,6 +303,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="split counts and page sizes, printed only")
     ap.add_argument("--render", action="store_true", help="md and png from the json, no GPU")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--commit", default=None, help="commit to record (the device copy has no .git)")
     args = ap.parse_args()
     json_path = os.path.join(args.out, "attention.json")
     if args.render:
@@ -300,22 +313,24 @@ def main() -> None:
             f.write(render(res))
         plot(res, os.path.join(args.out, "attention.png"))
         return
+    warnings.filterwarnings("ignore", category=UserWarning)  # SDPA explains each backend it skips
     torch.manual_seed(0)
     if args.check:
         gpu_check()
     if args.sweep:
-        variants = {"st1": (None, {"num_stages": 1}), "st3": (None, {"num_stages": 3}),
-                    "nopf": (None, {"prefetch": False}), "nopf_st3": (None, {"prefetch": False, "num_stages": 3}),
-                    "w8": (None, {"num_warps": 8}), "noasm": (None, {"use_asm": False}),
-                    "w8_st1": (None, {"num_warps": 8, "num_stages": 1})}
+        variants = {"nokt": (None, {"kt": False}), "st1": (None, {"num_stages": 1}),
+                    "st3": (None, {"num_stages": 3}), "pf": (None, {"prefetch": True}),
+                    "pf_st1": (None, {"prefetch": True, "num_stages": 1}), "w8": (None, {"num_warps": 8}),
+                    "w2": (None, {"num_warps": 2}), "noasm": (None, {"use_asm": False}),
+                    "s2x": ("2x", {})}
         for b, c in ((8, 2048), (8, 8192), (1, 32768), (128, 2048), (32, 8192)):
             r = decode_row(b, c, 64, splits=(None, 16, 32), peers=False, variants=variants)
-            print(f"sweep b={b} ctx={c}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()), flush=True)
+            _log(args.out, f"sweep b={b} ctx={c}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()))
         pv = {"w4": {"num_warps": 4}, "st1": {"num_stages": 1}, "st3": {"num_stages": 3},
-              "r64": {"rows": 64, "num_warps": 4}, "r64_w8": {"rows": 64}}
-        for p, prefix in ((2048, 0), (2048, 2048), (8192, 0)):
+              "r64": {"rows": 64, "num_warps": 4}, "r256": {"rows": 256}, "r256_w16": {"rows": 256, "num_warps": 16}}
+        for p, prefix in ((2048, 0), (8192, 0), (2048, 2048)):
             r = prefill_row(p, prefix, variants=pv)
-            print(f"sweep prefill {p}+{prefix}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()), flush=True)
+            _log(args.out, f"sweep prefill {p}+{prefix}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()))
     batches, contexts = ((8, 32), (2048, 8192)) if args.quick else ((1, 8, 32, 128), (512, 2048, 8192, 32768))
     prompts = (2048,) if args.quick else (512, 2048, 8192)
     rows = []
@@ -331,7 +346,9 @@ def main() -> None:
     from cometserve.kernels import ref
 
     kv4 = ref.PagedKVCache.allocate(1, HKV, D, 1, torch.bfloat16, "cpu", 64, G).bytes_per_token()
-    res = {**_meta("PYTHONPATH=. python " + " ".join(sys.argv)), "rows": rows,
+    meta = _meta("PYTHONPATH=. python " + " ".join(sys.argv))
+    meta["commit"] = args.commit or meta["commit"]
+    res = {**meta, "rows": rows,
            "kv_bytes_per_token": {"kv4": kv4, "bf16": 2 * HKV * D * 2, "ratio": kv4 / (2 * HKV * D * 2)}}
     os.makedirs(args.out, exist_ok=True)
     with open(json_path, "w") as f:

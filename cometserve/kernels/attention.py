@@ -161,6 +161,43 @@ def _int4_update(q_lo, q_hi, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi, USE_ASM
 
 
 @triton.jit
+def _int4_update_t(q_lo_t, q_hi_t, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi, USE_ASM: tl.constexpr):
+    """_int4_update with the scores computed transposed, s^T [G, M] = codes [G, D/2] @ (q * k_scale)^T:
+    the K codes are then the A operand in their stored (token-major, channel-contiguous) order, which
+    the tensor-core operand load reads with ldmatrix; as the B operand (q @ codes^T) they had to be
+    gathered byte by byte. m_i, l_i [M]; acc [M, D/2] as in _int4_update."""
+    ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vs_hi, vz_lo, vz_hi = meta
+    k_lo, k_hi = _widen_codes(kb, USE_ASM)
+    bias = tl.sum(q_lo_t * kz_lo[:, None], 0) + tl.sum(q_hi_t * kz_hi[:, None], 0)
+    qs_lo = (q_lo_t * ks_lo[:, None]).to(tl.float16)
+    qs_hi = (q_hi_t * ks_hi[:, None]).to(tl.float16)
+    s_t = tl.dot(k_lo, qs_lo) + tl.dot(k_hi, qs_hi) + bias[None, :]
+    s_t = tl.where(ok, s_t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s_t, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p_t = tl.exp2(s_t - m_safe[None, :])
+    p16 = tl.trans(p_t.to(tl.float16))  # [M, G]
+    l_i = l_i * alpha + tl.sum(p_t, 0)
+    v_lo, v_hi = _widen_codes(vb, USE_ASM)
+    p_sum = tl.sum(p16.to(tl.float32), 1)[:, None]
+    acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo) * vs_lo[None, :] + p_sum * vz_lo[None, :]
+    acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi) * vs_hi[None, :] + p_sum * vz_hi[None, :]
+    return m_new, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _int4_step(q_lo, q_hi, q_lo_t, q_hi_t, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi,
+               USE_ASM: tl.constexpr, KT: tl.constexpr):
+    if KT:
+        m_i, l_i, acc_lo, acc_hi = _int4_update_t(q_lo_t, q_hi_t, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi,
+                                                  USE_ASM)
+    else:
+        m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi, USE_ASM)
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
     bt_ptr, ctx_ptr, slot_ptr, o_ptr, part_o_ptr, part_ml_ptr,
@@ -168,7 +205,7 @@ def _decode_kernel(
     sm_scale, groups_per_split,
     H: tl.constexpr, REP: tl.constexpr, M: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, SPLITS: tl.constexpr, KV16: tl.constexpr, USE_ASM: tl.constexpr, ON_GPU: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, KT: tl.constexpr,
 ):
     """Grid (B, Hkv, SPLITS). KV16: the 16-bit paged peer (kc_ptr/vc_ptr are [pages, Hkv, P, D]
     16-bit pages, every token paged, no window)."""
@@ -189,6 +226,8 @@ def _decode_kernel(
     q16_hi = tl.load(q_ptr + q_off + HALF, mask=row_ok[:, None], other=0.0)
     q_lo = q16_lo.to(tl.float32) * sm_scale  # the fold path: scale rides on q (log2 domain)
     q_hi = q16_hi.to(tl.float32) * sm_scale
+    q_lo_t = tl.trans(q_lo)
+    q_hi_t = tl.trans(q_hi)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc_lo = tl.zeros([M, HALF], tl.float32)
@@ -223,8 +262,8 @@ def _decode_kernel(
             page_next2 = tl.load(bt_row + ((g + 2) * G) // P, mask=g + 2 < g1, other=0)
             kb_n, vb_n, meta_n = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page_next, h,
                                              ((g + 1) * G) % P, g + 1 < g1, H, P, G, D)
-            m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb, vb, meta, g < g1,
-                                                    m_i, l_i, acc_lo, acc_hi, USE_ASM)
+            m_i, l_i, acc_lo, acc_hi = _int4_step(q_lo, q_hi, q_lo_t, q_hi_t, kb, vb, meta, g < g1,
+                                                  m_i, l_i, acc_lo, acc_hi, USE_ASM, KT)
             kb, vb, meta = kb_n, vb_n, meta_n
             page_next = page_next2
     else:
@@ -232,8 +271,8 @@ def _decode_kernel(
             page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
             kb, vb, meta = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, (g * G) % P,
                                        g < g1, H, P, G, D)
-            m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb, vb, meta, g < g1,
-                                                    m_i, l_i, acc_lo, acc_hi, USE_ASM)
+            m_i, l_i, acc_lo, acc_hi = _int4_step(q_lo, q_hi, q_lo_t, q_hi_t, kb, vb, meta, g < g1,
+                                                  m_i, l_i, acc_lo, acc_hi, USE_ASM, KT)
     if not KV16:
         n_win = ctx - n_full * G
         if (n_win > 0) & (n_full >= g0) & (n_full < g0 + groups_per_split):
@@ -285,7 +324,7 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, H
 
 # Decode launch parameters (benchmarks/kernels/NOTES-attention.md has the sweep behind them);
 # decode_attention(config=...) overrides them for tuning.
-DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "prefetch": True, "use_asm": True}
+DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "prefetch": False, "use_asm": True, "kt": True}
 
 
 PREFILL_CONFIG = {"rows": 128, "num_warps": 8, "num_stages": 2}
@@ -324,7 +363,7 @@ def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scal
         scale * LOG2E, gps,
         H=num_kv_heads, REP=rep, M=max(16, triton.next_power_of_2(rep)), P=page_size, G=group_size,
         D=d, SPLITS=splits, KV16=kv16, USE_ASM=q.is_cuda and cfg["use_asm"], ON_GPU=q.is_cuda,
-        PREFETCH=cfg["prefetch"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PREFETCH=cfg["prefetch"], KT=cfg["kt"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq,)](
