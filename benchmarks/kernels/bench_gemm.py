@@ -143,8 +143,7 @@ def run_act(ms, dev):
 
 
 def run_variants(dev):
-    """Ablations of the two register tricks (NOTES-gemm.md): I2F vs magic-number conversion,
-    byte ops vs 32-bit packed masks, at one decode and one prefill point."""
+    """Ablation of the 32-bit packed mask widening against byte ops, at a decode and a prefill point."""
     import torch
 
     from cometserve.kernels import gemm_w4ax as g
@@ -155,11 +154,9 @@ def run_variants(dev):
         _, ops = _operands(m, n, k, 0.84, dev)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         cfg = g._config_for(*ops, None, y)
-        for magic in (True, False):
-            for asm in (True, False):
-                t = _bench(lambda cfg=cfg, ops=ops, y=y, magic=magic, asm=asm:
-                           g._launch(cfg, *ops, None, y, magic_cvt=magic, use_asm=asm))
-                res.append({"shape": name, "M": m, "magic_cvt": magic, "asm_masks": asm, "us": t})
+        for asm in (True, False):
+            t = _bench(lambda cfg=cfg, ops=ops, y=y, asm=asm: g._launch(cfg, *ops, None, y, use_asm=asm))
+            res.append({"shape": name, "M": m, "asm_masks": asm, "us": t, "config": cfg.__dict__})
     return res
 
 
@@ -185,32 +182,31 @@ def run_diag(dev):
 
 
 def run_sweep(dev):
-    """Every candidate config (and a few extra) at chosen points, magic conversion on and off."""
+    """Every candidate config (and a few extra) at chosen points."""
     import torch
 
     from cometserve.kernels import gemm_w4ax as g
 
     C = g.GemmConfig
-    extra = {16: [C(64, 16, 4, 8, 4, 4), C(128, 16, 2, 8, 4, 6), C(64, 16, 8, 8, 4, 3)],
-             256: [C(128, 64, 1, 8, 4, 3), C(64, 128, 1, 8, 4, 4), C(128, 128, 1, 8, 8, 3)],
-             4096: [C(128, 64, 1, 8, 4, 4), C(64, 128, 1, 8, 4, 4), C(128, 128, 1, 8, 8, 2),
-                    C(128, 256, 1, 8, 8, 2), C(128, 128, 1, 16, 8, 4)]}
+    big = [C(64, 128, 1, 8, 4, 3, True, 1), C(128, 128, 1, 8, 8, 3, True, 2), C(128, 128, 1, 8, 8, 3, False, 2),
+           C(128, 128, 1, 8, 8, 4, True, 2), C(256, 64, 1, 8, 8, 4, True, 2), C(256, 64, 1, 8, 8, 3, False, 2),
+           C(128, 64, 1, 8, 4, 4, True, 2), C(128, 64, 1, 8, 4, 3, False, 2), C(256, 128, 1, 8, 8, 3, False, 2),
+           C(128, 128, 1, 16, 8, 3, True, 2)]
     res = []
-    for name, m in (("llama3-8b qkv", 1), ("llama3-8b o", 1), ("llama3-8b gate_up", 1), ("llama3-8b down", 16),
-                    ("llama3-8b qkv", 256), ("llama3-8b gate_up", 256), ("llama3-8b gate_up", 4096),
-                    ("llama3-8b qkv", 4096)):
+    small = [C(64, 16, 8, 8, 4, 3), C(128, 16, 6, 8, 8, 3), C(128, 16, 6, 8, 4, 4, True, 2)]
+    for name, m in (("llama3-8b qkv", 1), ("llama3-8b gate_up", 1),
+                    ("llama3-8b gate_up", 4096), ("llama3-8b qkv", 4096), ("llama3-8b gate_up", 256),
+                    ("llama3-8b o", 1024)):
         n, k = SHAPES[name]
         _, ops = _operands(m, n, k, 0.84, dev)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-        cfgs = g.candidates(m, n, k // 128, dev) + extra[min(4096, max(16, 1 << (m - 1).bit_length()))]
-        for cfg in cfgs:
-            for magic in (True, False):
-                t = _bench(lambda cfg=cfg, ops=ops, y=y, magic=magic: g._launch(cfg, *ops, None, y, magic_cvt=magic))
-                h = g._launch(cfg, *ops, None, y, magic_cvt=magic)
-                res.append({"shape": name, "M": m, "config": cfg.__dict__, "magic": magic, "us": t,
-                            "regs": h.n_regs, "spills": h.n_spills, "smem": h.metadata.shared})
-                print(f"{name:18s} M={m:5d} {cfg} magic={magic} {t:8.1f} us regs={h.n_regs} "
-                      f"spills={h.n_spills} smem={h.metadata.shared}", flush=True)
+        for cfg in small if m <= 16 else big:
+            t = _bench(lambda cfg=cfg, ops=ops, y=y: g._launch(cfg, *ops, None, y))
+            h = g._launch(cfg, *ops, None, y)
+            res.append({"shape": name, "M": m, "config": cfg.__dict__, "us": t,
+                        "regs": h.n_regs, "spills": h.n_spills, "smem": h.metadata.shared})
+            print(f"{name:18s} M={m:5d} {cfg} {t:8.1f} us regs={h.n_regs} "
+                  f"spills={h.n_spills} smem={h.metadata.shared}", flush=True)
     return res
 
 
@@ -263,8 +259,8 @@ def summarize(res) -> str:
         lines += [f"| {r['K']} | {r['norm_perm']} | {r['M']} | {r['us']:.1f} | {r['GBps']:.0f} | "
                   f"{r['of_copy']:.0%} |" for r in a["rows"]]
     if res.get("variants"):
-        lines += ["", "| variant shape | M | magic cvt | asm masks | us |", "|---|---|---|---|---|"]
-        lines += [f"| {v['shape']} | {v['M']} | {v['magic_cvt']} | {v['asm_masks']} | {v['us']:.1f} |"
+        lines += ["", "| variant shape | M | asm masks | us |", "|---|---|---|---|"]
+        lines += [f"| {v['shape']} | {v['M']} | {v['asm_masks']} | {v['us']:.1f} |"
                   for v in res["variants"]]
     return "\n".join(lines)
 

@@ -15,9 +15,10 @@ weights stay 4-bit in memory and are widened in registers right before INT8 `tl.
   kernel computes the transposed tile Y^T[BN, BM]; the activation tile is B, through shared memory.
   With weights as B, Triton would round-trip them through shared memory (measured 0.9-1.16x vs
   1.41-1.66x cuBLAS bf16 at large M).
-- Per-block int32 -> fp32 with the magic-number trick (add 0x4B400000, reinterpret, subtract
-  1.5 * 2^23): two full-rate ops instead of I2F, which issues at a quarter of the FP32 rate and
-  would compete with the tensor cores here (one conversion per output element per 128 K).
+- Per-block scales cost 3 CUDA-core ops per output and 128-deep block (int32 -> fp32 is one I2FP
+  on sm_90; the magic-number conversion measured no faster, NOTES-gemm.md), and the fp32
+  accumulator plus the int32 block sum double the registers per output, which caps the tile size.
+  A weight tile is therefore split into N_SUB sub-tiles that share one activation tile.
 - Small M (decode) is a weight stream: split-K over the 128-channel blocks fills all SMs; each split
   writes an fp32 partial, the last split of a tile (counted on a semaphore) sums the partials in
   split order (deterministic), adds the bias, stores Y and resets the semaphore: ONE launch, no
@@ -40,8 +41,8 @@ HALF = BLOCK_SIZE // 2  # channels per nibble half of a block
 # constants visible inside @triton.jit functions must be tl.constexpr globals
 _BLK = tl.constexpr(BLOCK_SIZE)
 _HALF = tl.constexpr(HALF)
-_MAGIC_I32 = tl.constexpr(0x4B400000)  # bit pattern of 1.5 * 2^23: its mantissa ulp is 1.0
-_MAGIC_F32 = tl.constexpr(12582912.0)
+W_TILE = 64  # weight rows per contiguous tile in the prepared layout (the smallest BLOCK_N)
+_WT = tl.constexpr(W_TILE)
 
 
 @triton.jit
@@ -65,17 +66,22 @@ def _widen_int4(wp, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _block_dot(a_ptr, w_ptr, offs_m, offs_n, offs_h, b, mask_m, stride_am, stride_wn,
-               W_BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """int32 [BN, BM] = W_b . A_b^T over one 128-channel block b (x16 for INT4 weights)."""
-    a_base = a_ptr + offs_m[None, :] * stride_am + b * _BLK + offs_h[:, None]  # [64, BM]
+def _load_act(a_ptr, offs_m, offs_h, b, mask_m, stride_am):
+    """The two K=64 halves of activation block b, as [64, BM] int8 (the wgmma B operand)."""
+    a_base = a_ptr + offs_m[None, :] * stride_am + b * _BLK + offs_h[:, None]
     a_lo = tl.load(a_base, mask=mask_m[None, :], other=0)
     a_hi = tl.load(a_base + _HALF, mask=mask_m[None, :], other=0)
+    return a_lo, a_hi
+
+
+@triton.jit
+def _weight_dot(w_ptr, w_rows, offs_h, b, stride_wt, a_lo, a_hi, W_BITS: tl.constexpr,
+                USE_ASM: tl.constexpr):
+    """int32 [SUB_N, BM] = W_b . A_b^T over block b (x16 for INT4 weights)."""
+    w_base = w_ptr + w_rows[:, None] + b * stride_wt + offs_h[None, :]
     if W_BITS == 4:
-        wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + b * _HALF + offs_h[None, :])
-        w_lo, w_hi = _widen_int4(wp, USE_ASM)
+        w_lo, w_hi = _widen_int4(tl.load(w_base), USE_ASM)
     else:
-        w_base = w_ptr + offs_n[:, None] * stride_wn + b * _BLK + offs_h[None, :]
         w_lo = tl.load(w_base)
         w_hi = tl.load(w_base + _HALF)
     d = tl.dot(w_lo, a_lo, out_dtype=tl.int32)
@@ -83,12 +89,29 @@ def _block_dot(a_ptr, w_ptr, offs_m, offs_n, offs_h, b, mask_m, stride_am, strid
 
 
 @triton.jit
-def _load_scales(as_ptr, ws_ptr, offs_m, offs_n, mask_m, b, stride_asm, stride_wsb):
-    """a_scale[BM] fp32 and w_scale[BN] -> fp32 of block b. Called one block ahead: Triton's
-    pipeliner leaves these small loads synchronous, and each would expose a full memory latency."""
+def _weight_rows(offs_n, NB, stride_wt):
+    """Byte offset of each weight row's block 0 in the tiled layout [N/64, NB, 64, row bytes]."""
+    rows = (offs_n // _WT) * (NB * stride_wt) + (offs_n % _WT) * (stride_wt // _WT)
+    return tl.multiple_of(rows, 64)  # 64-byte aligned: keeps 16-byte vector loads
+
+
+@triton.jit
+def _load_scales(as_ptr, ws_ptr, offs_m, offs_n0, mask_m, b, stride_asm, stride_wsb,
+                 N_SUB: tl.constexpr, SUB_N: tl.constexpr):
+    """a_scale[BM] and the w_scale[SUB_N] vectors of block b, fp32."""
     a_s = tl.load(as_ptr + offs_m * stride_asm + b, mask=mask_m, other=0.0)
-    w_s = tl.load(ws_ptr + b * stride_wsb + offs_n).to(tl.float32)
-    return a_s, w_s
+    w_s0 = tl.load(ws_ptr + b * stride_wsb + offs_n0).to(tl.float32)
+    w_s1 = w_s0
+    if N_SUB == 2:
+        w_s1 = tl.load(ws_ptr + b * stride_wsb + SUB_N + offs_n0).to(tl.float32)
+    return a_s, w_s0, w_s1
+
+
+@triton.jit
+def _scale_acc(acc, d, w_s, a_s):
+    # 3 ops per output and block (I2FP, FMUL, FFMA): the CUDA-core cost that rides along with
+    # each 128-deep integer MMA, the price of per-block activation scales.
+    return tl.fma(d.to(tl.float32), w_s[:, None] * a_s[None, :], acc)
 
 
 @triton.jit
@@ -103,65 +126,96 @@ def _epilogue(acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, stride_ym,
 
 
 @triton.jit
+def _reduce_partials(part_ptr, offs_m, offs_n, mask_m, M, N, SPLIT_K, SUB_N: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """Sum the SPLIT_K fp32 partials of a sub-tile in split order (deterministic)."""
+    ptrs = part_ptr + offs_m[None, :] * N + offs_n[:, None]
+    acc = tl.zeros([SUB_N, BLOCK_M], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(ptrs + s * M * N, mask=mask_m[None, :], other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
 def _w4ax_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr,  # pointers
     M, N, NB, SPLIT_K,  # dims (SPLIT_K: K splits, runtime so one binary serves every split)
-    stride_am, stride_asm, stride_wn, stride_wsb, stride_ym,  # strides
+    stride_am, stride_asm, stride_wt, stride_wsb, stride_ym,  # strides (stride_wt: one weight tile)
     W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,  # meta
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
-    USE_ASM: tl.constexpr, MAGIC_CVT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, N_SUB: tl.constexpr, GROUP_N: tl.constexpr,
+    USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # grouped tile order: GROUP_N weight tiles sweep all activation tiles together, so a weight
     # tile is read from DRAM once per group and the activation tiles stay in L2.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_n = N // BLOCK_N
     num_pid_m = tl.cdiv(M, BLOCK_M)
     width = GROUP_N * num_pid_m
     first_n = (pid // width) * GROUP_N
-    group = tl.minimum(num_pid_n - first_n, GROUP_N)
+    group = tl.minimum(N // BLOCK_N - first_n, GROUP_N)
     pid_n = first_n + (pid % width) % group
     pid_m = (pid % width) // group
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # A BLOCK_N tile is N_SUB sub-tiles with their own accumulators: the activation tile is
+    # loaded once for all (half the L2 traffic of two CTAs), while the int32 block product of
+    # only one sub-tile is live at a time (registers: fp32 acc + int32 block sum per output).
+    SUB_N: tl.constexpr = BLOCK_N // N_SUB
+    offs_n0 = pid_n * BLOCK_N + tl.arange(0, SUB_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_h = tl.arange(0, _HALF)
     mask_m = offs_m < M
+    rows0 = _weight_rows(offs_n0, NB, stride_wt)
+    rows1 = _weight_rows(offs_n0 + SUB_N, NB, stride_wt)
     per_split = tl.cdiv(NB, SPLIT_K)
     b_lo = pid_k * per_split
     b_hi = tl.minimum(b_lo + per_split, NB)
 
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    a_s, w_s = _load_scales(as_ptr, ws_ptr, offs_m, offs_n, mask_m, b_lo, stride_asm, stride_wsb)
+    acc0 = tl.zeros([SUB_N, BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([SUB_N, BLOCK_M], dtype=tl.float32)
+    a_s, w_s0, w_s1 = _load_scales(as_ptr, ws_ptr, offs_m, offs_n0, mask_m, b_lo, stride_asm,
+                                   stride_wsb, N_SUB, SUB_N)
     for b in range(b_lo, b_hi):
-        nxt = tl.minimum(b + 1, b_hi - 1)
-        a_s_next, w_s_next = _load_scales(as_ptr, ws_ptr, offs_m, offs_n, mask_m, nxt, stride_asm,
-                                          stride_wsb)
-        d = _block_dot(a_ptr, w_ptr, offs_m, offs_n, offs_h, b, mask_m, stride_am, stride_wn,
-                       W_BITS, USE_ASM)
-        if MAGIC_CVT:
-            f = (d + _MAGIC_I32).to(tl.float32, bitcast=True) - _MAGIC_F32
+        if PREFETCH:  # block b+1's scales now: Triton's pipeliner leaves these small loads
+            # synchronous, and each would expose a full memory latency per block
+            nxt = _load_scales(as_ptr, ws_ptr, offs_m, offs_n0, mask_m, tl.minimum(b + 1, b_hi - 1),
+                               stride_asm, stride_wsb, N_SUB, SUB_N)
         else:
-            f = d.to(tl.float32)
-        acc += f * (w_s[:, None] * a_s[None, :])
-        a_s, w_s = a_s_next, w_s_next
+            a_s, w_s0, w_s1 = _load_scales(as_ptr, ws_ptr, offs_m, offs_n0, mask_m, b, stride_asm,
+                                           stride_wsb, N_SUB, SUB_N)
+        a_lo, a_hi = _load_act(a_ptr, offs_m, offs_h, b, mask_m, stride_am)
+        d = _weight_dot(w_ptr, rows0, offs_h, b, stride_wt, a_lo, a_hi, W_BITS, USE_ASM)
+        acc0 = _scale_acc(acc0, d, w_s0, a_s)
+        if N_SUB == 2:
+            d = _weight_dot(w_ptr, rows1, offs_h, b, stride_wt, a_lo, a_hi, W_BITS, USE_ASM)
+            acc1 = _scale_acc(acc1, d, w_s1, a_s)
+        if PREFETCH:
+            a_s, w_s0, w_s1 = nxt
 
     if USE_SPLIT:
-        # partial [SPLIT_K, M, N] fp32; the last split to arrive reduces in split order.
-        tile_ptrs = offs_m[None, :] * N + offs_n[:, None]
-        tl.store(part_ptr + pid_k * M * N + tile_ptrs, acc, mask=mask_m[None, :])
+        # partials [SPLIT_K, M, N] fp32; the last split to arrive reduces them and stores Y
+        tl.store(part_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n0[:, None], acc0,
+                 mask=mask_m[None, :])
+        if N_SUB == 2:
+            tl.store(part_ptr + pid_k * M * N + offs_m[None, :] * N + SUB_N + offs_n0[:, None], acc1,
+                     mask=mask_m[None, :])
         tl.debug_barrier()  # every thread's partial stored before the release below
         tile = pid_n * num_pid_m + pid_m
         arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(part_ptr + s * M * N + tile_ptrs, mask=mask_m[None, :], other=0.0,
-                               cache_modifier=".cg")
+            acc0 = _reduce_partials(part_ptr, offs_m, offs_n0, mask_m, M, N, SPLIT_K, SUB_N, BLOCK_M)
+            if N_SUB == 2:
+                acc1 = _reduce_partials(part_ptr, offs_m, offs_n0 + SUB_N, mask_m, M, N, SPLIT_K,
+                                        SUB_N, BLOCK_M)
             tl.atomic_xchg(sem_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next call
-            _epilogue(acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, stride_ym, W_BITS, HAS_BIAS)
+            _epilogue(acc0, y_ptr, bias_ptr, offs_m, offs_n0, mask_m, stride_ym, W_BITS, HAS_BIAS)
+            if N_SUB == 2:
+                _epilogue(acc1, y_ptr, bias_ptr, offs_m, offs_n0 + SUB_N, mask_m, stride_ym, W_BITS,
+                          HAS_BIAS)
     else:
-        _epilogue(acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, stride_ym, W_BITS, HAS_BIAS)
+        _epilogue(acc0, y_ptr, bias_ptr, offs_m, offs_n0, mask_m, stride_ym, W_BITS, HAS_BIAS)
+        if N_SUB == 2:
+            _epilogue(acc1, y_ptr, bias_ptr, offs_m, offs_n0 + SUB_N, mask_m, stride_ym, W_BITS,
+                      HAS_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +230,8 @@ class GemmConfig:
     group_n: int = 8
     num_warps: int = 4
     num_stages: int = 4
+    prefetch: bool = True  # load block b+1's scales during block b (costs registers)
+    n_sub: int = 1  # sub-tiles of block_n sharing one activation tile (1 or 2)
 
 
 class _State:
@@ -205,34 +261,41 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _split_for(tiles: int, nb: int, sms: int, waves: float) -> int:
-    """K splits so that tiles * splits ~ waves * SMs (a weight stream needs every SM pulling)."""
-    return max(1, min(nb, round(waves * sms / tiles)))
+    """K splits so that tiles * splits ~ waves * SMs (a weight stream needs every SM pulling);
+    1 when the tiles alone fill the machine."""
+    return max(1, min(nb, round(waves * sms / tiles))) if tiles < waves * sms else 1
 
 
 def candidates(m: int, n: int, nb: int, device: torch.device) -> list[GemmConfig]:
-    """The small tuning space, first entry = the untuned default."""
+    """The small tuning space (from the sweeps in NOTES-gemm.md); first entry = untuned default.
+
+    One warpgroup per CTA throughout: two CTAs per SM overlap one's MMAs with the other's per-block
+    FP32 scaling, which Triton will not overlap inside one CTA (measured 2-2.5x slower with 8 warps).
+    """
     sms = _sm_count(device)
     bm = max(16, triton.next_power_of_2(m))
-    out: list[GemmConfig] = []
-    if bm <= 64:  # weight stream: the token tile is tiny, split K to fill the machine
-        for bn, warps, stages in ((128, 4, 4), (64, 4, 5), (128, 8, 3)):
-            if n % bn == 0:
-                tiles = n // bn
-                for waves in (1.0, 2.0):
-                    out.append(GemmConfig(bn, bm, _split_for(tiles, nb, sms, waves), 8, warps, stages))
-    elif bm <= 256:  # middle: tensor work grows; split only if the tiles leave SMs idle
-        for bm_t in (64, 128):
-            tiles = (n // 128) * triton.cdiv(m, bm_t)
-            split = _split_for(tiles, nb, sms, 1.0) if tiles < sms else 1
-            out.append(GemmConfig(128, bm_t, split, 8, 4 if bm_t == 64 else 8, 4))
-            if split > 1:
-                out.append(GemmConfig(128, bm_t, 1, 8, 4 if bm_t == 64 else 8, 4))
-    else:  # prefill: tensor-core bound, big tiles, 2 warpgroups, deep pipeline
-        for bm_t, stages in ((128, 4), (256, 3), (128, 3)):
-            out.append(GemmConfig(128, bm_t, 1, 8, 8, stages))
-    if n % 128 and not out:
-        out.append(GemmConfig(64, min(bm, 64), 1, 8, 4, 4))
-    return [c for c in out if n % c.block_n == 0] or [GemmConfig(64, min(bm, 128), 1, 8, 4, 4)]
+    C = GemmConfig
+    if bm <= 16:  # weight stream: tiny token tile, split K so that every SM keeps loads in flight
+        t64 = n // 64
+        out = [C(64, 16, _split_for(t64, nb, sms, 6.0), 8, 4, 3), C(64, 16, _split_for(t64, nb, sms, 2.0), 8, 4, 3),
+               C(64, 16, _split_for(t64, nb, sms, 4.0), 8, 4, 5)]
+        if n % 128 == 0:
+            out.append(C(128, 16, _split_for(n // 128, nb, sms, 2.0), 8, 8, 3))
+        return out
+    if bm <= 64:
+        split = _split_for(n // 64 * triton.cdiv(m, bm), nb, sms, 1.0)
+        return [C(64, bm, split, 8, 4, 3), C(64, 32, _split_for(n // 64 * triton.cdiv(m, 32), nb, sms, 1.0),
+                                                8, 2, 4), C(64, bm, 1, 8, 4, 3)]
+    if bm <= 256:
+        split = _split_for(n // 64 * triton.cdiv(m, 128), nb, sms, 1.0)
+        out = [C(64, 128, split, 8, 4, 3), C(64, 128, 1, 8, 4, 3), C(64, 64, 1, 8, 4, 4, False)]
+        if n % 128 == 0:
+            out.append(C(128, 64, 1, 8, 4, 4, True, 2))
+        return out
+    out = [C(64, 128, 1, 8, 4, 3), C(64, 128, 1, 8, 4, 4)]  # prefill
+    if n % 128 == 0:
+        out.append(C(128, 64, 1, 8, 4, 4, True, 2))
+    return out
 
 
 def _semaphores(device: torch.device, count: int) -> torch.Tensor:
@@ -243,9 +306,9 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     return buf
 
 
-def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, magic_cvt=True, use_asm=None):
+def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, use_asm=None):
     """Launch one config; returns the compiled kernel (registers, spills, PTX for diagnostics).
-    magic_cvt / use_asm: the register tricks, switchable for the ablation in the benchmark."""
+    use_asm: the 32-bit mask trick, switchable for the ablation in the benchmark."""
     m, k_pad = a_codes.shape
     n = y.shape[1]
     nb = k_pad // BLOCK_SIZE
@@ -259,11 +322,11 @@ def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, magi
     return _w4ax_kernel[(tiles, split)](
         a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y, part, sems,
         m, n, nb, split,
-        a_codes.stride(0), a_scales.stride(0), qweight.stride(0),
+        a_codes.stride(0), a_scales.stride(0), W_TILE * qweight.shape[1] // nb,
         w_scales.stride(0) if w_scales.shape[0] > 1 else 0, y.stride(0),
         W_BITS=w_bits, HAS_BIAS=bias is not None, USE_SPLIT=split > 1,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, GROUP_N=cfg.group_n,
-        USE_ASM=y.is_cuda if use_asm is None else use_asm, MAGIC_CVT=magic_cvt,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, N_SUB=cfg.n_sub, GROUP_N=cfg.group_n,
+        USE_ASM=y.is_cuda if use_asm is None else use_asm, PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -343,25 +406,30 @@ def can_implement(n: int, k: int, w_bits: int, device: torch.device) -> tuple[bo
 
 
 def prepare_weights(qweight: torch.Tensor, w_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checkpoint layout -> kernel layout, once at load.
+    """Checkpoint layout -> kernel layout, once at load. Same shapes, other byte order.
 
-    INT4 uint8 [N, K_pad/2] (byte i = codes 2i low, 2i+1 high) -> uint8 [N, K_pad/2] where byte j of
-    block b holds channel b*128+j (low nibble) and b*128+64+j (high nibble). INT8 is kept as is.
-    w_scales float16 [N, G] -> float16 [G, N] contiguous: the kernel loads one block's BN scales as a
-    contiguous vector instead of BN strided 2-byte reads.
+    INT4 uint8 [N, K_pad/2] (byte i = codes 2i low, 2i+1 high): within each 128-channel block, byte
+    j holds channel j (low nibble) and channel 64 + j (high nibble), so the two masks yield two
+    contiguous K=64 operands. INT8 int8 [N, K_pad]: codes unchanged.
+    Both are then tiled [N/64, nb, 64, row bytes] (stored as the same 2-D shape): the kernel reads a
+    weight tile as one contiguous 4-8 KB run. Row-major rows would give 64-byte pieces 2-14 KB
+    apart, which DRAM serves at a fraction of its streaming rate (decode is a weight stream).
+    w_scales float16 [N, G] -> float16 [G, N] contiguous: one block's BN scales are one vector load.
     """
     assert w_scales.dim() == 2 and w_scales.shape[0] == qweight.shape[0], f"w_scales {tuple(w_scales.shape)}"
+    n, row_bytes = qweight.shape
+    assert n % W_TILE == 0, f"N={n} must be a multiple of {W_TILE} (can_implement refuses it)"
     if qweight.dtype == torch.uint8:
-        n, half_k = qweight.shape
         p = qweight.to(torch.int16)
-        codes = torch.stack((p & 0xF, (p >> 4) & 0xF), dim=-1).reshape(n, half_k * 2)  # nibbles
+        codes = torch.stack((p & 0xF, (p >> 4) & 0xF), dim=-1).reshape(n, row_bytes * 2)  # nibbles
         codes = codes.view(n, -1, 2, HALF)  # [N, nb, half, 64]
-        packed = codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)
-        qweight = packed.reshape(n, half_k).to(torch.uint8).contiguous()
+        tiles = (codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)).to(torch.uint8)  # [N, nb, 64]
     else:
         assert qweight.dtype == torch.int8, f"qweight must be uint8 (INT4) or int8, got {qweight.dtype}"
-        qweight = qweight.contiguous()
-    return qweight, w_scales.to(torch.float16).t().contiguous()
+        tiles = qweight.view(n, -1, BLOCK_SIZE)  # [N, nb, 128]
+    nb = tiles.shape[1]
+    tiles = tiles.view(n // W_TILE, W_TILE, nb, -1).permute(0, 2, 1, 3)  # [N/64, nb, 64, row bytes]
+    return tiles.contiguous().view(n, row_bytes), w_scales.to(torch.float16).t().contiguous()
 
 
 def w4ax_gemm(

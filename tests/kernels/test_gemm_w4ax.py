@@ -71,7 +71,7 @@ def check_case(m, n, k, w_bits, frac8, dtype, use_bias, device, cfg=None, unit=F
             "max_excess": float((err - bound).max()), "shape": list(y.shape)}
 
 
-# cases: (m, n, k, w_bits, frac8, dtype, bias, cfg (block_n, block_m, split_k, group_n, warps, stages))
+# cases: (m, n, k, w_bits, frac8, dtype, bias, cfg = GemmConfig fields in order)
 CPU_CASES = {
     "m1_w4_int4only_bf16": (1, 128, 256, 4, 0.0, "bf16", True, None),
     "m3_w4_q25_fp16_kpad": (3, 192, 320, 4, 0.25, "fp16", False, None),
@@ -81,11 +81,14 @@ CPU_CASES = {
     "m40_w4_bm64_bf16": (40, 128, 256, 4, 0.25, "bf16", False, (128, 64, 2, 2, 4, 4)),
     "m3_w8_fp16": (3, 64, 256, 8, 0.25, "fp16", True, None),
     "m17_w8_split_fp32": (17, 128, 320, 8, 1.0, "fp32", False, (64, 32, 3, 2, 4, 4)),
+    "m17_w4_nsub2_split_fp32": (17, 256, 384, 4, 0.25, "fp32", True, (128, 16, 3, 2, 4, 4, True, 2)),
+    "m33_w4_nsub2_noprefetch_bf16": (33, 256, 256, 4, 0.25, "bf16", True, (128, 32, 1, 2, 4, 4, False, 2)),
 }
 EXACT_CASES = {
     "exact_w4_split": (17, 128, 384, 4, 0.25, "fp32", False, (64, 16, 3, 2, 4, 4)),
     "exact_w4_direct": (5, 64, 320, 4, 1.0, "fp32", False, (64, 16, 1, 1, 4, 4)),
     "exact_w8": (3, 64, 256, 8, 0.0, "fp32", False, None),
+    "exact_w4_nsub2": (20, 128, 384, 4, 0.25, "fp32", False, (128, 16, 2, 1, 4, 4, True, 2)),
 }
 
 
@@ -122,18 +125,22 @@ def test_interpreter_integer_exact(interp_results, name):
     assert interp_results[name]["exact"], f"{name}: integer accumulation is not exact"
 
 
-def test_prepare_weights_is_a_permutation_of_nibbles():
+def test_prepare_weights_layout():
+    """INT4: block-half nibble split, then [N/64, nb, 64, 64] tiles; INT8: tiles only."""
     from cometserve.kernels import gemm_w4ax, ref
 
-    qw = torch.randint(0, 256, (8, 192), dtype=torch.uint8)
-    ws = torch.rand(8, 3).half()
+    n, nb = 128, 3
+    qw = torch.randint(0, 256, (n, nb * 64), dtype=torch.uint8)
+    ws = torch.rand(n, nb).half()
     pq, ps = gemm_w4ax.prepare_weights(qw, ws)
-    codes = ref.unpack_int4(qw).view(8, 3, 128)
-    lo = (pq.view(8, 3, 64).to(torch.int16) & 0xF).to(torch.int8)
-    hi = (pq.view(8, 3, 64).to(torch.int16) >> 4).to(torch.int8)
+    assert pq.shape == qw.shape and torch.equal(ps, ws.t())
+    t = pq.view(n // 64, nb, 64, 64).permute(0, 2, 1, 3).reshape(n, nb, 64).to(torch.int16)
+    lo, hi = (t & 0xF).to(torch.int8), (t >> 4).to(torch.int8)
     lo, hi = torch.where(lo >= 8, lo - 16, lo), torch.where(hi >= 8, hi - 16, hi)
-    assert torch.equal(torch.cat((lo, hi), -1), codes)
-    assert torch.equal(ps, ws.t())
+    assert torch.equal(torch.cat((lo, hi), -1).view(n, nb * 128), ref.unpack_int4(qw))
+    q8 = torch.randint(-127, 128, (n, nb * 128), dtype=torch.int8)
+    p8, _ = gemm_w4ax.prepare_weights(q8, ws)
+    assert torch.equal(p8.view(n // 64, nb, 64, 128).permute(0, 2, 1, 3).reshape(n, -1), q8)
 
 
 def test_can_implement_refuses_with_reason():
