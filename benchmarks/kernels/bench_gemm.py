@@ -34,13 +34,60 @@ SUBSET_M = [1, 16, 256, 4096]  # where the non-default fractions are timed
 BUCKETS = [("M<=16", 1, 16), ("M 32-256", 32, 256), ("M 512", 512, 512), ("M>=1024", 1024, 1 << 30)]
 
 
+ROTATE_BYTES = 200e6  # > 4x the 50 MB L2: rotating weight copies makes every call read from DRAM
+
+
 def _bench(fn) -> float:
+    """do_bench median (flushes L2 before each call); used for the register-trick ablations."""
     import triton
 
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3  # us
 
 
-def _operands(m, n, k, frac, dev):
+def _copies(nbytes: int) -> int:
+    return max(1, min(16, math.ceil(ROTATE_BYTES / nbytes)))
+
+
+def _time_calls(calls) -> float:
+    """Median us per call: the calls (each on its own weight copy) replayed in turn from a CUDA
+    graph, so neither launch overhead nor an L2-resident weight flatters a small kernel, and no L2
+    flush leaves dirty lines whose write-back a following kernel would pay for."""
+    import torch
+
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    calls[0]()
+    e1.record()
+    torch.cuda.synchronize()
+    inner = max(1, min(64, math.ceil(2000 / (e0.elapsed_time(e1) * 1e3 * len(calls)))))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            for c in calls:
+                c()
+    graph.replay()
+    times = []
+    for _ in range(9):
+        e0.record()
+        graph.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / (inner * len(calls)))
+    return sorted(times)[len(times) // 2]
+
+
+def _operands(m, n, k, frac, dev, copies=1):
+    """Activation codes of one [m, k] input quantized with an INT4 fraction `frac`, and `copies`
+    prepared weight sets."""
     import torch
 
     from cometserve.kernels import gemm_w4ax, quant_act
@@ -51,10 +98,12 @@ def _operands(m, n, k, frac, dev):
     bits = bits[torch.randperm(nb, device=dev)]
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     codes, scales = quant_act.quant_act(x, torch.randperm(k, device=dev), bits)
-    qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
-    ws = (torch.rand(n, nb, device=dev) * 0.01 + 1e-3).half()
-    pq, ps = gemm_w4ax.prepare_weights(qw, ws)
-    return x, (codes, scales, pq, ps)
+    weights = []
+    for _ in range(copies):
+        qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+        ws = (torch.rand(n, nb, device=dev) * 0.01 + 1e-3).half()
+        weights.append(gemm_w4ax.prepare_weights(qw, ws))
+    return x, (codes, scales) + weights[0], weights
 
 
 def _peers(x, n, k, dev):
@@ -63,23 +112,22 @@ def _peers(x, n, k, dev):
     import torch.nn.functional as F
 
     m = x.shape[0]
-    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-    out = {"cublas_bf16": _bench(lambda: F.linear(x, w))}
+    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(_copies(n * k * 2))]
+    out = {"cublas_bf16": _time_calls([lambda w=w: F.linear(x, w) for w in ws])}
     try:
         xa = x.to(torch.float8_e4m3fn)
-        wb = w.to(torch.float8_e4m3fn)
-        sa = torch.rand(m, 1, device=dev)
-        sb = torch.rand(1, n, device=dev)
-        torch._scaled_mm(xa, wb.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-        out["cublas_fp8"] = _bench(
-            lambda: torch._scaled_mm(xa, wb.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+        w8 = [w.to(torch.float8_e4m3fn) for w in ws[: _copies(n * k)]]
+        w8 += [torch.randn(n, k, device=dev).to(torch.float8_e4m3fn) for _ in range(_copies(n * k) - len(w8))]
+        sa, sb = torch.rand(m, 1, device=dev), torch.rand(1, n, device=dev)
+        out["cublas_fp8"] = _time_calls([
+            lambda w=w: torch._scaled_mm(xa, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+            for w in w8])
     except RuntimeError:
         out["cublas_fp8"] = None
     try:
         xi = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
-        wi = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
-        torch._int_mm(xi, wi.t())
-        out["int_mm"] = _bench(lambda: torch._int_mm(xi, wi.t()))
+        wis = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev) for _ in range(_copies(n * k))]
+        out["int_mm"] = _time_calls([lambda w=w: torch._int_mm(xi, w.t()) for w in wis])
     except RuntimeError:
         out["int_mm"] = None
     return out
@@ -94,7 +142,7 @@ def _progress(it, total):
         return it
 
 
-def run_gemm(shapes, ms, fractions, dev):
+def run_gemm(shapes, ms, fractions, dev, dump=None):
     import torch
 
     from cometserve.kernels import gemm_w4ax
@@ -108,14 +156,17 @@ def run_gemm(shapes, ms, fractions, dev):
         for frac in fractions:
             if frac != fractions[0] and m not in SUBSET_M:
                 continue
-            x, ops = _operands(m, n, k, frac, dev)
+            x, ops, weights = _operands(m, n, k, frac, dev, _copies(n * k // 2))
             if peers is None:
                 peers = _peers(x, n, k, dev)
             gemm_w4ax.w4ax_gemm(*ops, None, torch.bfloat16)  # first call of a bucket tunes it
-            us = _bench(lambda ops=ops: gemm_w4ax.w4ax_gemm(*ops, None, torch.bfloat16))
+            us = _time_calls([lambda w=w, a=ops[:2]: gemm_w4ax.w4ax_gemm(*a, *w, None, torch.bfloat16)
+                              for w in weights])
             cfg = gemm_w4ax._config_for(*ops, None, torch.empty(m, n, device=dev, dtype=torch.bfloat16))
             rows.append({"shape": name, "N": n, "K": k, "M": m, "int4_fraction": frac,
                          "us": {**peers, "w4ax": us}, "config": cfg.__dict__})
+        if dump is not None and m == ms[-1]:
+            dump(rows)  # partial results survive a time limit
     return rows
 
 
@@ -126,7 +177,7 @@ def run_act(ms, dev):
     from cometserve.kernels import quant_act
 
     big = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    copy_gbs = 2 * big.numel() / _bench(lambda: big.clone()) / 1e3
+    copy_gbs = 2 * big.numel() / _time_calls([lambda: big.clone()]) / 1e3
     out = {"copy_GBps": copy_gbs, "rows": []}
     for k, norm in ((4096, True), (8192, True), (14336, False)):
         nb = k // 128
@@ -135,7 +186,9 @@ def run_act(ms, dev):
         nw = torch.rand(k, device=dev, dtype=torch.bfloat16) if norm else None
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            us = _bench(lambda x=x, perm=perm, bits=bits, nw=nw: quant_act.quant_act(x, perm, bits, nw))
+            xs = [x] + [torch.randn_like(x) for _ in range(_copies(m * k * 3) - 1)]
+            us = _time_calls([lambda x=x, perm=perm, bits=bits, nw=nw: quant_act.quant_act(x, perm, bits, nw)
+                              for x in xs])
             moved = m * k * 2 + m * k + m * nb * 4
             out["rows"].append({"M": m, "K": k, "norm_perm": norm, "us": us,
                                 "GBps": moved / us / 1e3, "of_copy": moved / us / 1e3 / copy_gbs})
@@ -151,7 +204,7 @@ def run_variants(dev):
     res = []
     for name, m in (("llama3-8b gate_up", 16), ("llama3-8b gate_up", 4096), ("llama3-8b qkv", 4096)):
         n, k = SHAPES[name]
-        _, ops = _operands(m, n, k, 0.84, dev)
+        _, ops, _w = _operands(m, n, k, 0.84, dev)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         cfg = g._config_for(*ops, None, y)
         for asm in (True, False):
@@ -169,7 +222,7 @@ def run_diag(dev):
     out = []
     for name, m in (("llama3-8b gate_up", 16), ("llama3-8b gate_up", 256), ("llama3-8b gate_up", 4096)):
         n, k = SHAPES[name]
-        _, ops = _operands(m, n, k, 0.84, dev)
+        _, ops, _w = _operands(m, n, k, 0.84, dev)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         for cfg in g.candidates(m, n, k // 128, dev):
             h = g._launch(cfg, *ops, None, y)
@@ -198,7 +251,7 @@ def run_sweep(dev):
                     ("llama3-8b gate_up", 4096), ("llama3-8b qkv", 4096), ("llama3-8b gate_up", 256),
                     ("llama3-8b o", 1024)):
         n, k = SHAPES[name]
-        _, ops = _operands(m, n, k, 0.84, dev)
+        _, ops, _w = _operands(m, n, k, 0.84, dev)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         for cfg in small if m <= 16 else big:
             t = _bench(lambda cfg=cfg, ops=ops, y=y: g._launch(cfg, *ops, None, y))
@@ -317,11 +370,15 @@ def main() -> None:
         return
     if args.diag:
         res["diag"] = run_diag(dev)
-    res["rows"] = run_gemm(shapes, ms, fr, dev)
+    out.mkdir(parents=True, exist_ok=True)
     res["act"] = run_act([1, 16, 256, 4096] if args.quick else [1, 16, 256, 4096, 8192], dev)
+
+    def dump(rows):
+        (out / "gemm.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
+
+    res["rows"] = run_gemm(shapes, ms, fr, dev, dump)
     if args.variants:
         res["variants"] = run_variants(dev)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "gemm.json").write_text(json.dumps(res, indent=1))
     print(summarize(res))
     try:
