@@ -73,3 +73,25 @@ def test_folded_down_permutation_equals_original_mlp(tmp_path):
         return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
 
     assert torch.allclose(mlp(gate[perm], up[perm], down[:, perm]), mlp(gate, up, down), rtol=1e-12, atol=1e-10)
+
+
+def test_hadamard_rotation_of_int4_blocks_is_exact_in_16bit():
+    """Rotating the INT4 blocks of X and of W's K columns by the same orthonormal Hadamard matrix
+    leaves X W^T unchanged; INT8 blocks are left alone."""
+    torch.manual_seed(5)
+    h = ref.hadamard(128).double()
+    assert torch.allclose(h @ h.T, torch.eye(128, dtype=torch.float64), atol=1e-12)
+    x, w = torch.randn(3, 256, dtype=torch.float64), torch.randn(8, 256, dtype=torch.float64)
+    rot = torch.block_diag(torch.eye(128, dtype=torch.float64), h)  # blocks [8, 4]
+    assert torch.allclose((x @ rot) @ (w @ rot).T, x @ w.T, atol=1e-10)
+
+
+def test_quant_act_rotates_only_int4_blocks():
+    torch.manual_seed(6)
+    x = torch.randn(4, 256)
+    bits = torch.tensor([8, 4], dtype=torch.uint8)
+    plain, _ = ref.quant_act(x, None, bits)
+    rotated, scales = ref.quant_act(x, None, bits, rotate=True)
+    assert torch.equal(rotated[:, :128], plain[:, :128])
+    want, _ = ref.quant_act(x[:, 128:] @ ref.hadamard(128), None, bits[1:])
+    assert torch.equal(rotated[:, 128:], want)

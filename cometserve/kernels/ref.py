@@ -54,14 +54,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def hadamard(n: int = BLOCK_SIZE, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two), float32."""
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / n**0.5
+
+
 def quant_act(
     x: torch.Tensor,
     perm: torch.Tensor | None,
     block_bits: torch.Tensor,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    rotate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused [RMSNorm ->] gather by `perm` -> per-token per-block symmetric quantization.
+    """Fused [RMSNorm ->] gather by `perm` -> [Hadamard rotation of INT4 blocks ->] per-token
+    per-block symmetric quantization.
 
     x: [M, K] float; perm: [K] int (new channel j reads old channel perm[j]) or None;
     block_bits: [num_blocks] int, 4 or 8; norm_weight: [K] in the original channel order.
@@ -78,7 +88,10 @@ def quant_act(
     if perm is not None:
         xf = xf[:, perm.long()]
     xf = torch.nn.functional.pad(xf, (0, k_pad - k)).view(m, nb, BLOCK_SIZE)
-    qmax = torch.where(block_bits.to(x.device) == 8, INT8_QMAX, INT4_QMAX).float()  # [nb]
+    int4 = block_bits.to(x.device) == 4
+    if rotate and bool(int4.any()):
+        xf = torch.where(int4[None, :, None], xf @ hadamard(BLOCK_SIZE, x.device), xf)
+    qmax = torch.where(int4, INT4_QMAX, INT8_QMAX).float()  # [nb]
     absmax = xf.abs().amax(-1)  # [M, nb]
     inv = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
     codes = round_half_away(xf * inv.unsqueeze(-1))

@@ -97,7 +97,7 @@ def build_model(hf_config, make=dense_factory) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg, RotaryEmbedding(inv_freq, scaling), make)
 
 
-def quant_factory(layers: dict):
+def quant_factory(layers: dict, scheme: QuantScheme):
     def make(name: str, in_features: int, out_features: int, bias: bool):
         spec = layers.get(name)
         if spec is None:
@@ -109,7 +109,7 @@ def quant_factory(layers: dict):
             )
         has_perm = spec["perm"] is not None and not spec["perm_folded"]
         return QuantLinear(in_features, out_features, bias, spec["w_bits"], spec["w_group_size"],
-                           spec["block_bits"] is not None, has_perm)
+                           spec["block_bits"] is not None, has_perm, scheme.a_rotation == "hadamard")
 
     return make
 
@@ -150,7 +150,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     if quantized:
         qcfg, scheme = checkpoint.load_quant_config(path)
         tensors = checkpoint.load_tensors(path, qcfg)
-        model = build_model(hf_config, quant_factory(qcfg["layers"]))
+        model = build_model(hf_config, quant_factory(qcfg["layers"], scheme))
     else:
         qcfg, scheme = None, PRESETS["fp16"]
         tensors = fuse_hf_names(read_hf_tensors(path))

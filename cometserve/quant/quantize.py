@@ -18,7 +18,8 @@ from cometserve.quant.fmpq import block_map, int8_fraction
 from cometserve.quant.pack import pack_int4
 from cometserve.quant.primitives import dequantize_weight
 from cometserve.quant.rounding import gptq, rtn
-from cometserve.scheme import QuantScheme, get_scheme, padded_k
+from cometserve.kernels.ref import hadamard
+from cometserve.scheme import BLOCK_SIZE, QuantScheme, get_scheme, padded_k
 
 SAVE_DTYPE = torch.bfloat16  # embeddings, norms, biases and the LM head stay 16-bit
 
@@ -129,6 +130,13 @@ def _map(stats: dict, name: str, scheme: QuantScheme, k: int):
     return block_map(st.absmax.cpu() if st is not None else None, scheme, k)
 
 
+def _rotation(bits: list[int] | None, scheme: QuantScheme, device) -> torch.Tensor | None:
+    if bits is None or scheme.a_rotation != "hadamard" or 4 not in bits:
+        return None
+    h, eye = hadamard(BLOCK_SIZE, device), torch.eye(BLOCK_SIZE, device=device)
+    return torch.block_diag(*[h if b == 4 else eye for b in bits])
+
+
 def _quantize_linear(tensors, name, lin, st: InputStats | None, perm, bits, scheme: QuantScheme, row_perm) -> dict:
     """Round lin's weight (rows reordered by row_perm, K columns by perm, K zero padded), store the
     codes and scales, and write the dequantized weight back into lin in its original order."""
@@ -139,15 +147,21 @@ def _quantize_linear(tensors, name, lin, st: InputStats | None, perm, bits, sche
     if perm is not None:
         w = w[:, perm]
     w = torch.nn.functional.pad(w, (0, k_pad - k))
+    rot = _rotation(bits, scheme, w.device)  # block-diagonal: Hadamard on INT4 blocks, identity elsewhere
+    if rot is not None:
+        w = w @ rot  # (X R)(W R)^T = X W^T: the kernel sees rotated activations and rotated weights
     if scheme.weight_rounding == "gptq":
         h = st.hessian if perm is None else st.hessian[perm][:, perm]
         h = torch.nn.functional.pad(h, (0, k_pad - k, 0, k_pad - k))
+        if rot is not None:
+            h = rot.T @ h @ rot
         codes, scales = gptq.round_weight(w, scheme.w_bits, scheme.w_group_size, h)
     else:
         codes, scales = rtn.round_weight(w, scheme.w_bits, scheme.w_group_size)
     tensors[f"{name}.qweight"] = (pack_int4(codes) if scheme.w_bits == 4 else codes).cpu()
     tensors[f"{name}.w_scales"] = scales.cpu()
-    deq = dequantize_weight(codes, scales)[:, :k]
+    deq = dequantize_weight(codes, scales)
+    deq = (deq @ rot.T if rot is not None else deq)[:, :k]
     if perm is not None:
         deq = deq[:, torch.argsort(perm.to(deq.device))]
     if row_perm is not None:

@@ -54,8 +54,10 @@ class QuantLinear(nn.Module):
         w_group_size: int,
         has_block_map: bool,
         has_perm: bool,
+        rotate: bool = False,
     ) -> None:
         super().__init__()
+        self.rotate = rotate  # INT4 activation blocks are Hadamard-rotated (scheme.a_rotation)
         self.in_features, self.out_features, self.w_bits = in_features, out_features, w_bits
         k_pad = padded_k(in_features)
         groups = 1 if w_group_size == 0 else k_pad // w_group_size
@@ -94,7 +96,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         norm_w, eps = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
-        codes, scales = self._ops.quant_act(x2, self.perm, self.block_bits, norm_w, eps)
+        codes, scales = self._ops.quant_act(x2, self.perm, self.block_bits, norm_w, eps, self.rotate)
         y = self._ops.w4ax_gemm(codes, scales, self._qweight, self._w_scales, self.bias, x.dtype)
         return y.reshape(*lead, self.out_features)
 
@@ -122,7 +124,7 @@ class _KernelOps:
         self.w4ax_gemm = gemm.w4ax_gemm
         self._act = act
 
-    def quant_act(self, x, perm, block_bits, norm_weight, eps):
-        ok, _ = self._act.can_implement(x.shape[-1], x.device)
-        fn = self._act.quant_act if ok else ref.quant_act
-        return fn(x, perm, block_bits, norm_weight, eps)
+    def quant_act(self, x, perm, block_bits, norm_weight, eps, rotate):
+        if rotate or not self._act.can_implement(x.shape[-1], x.device)[0]:
+            return ref.quant_act(x, perm, block_bits, norm_weight, eps, rotate)
+        return self._act.quant_act(x, perm, block_bits, norm_weight, eps)
