@@ -168,14 +168,16 @@ def prefill_row(prompt: int, prefix: int, dtype=torch.bfloat16, variants: dict |
     qt = q[0].transpose(0, 1)  # [prompt, Hq, D], strided view as the model's qkv split gives
     scale = D**-0.5
     torch.cuda.synchronize()  # do_bench_cudagraph runs on a side stream: the data must be ready
-    us = {"kv4": _bench(lambda: attention.prefill_attention(qt, cache, bt, cu, cl, slot, scale, prompt)),
+    def run(cfg=None):
+        return attention.prefill_attention(qt, cache, bt, cu, cl, slot, scale, prompt, ctx, config=cfg)
+
+    us = {"kv4": _bench(run), "kv4_fused": _bench(lambda: run({"impl": "fused"})),
           "kv4_write": _bench(lambda: kv_cache.write_kv(kn, vn, cache, bt, cu, cl, slot, prompt))}
     for name, cfg in (variants or {}).items():
-        us[name] = _bench(lambda cfg=cfg: attention.prefill_attention(qt, cache, bt, cu, cl, slot, scale, prompt,
-                                                                      config=cfg))
+        us[name] = _bench(lambda cfg=cfg: run({"impl": "fused", **cfg}))
     mask = {"is_causal": True} if not prefix else {"attn_mask": causal_lower_right(prompt, ctx)}
     us["sdpa_bf16"], backend = _sdpa_best(lambda: lambda: _sdpa(q, k, v, **mask))
-    out = attention.prefill_attention(qt, cache, bt, cu, cl, slot, scale, prompt)
+    out = run()
     exact = _sdpa(q, k, v, **mask)[0].transpose(0, 1)
     err = float((out.float() - exact.float()).norm() / exact.float().norm())
     flops = 4 * HQ * D * prompt * (prefix + (prompt + 1) / 2)
@@ -246,19 +248,21 @@ def render(res: dict) -> str:
             lines.append(f"| {r['batch']} | {r['context']} | skipped: {r['skipped']} | | | | | | |")
             continue
         u = r["us"]
-        lines.append(f"| {r['batch']} | {r['context']} | {u['sdpa_bf16']:.1f} | {u['bf16_paged']:.1f} | "
+        lines.append(f"| {r['batch']} | {r['context']} | {u['sdpa_bf16']:.1f} ({r['sdpa_backend']}) | "
+                     f"{u['bf16_paged']:.1f} | "
                      f"{u['kv4']:.1f} | {r['speedup_vs_sdpa']:.2f}x | {r['tbps_kv4']:.2f} | {r['tbps_sdpa']:.2f} | "
                      f"{r['rel_err_vs_bf16']:.3f} |")
     lines += ["", "## Prefill (batch 1, causal; the prefix is already in the KV4 cache)", "",
-              ("| prompt | prefix | SDPA bf16 us | KV4 attention us | KV4 / SDPA | KV4 write us | KV4 TFLOP/s "
-               "| SDPA TFLOP/s | rel err vs bf16 |"), "|---|---|---|---|---|---|---|---|---|"]
+              ("| prompt | prefix | SDPA bf16 us (backend) | KV4 us (gather + flash) | KV4 / SDPA | KV4 fused "
+               "Triton us | KV4 write us | KV4 TFLOP/s | SDPA TFLOP/s | rel err vs bf16 |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r["kind"] != "prefill":
             continue
         u = r["us"]
-        lines.append(f"| {r['prompt']} | {r['prefix']} | {u['sdpa_bf16']:.1f} | {u['kv4']:.1f} | "
-                     f"{r['ratio_kv4_over_sdpa']:.2f} | {u['kv4_write']:.1f} | {r['tflops_kv4']:.0f} | "
-                     f"{r['tflops_sdpa']:.0f} | {r['rel_err_vs_bf16']:.3f} |")
+        lines.append(f"| {r['prompt']} | {r['prefix']} | {u['sdpa_bf16']:.1f} ({r['sdpa_backend']}) | "
+                     f"{u['kv4']:.1f} | {r['ratio_kv4_over_sdpa']:.2f} | {u['kv4_fused']:.1f} | {u['kv4_write']:.1f} | "
+                     f"{r['tflops_kv4']:.0f} | {r['tflops_sdpa']:.0f} | {r['rel_err_vs_bf16']:.3f} |")
     lines += ["", ("Relative error: KV4 output vs SDPA on the unquantized bf16 K/V (random Gaussian K/V, "
                    "a hard case for 4 bits; real K/V are smoother).")]
     return "\n".join(lines) + "\n"
@@ -318,16 +322,12 @@ def main() -> None:
     if args.check:
         gpu_check()
     if args.sweep:
-        variants = {"nokt": (None, {"kt": False}), "st1": (None, {"num_stages": 1}),
-                    "st3": (None, {"num_stages": 3}), "pf": (None, {"prefetch": True}),
-                    "pf_st1": (None, {"prefetch": True, "num_stages": 1}), "w8": (None, {"num_warps": 8}),
-                    "w2": (None, {"num_warps": 2}), "noasm": (None, {"use_asm": False}),
-                    "s2x": ("2x", {})}
+        variants = {"st3": (None, {"num_stages": 3}), "w8": (None, {"num_warps": 8}),
+                    "noasm": (None, {"use_asm": False}), "s2x": ("2x", {})}
         for b, c in ((8, 2048), (8, 8192), (1, 32768), (128, 2048), (32, 8192)):
             r = decode_row(b, c, 64, splits=(None, 16, 32), peers=False, variants=variants)
             _log(args.out, f"sweep b={b} ctx={c}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()))
-        pv = {"w4": {"num_warps": 4}, "st1": {"num_stages": 1}, "st3": {"num_stages": 3},
-              "r64": {"rows": 64, "num_warps": 4}, "r256": {"rows": 256}, "r256_w16": {"rows": 256, "num_warps": 16}}
+        pv = {"r128_w8": {"rows": 128, "num_warps": 8}, "st3": {"num_stages": 3}}
         for p, prefix in ((2048, 0), (8192, 0), (2048, 2048)):
             r = prefill_row(p, prefix, variants=pv)
             _log(args.out, f"sweep prefill {p}+{prefix}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()))

@@ -15,9 +15,11 @@ bandwidth, so everything here serves bytes in flight and cheap widening:
   64 + c by exponent tricks, minus a constant): ~1.3 instructions per value instead of a shift, a
   mask and an int->float conversion each (the conversion unit is quarter rate on Hopper).
 
-Prefill (chunked: new tokens over a cached prefix and themselves) is tensor-core bound: the K/V
-tile of each group is dequantized once (float16 FMA) per block of 128 query rows, where the rows
-are (token, query head of the GQA group) pairs, so the tile serves all heads that share it.
+Prefill (chunked: new tokens over a cached prefix and themselves) is tensor-core bound: the fast
+path dequantizes the cache into contiguous 16-bit K/V (kv_cache.gather_kv, memory-bound, a few %
+of the time) and runs FlashAttention-2 varlen on it; the fused Triton kernel (K/V groups
+dequantized in registers, rows = (token, query head of the GQA group) pairs so one tile serves
+all heads that share it) is the portable path and measured ~2x slower than flash on H100.
 
 Every query reads the cache after the step's write: full groups from pages, the partial last
 group from the 16-bit window.
@@ -29,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cometserve.kernels.kv_cache import gather_kv
 from cometserve.kernels.ref import PagedKVCache
 
 LOG2E = 1.4426950408889634
@@ -75,23 +78,6 @@ def _mm(a, b, USE_ASM: tl.constexpr):
         return tl.dot(a, b)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-
-
-@triton.jit
-def _load_codes(c_ptr, page, h, row, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
-    t = tl.arange(0, G)
-    j = tl.arange(0, HALF)
-    off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
-    return tl.load(c_ptr + off)
-
-
-@triton.jit
-def _load_meta(m_ptr, page, h, row, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-               HALF: tl.constexpr):
-    """(low half, high half) float32 [HALF] of one scale or zero vector."""
-    j = tl.arange(0, HALF)
-    off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
-    return tl.load(m_ptr + off).to(tl.float32), tl.load(m_ptr + off + HALF).to(tl.float32)
 
 
 @triton.jit
@@ -161,43 +147,6 @@ def _int4_update(q_lo, q_hi, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi, USE_ASM
 
 
 @triton.jit
-def _int4_update_t(q_lo_t, q_hi_t, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi, USE_ASM: tl.constexpr):
-    """_int4_update with the scores computed transposed, s^T [G, M] = codes [G, D/2] @ (q * k_scale)^T:
-    the K codes are then the A operand in their stored (token-major, channel-contiguous) order, which
-    the tensor-core operand load reads with ldmatrix; as the B operand (q @ codes^T) they had to be
-    gathered byte by byte. m_i, l_i [M]; acc [M, D/2] as in _int4_update."""
-    ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vs_hi, vz_lo, vz_hi = meta
-    k_lo, k_hi = _widen_codes(kb, USE_ASM)
-    bias = tl.sum(q_lo_t * kz_lo[:, None], 0) + tl.sum(q_hi_t * kz_hi[:, None], 0)
-    qs_lo = (q_lo_t * ks_lo[:, None]).to(tl.float16)
-    qs_hi = (q_hi_t * ks_hi[:, None]).to(tl.float16)
-    s_t = tl.dot(k_lo, qs_lo) + tl.dot(k_hi, qs_hi) + bias[None, :]
-    s_t = tl.where(ok, s_t, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s_t, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p_t = tl.exp2(s_t - m_safe[None, :])
-    p16 = tl.trans(p_t.to(tl.float16))  # [M, G]
-    l_i = l_i * alpha + tl.sum(p_t, 0)
-    v_lo, v_hi = _widen_codes(vb, USE_ASM)
-    p_sum = tl.sum(p16.to(tl.float32), 1)[:, None]
-    acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo) * vs_lo[None, :] + p_sum * vz_lo[None, :]
-    acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi) * vs_hi[None, :] + p_sum * vz_hi[None, :]
-    return m_new, l_i, acc_lo, acc_hi
-
-
-@triton.jit
-def _int4_step(q_lo, q_hi, q_lo_t, q_hi_t, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi,
-               USE_ASM: tl.constexpr, KT: tl.constexpr):
-    if KT:
-        m_i, l_i, acc_lo, acc_hi = _int4_update_t(q_lo_t, q_hi_t, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi,
-                                                  USE_ASM)
-    else:
-        m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi, USE_ASM)
-    return m_i, l_i, acc_lo, acc_hi
-
-
-@triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
     bt_ptr, ctx_ptr, slot_ptr, o_ptr, part_o_ptr, part_ml_ptr,
@@ -205,7 +154,6 @@ def _decode_kernel(
     sm_scale, groups_per_split,
     H: tl.constexpr, REP: tl.constexpr, M: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, SPLITS: tl.constexpr, KV16: tl.constexpr, USE_ASM: tl.constexpr, ON_GPU: tl.constexpr,
-    PREFETCH: tl.constexpr, KT: tl.constexpr,
 ):
     """Grid (B, Hkv, SPLITS). KV16: the 16-bit paged peer (kc_ptr/vc_ptr are [pages, Hkv, P, D]
     16-bit pages, every token paged, no window)."""
@@ -226,8 +174,6 @@ def _decode_kernel(
     q16_hi = tl.load(q_ptr + q_off + HALF, mask=row_ok[:, None], other=0.0)
     q_lo = q16_lo.to(tl.float32) * sm_scale  # the fold path: scale rides on q (log2 domain)
     q_hi = q16_hi.to(tl.float32) * sm_scale
-    q_lo_t = tl.trans(q_lo)
-    q_hi_t = tl.trans(q_hi)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc_lo = tl.zeros([M, HALF], tl.float32)
@@ -249,30 +195,13 @@ def _decode_kernel(
             p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
             acc_lo += _mm(p.to(v_lo.dtype), v_lo, ON_GPU)
             acc_hi += _mm(p.to(v_hi.dtype), v_hi, ON_GPU)
-    elif PREFETCH:
-        # software pipelining by hand: the next group's codes and scales are loaded into registers
-        # before this group is computed, and its page id one step earlier still, so no load latency
-        # (page id -> codes -> scales) is exposed inside the loop
-        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-        page = tl.load(bt_row + (g0 * G) // P, mask=g0 < g1, other=0)
-        page_next = tl.load(bt_row + ((g0 + 1) * G) // P, mask=g0 + 1 < g1, other=0)
-        kb, vb, meta = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, (g0 * G) % P,
-                                   g0 < g1, H, P, G, D)
-        for g in range(g0, g1):
-            page_next2 = tl.load(bt_row + ((g + 2) * G) // P, mask=g + 2 < g1, other=0)
-            kb_n, vb_n, meta_n = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page_next, h,
-                                             ((g + 1) * G) % P, g + 1 < g1, H, P, G, D)
-            m_i, l_i, acc_lo, acc_hi = _int4_step(q_lo, q_hi, q_lo_t, q_hi_t, kb, vb, meta, g < g1,
-                                                  m_i, l_i, acc_lo, acc_hi, USE_ASM, KT)
-            kb, vb, meta = kb_n, vb_n, meta_n
-            page_next = page_next2
     else:
         for g in range(g0, g1):
             page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
             kb, vb, meta = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, (g * G) % P,
                                        g < g1, H, P, G, D)
-            m_i, l_i, acc_lo, acc_hi = _int4_step(q_lo, q_hi, q_lo_t, q_hi_t, kb, vb, meta, g < g1,
-                                                  m_i, l_i, acc_lo, acc_hi, USE_ASM, KT)
+            m_i, l_i, acc_lo, acc_hi = _int4_update(q_lo, q_hi, kb, vb, meta, g < g1,
+                                                    m_i, l_i, acc_lo, acc_hi, USE_ASM)
     if not KV16:
         n_win = ctx - n_full * G
         if (n_win > 0) & (n_full >= g0) & (n_full < g0 + groups_per_split):
@@ -324,16 +253,17 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, H
 
 # Decode launch parameters (benchmarks/kernels/NOTES-attention.md has the sweep behind them);
 # decode_attention(config=...) overrides them for tuning.
-DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "prefetch": False, "use_asm": True, "kt": True}
+DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "use_asm": True}
 
 
-PREFILL_CONFIG = {"rows": 128, "num_warps": 8, "num_stages": 2}
+PREFILL_CONFIG = {"rows": 64, "num_warps": 4, "num_stages": 2, "impl": "auto"}
 
 
 def _num_splits(batch: int, kv_heads: int, num_groups: int) -> int:
-    """Enough programs for ~4 waves of 132 SMs, at least 4 groups (256 tokens) per split."""
-    want = max(1, -(-4 * 132 // (batch * kv_heads)))
-    return max(1, min(want, -(-num_groups // 4), 64))
+    """Enough programs for ~8 per SM (132 SMs), at least 2 groups (128 tokens) per split (the sweep
+    in NOTES-attention.md: twice the splits of a 4-per-SM rule was 0-12% faster)."""
+    want = max(1, -(-8 * 132 // (batch * kv_heads)))
+    return max(1, min(want, -(-num_groups // 2), 64))
 
 
 def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scale, max_context_len,
@@ -363,7 +293,7 @@ def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scal
         scale * LOG2E, gps,
         H=num_kv_heads, REP=rep, M=max(16, triton.next_power_of_2(rep)), P=page_size, G=group_size,
         D=d, SPLITS=splits, KV16=kv16, USE_ASM=q.is_cuda and cfg["use_asm"], ON_GPU=q.is_cuda,
-        PREFETCH=cfg["prefetch"], KT=cfg["kt"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq,)](
@@ -406,13 +336,9 @@ def decode_attention_bf16(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch
 
 
 @triton.jit
-def _dequant_tile(c_ptr, s_ptr, z_ptr, page, h, row, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
-                  D: tl.constexpr, HALF: tl.constexpr, USE_ASM: tl.constexpr):
-    """One group's K or V [G, D/2] x 2 halves, dequantized to float16 in registers."""
-    cb = _load_codes(c_ptr, page, h, row, H, P, G, HALF)
+def _dequant(cb, s_lo, s_hi, z_lo, z_hi, USE_ASM: tl.constexpr):
+    """Codes uint8 [G, D/2] -> float16 values (low, high halves): code * scale + zero in registers."""
     c_lo, c_hi = _widen_codes(cb, USE_ASM)
-    s_lo, s_hi = _load_meta(s_ptr, page, h, row, H, P, G, D, HALF)
-    z_lo, z_hi = _load_meta(z_ptr, page, h, row, H, P, G, D, HALF)
     x_lo = c_lo * s_lo.to(tl.float16)[None, :] + z_lo.to(tl.float16)[None, :]
     x_hi = c_hi * s_hi.to(tl.float16)[None, :] + z_hi.to(tl.float16)[None, :]
     return x_lo, x_hi
@@ -470,8 +396,11 @@ def _prefill_kernel(
         for g in range(g_end):
             page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
             row = (g * G) % P
-            k_lo, k_hi = _dequant_tile(kc_ptr, ks_ptr, kz_ptr, page, h, row, H, P, G, D, HALF, USE_ASM)
-            v_lo, v_hi = _dequant_tile(vc_ptr, vs_ptr, vz_ptr, page, h, row, H, P, G, D, HALF, USE_ASM)
+            kb, vb, meta = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, row, g < g_end,
+                                       H, P, G, D)
+            ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vs_hi, vz_lo, vz_hi = meta
+            k_lo, k_hi = _dequant(kb, ks_lo, ks_hi, kz_lo, kz_hi, USE_ASM)
+            v_lo, v_hi = _dequant(vb, vs_lo, vs_hi, vz_lo, vz_hi, USE_ASM)
             visible = ((g * G + t)[None, :] <= qpos[:, None]) | (g < first_masked)
             m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, visible,
                                                     m_i, l_i, acc_lo, acc_hi)
@@ -494,35 +423,62 @@ def _prefill_kernel(
 
 def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
-                      scale: float, max_seqlen_q: int | None = None, config: dict | None = None) -> torch.Tensor:
+                      scale: float, max_seqlen_q: int | None = None, max_context_len: int | None = None,
+                      config: dict | None = None) -> torch.Tensor:
     """Chunked prefill: q [num_tokens, Hq, D], sequence b's rows cu_seqlens_q[b] .. at positions
     context_lens[b] - T_b .. context_lens[b] - 1, causal over the cache (read after the step's
-    write) -> [num_tokens, Hq, D]. Keys and values are dequantized to float16 in registers; q is
-    cast to float16 after the softmax scale (|q * scale| must stay under 65504). config overrides
-    PREFILL_CONFIG (benchmarks only)."""
+    write) -> [num_tokens, Hq, D].
+
+    Two implementations (config["impl"]; "auto" takes "flash" on CUDA):
+    - "flash": kv_cache.gather_kv dequantizes the sequences' pages and windows into contiguous
+      16-bit K/V (one memory-bound pass, ~2-8% of the attention time at these lengths), then
+      FlashAttention-2 varlen (PyTorch's bundled kernel, GQA and bottom-right causal built in) runs
+      on them. Prefill is tensor-core bound, so the fast path is the best available flash kernel.
+    - "fused": one Triton kernel that dequantizes each K/V group to float16 in registers (q is cast
+      to float16 after the softmax scale: |q * scale| must stay under 65504). ~2x slower than
+      flash on H100 (NOTES-attention.md); kept as the portable path (CPU interpreter, no flash).
+    max_seqlen_q, max_context_len: host-side maxima if known (each saves a device sync).
+    """
     ok, reason = can_implement(q, cache)
     assert ok, reason
     b = context_lens.shape[0]
     assert cu_seqlens_q.shape == (b + 1,) and q.stride(-1) == 1
     for t in (block_tables, cu_seqlens_q, context_lens, seq_slots):
         assert t.dtype == torch.int32, f"metadata must be int32, got {t.dtype}"
-    out = torch.empty_like(q)
     if q.shape[0] == 0:
-        return out
+        return torch.empty_like(q)
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     cfg = {**PREFILL_CONFIG, **(config or {})}
+    impl = cfg["impl"] if cfg["impl"] != "auto" else ("flash" if q.is_cuda else "fused")
+    if impl == "flash":
+        return _prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots, scale,
+                              max_seqlen_q, max_context_len)
+    out = torch.empty_like(q)
     hkv = cache.num_kv_heads
     rep = q.shape[1] // hkv
     rows = max(cfg["rows"], triton.next_power_of_2(rep))
-    block_t = rows // rep
-    grid = (triton.cdiv(max_seqlen_q, block_t), b, hkv)
+    grid = (triton.cdiv(max_seqlen_q, rows // rep), b, hkv)
     _prefill_kernel[grid](
         q, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale * LOG2E,
         H=hkv, REP=rep, ROWS=rows, P=cache.page_size, G=cache.group_size, D=cache.head_dim,
         USE_ASM=q.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    return out
+
+
+def _prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots, scale, max_seqlen_q,
+                   max_context_len):
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    cu_k = torch.zeros(context_lens.shape[0] + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum(context_lens, 0, out=cu_k[1:])
+    # an upper bound on the rows (exact for one sequence) keeps the call free of device syncs
+    k, v = gather_kv(cache, block_tables, context_lens, cu_k, seq_slots, q.dtype, max_context_len,
+                     context_lens.shape[0] * max_context_len)
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, max_context_len, 0.0, True, False, scale=scale)[0]
     return out
 
 

@@ -160,6 +160,79 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables
     )
 
 
+@triton.jit
+def _dequant_store(c_ptr, s_ptr, z_ptr, o_ptr, c_off, m_off, o_off, HALF: tl.constexpr):
+    c = tl.load(c_ptr + c_off)
+    lo = (c & 15).to(tl.float32) * tl.load(s_ptr + m_off).to(tl.float32)[None, :] \
+        + tl.load(z_ptr + m_off).to(tl.float32)[None, :]
+    hi = (c >> 4).to(tl.float32) * tl.load(s_ptr + m_off + HALF).to(tl.float32)[None, :] \
+        + tl.load(z_ptr + m_off + HALF).to(tl.float32)[None, :]
+    tl.store(o_ptr + o_off, lo.to(o_ptr.dtype.element_ty))
+    tl.store(o_ptr + o_off + HALF, hi.to(o_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _gather_kv_kernel(
+    kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr, bt_ptr, ctx_ptr, cu_k_ptr, slot_ptr,
+    k_out_ptr, v_out_ptr, stride_bt,
+    H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+):
+    """Grid (B, groups, Hkv): group g of sequence b, head h -> rows cu_k[b] + g*G .. of the outputs."""
+    HALF: tl.constexpr = D // 2
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    h = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    n_full = ctx // G
+    t = tl.arange(0, G)
+    j = tl.arange(0, HALF)
+    d = tl.arange(0, D)
+    rows = (tl.load(cu_k_ptr + b) + g * G + t).to(tl.int64)
+    if g < n_full:
+        page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
+        row = (g * G) % P
+        c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
+        m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
+        o_off = (rows * H + h)[:, None] * D + j[None, :]
+        _dequant_store(kc_ptr, ks_ptr, kz_ptr, k_out_ptr, c_off, m_off, o_off, HALF)
+        _dequant_store(vc_ptr, vs_ptr, vz_ptr, v_out_ptr, c_off, m_off, o_off, HALF)
+    elif g == n_full:
+        m = (t < ctx - n_full * G)[:, None]
+        slot = tl.load(slot_ptr + b)
+        w_off = ((slot * H + h) * G + t).to(tl.int64)[:, None] * D + d[None, :]
+        o_off = (rows * H + h)[:, None] * D + d[None, :]
+        tl.store(k_out_ptr + o_off, tl.load(kw_ptr + w_off, mask=m).to(k_out_ptr.dtype.element_ty), mask=m)
+        tl.store(v_out_ptr + o_off, tl.load(vw_ptr + w_off, mask=m).to(v_out_ptr.dtype.element_ty), mask=m)
+
+
+def gather_kv(cache: PagedKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
+              cu_seqlens_k: torch.Tensor, seq_slots: torch.Tensor, dtype: torch.dtype,
+              max_context_len: int | None = None, total_tokens: int | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences' keys and values as attention reads them, contiguous: k, v [sum(context_lens),
+    Hkv, D] in `dtype`, sequence b at rows cu_seqlens_k[b] ..; full groups dequantized (code * scale
+    + zero in float32, as ref.gather_kv, possibly fused into one FMA), the window copied.
+    total_tokens: rows to allocate, >= sum(context_lens) (default: the exact sum, a device sync);
+    max_context_len likewise saves a sync. Rows past the sum are left unwritten."""
+    b = context_lens.shape[0]
+    assert cu_seqlens_k.shape == (b + 1,) and cu_seqlens_k.dtype == torch.int32
+    if max_context_len is None:
+        max_context_len = int(context_lens.max()) if b else 0
+    if total_tokens is None:
+        total_tokens = int(cu_seqlens_k[-1]) if b else 0
+    h, d = cache.num_kv_heads, cache.head_dim
+    k = torch.empty(total_tokens, h, d, dtype=dtype, device=cache.k_codes.device)
+    v = torch.empty_like(k)
+    if total_tokens == 0:
+        return k, v
+    groups = max_context_len // cache.group_size + 1
+    _gather_kv_kernel[(b, groups, h)](
+        *cache.tensors(), block_tables, context_lens, cu_seqlens_k, seq_slots, k, v, block_tables.stride(0),
+        H=h, P=cache.page_size, G=cache.group_size, D=d, num_warps=4,
+    )
+    return k, v
+
+
 def can_implement(k: torch.Tensor, cache: PagedKVCache) -> tuple[bool, str]:
     d = cache.head_dim
     if k.dim() != 3 or k.shape[1:] != (cache.num_kv_heads, d):

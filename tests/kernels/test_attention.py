@@ -67,8 +67,10 @@ def run_attention_case(kv_heads, rep, head_dim, group, page, steps, device="cpu"
         v = torch.randn(int(cu[-1]), kv_heads, head_dim, generator=gen).to(dtype).to(device)
         kv_cache.write_kv(k, v, cache, *meta)
         q = (torch.randn(int(cu[-1]), hq, head_dim, generator=gen) * 2).to(dtype).to(device)
-        _check(f"prefill step {step}", attention.prefill_attention(q, cache, *meta, scale),
-               ref.prefill_attention(q, cache, *meta, scale))
+        want = ref.prefill_attention(q, cache, *meta, scale)
+        for impl in ("fused", "flash") if device == "cuda" else ("fused",):
+            _check(f"prefill {impl} step {step}",
+                   attention.prefill_attention(q, cache, *meta, scale, config={"impl": impl}), want)
         qd = (torch.randn(b, hq, head_dim, generator=gen) * 2).to(dtype).to(device)
         bt_d, _, ctx_d, slots_d = meta
         want = ref.decode_attention(qd, cache, bt_d, ctx_d, slots_d, scale)

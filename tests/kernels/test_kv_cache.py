@@ -60,6 +60,23 @@ def run_write_case(kv_heads, head_dim, group, page, steps, device="cpu", dtype=t
                         raise AssertionError(f"{name} differs (sequence {i}) after step {step}")
             elif not torch.equal(a, d.cpu()):
                 raise AssertionError(f"{name}: {int((a != d.cpu()).sum())} entries differ after step {step}")
+        _check_gather(c_dev, block_tables.to(device), ctx.to(device), seq_slots.to(device), dtype)
+
+
+def _check_gather(cache, block_tables, context_lens, seq_slots, dtype):
+    """kernels.gather_kv (contiguous dequantized K/V) against ref.gather_kv: equal up to one rounding
+    of the 16-bit output (the kernel may fuse code * scale + zero into one FMA)."""
+    from cometserve.kernels import kv_cache, ref
+
+    cu = torch.zeros(context_lens.shape[0] + 1, dtype=torch.int32, device=context_lens.device)
+    cu[1:] = torch.cumsum(context_lens, 0)
+    k, v = kv_cache.gather_kv(cache, block_tables, context_lens, cu, seq_slots, dtype)
+    for i in range(context_lens.shape[0]):
+        rk, rv = ref.gather_kv(cache, block_tables[i], int(context_lens[i]), int(seq_slots[i]), dtype)
+        for got, want in ((k[int(cu[i]):int(cu[i + 1])], rk), (v[int(cu[i]):int(cu[i + 1])], rv)):
+            ulp = want.float().abs().clamp_min(1e-3) * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10)
+            if not bool(((got.float() - want.float()).abs() <= ulp).all()):
+                raise AssertionError(f"gather_kv differs from ref.gather_kv (sequence {i})")
 
 
 def _main() -> None:
