@@ -1,4 +1,4 @@
-"""cometserve quantize | generate | eval | demo."""
+"""cometserve quantize | generate | eval | demo | bench."""
 
 from __future__ import annotations
 
@@ -104,6 +104,21 @@ def cmd_demo(args) -> None:
             print(f"[{label:8s} {outs[i].seconds:6.2f} s, {rate:5.1f} tok/s] {c.text.strip()}")
 
 
+def cmd_bench(args) -> None:
+    """Run benchmarks/e2e/throughput.py of this source checkout with the remaining arguments."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e" / "throughput.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script}: the benchmark ships with the source checkout only")
+    spec = importlib.util.spec_from_file_location("cometserve_bench_throughput", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = module.main(args.bench_args)
+    if rc:
+        raise RuntimeError(f"benchmark exited with status {rc}")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -152,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--requantize", action="store_true")
     _add_sampling_args(d)
     d.set_defaults(func=cmd_demo)
+    # prefix_chars="+": every "--flag" after `bench` goes to the benchmark script untouched
+    b = sub.add_parser("bench", help="end-to-end throughput (benchmarks/e2e/throughput.py; its --help)",
+                       prefix_chars="+", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

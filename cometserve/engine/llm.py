@@ -1,10 +1,12 @@
 """LLM: the offline Python API. `LLM(path).generate(prompts, SamplingParams(...))`.
 
-This first engine runs one sequence at a time over the plain KV cache; it is the behavioural
-reference that the batched, paged engine must reproduce."""
+`generate` runs every prompt through the batched engine (engine.py: continuous batching over the
+paged KV cache). `generate_reference` keeps the first engine, one sequence at a time over the plain
+per-sequence cache: the behavioural reference the batched engine is tested against."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cometserve.engine.engine import EngineConfig, LLMEngine
+from cometserve.engine.kv_manager import cdiv
 from cometserve.engine.sampler import make_generator, sample
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
@@ -36,7 +40,8 @@ class RequestOutput:
 class LLM:
     """A loaded model (16-bit directory, GGUF file or cometserve checkpoint) with its tokenizer."""
 
-    def __init__(self, model: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+                 engine_config: EngineConfig | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.loaded = load_model(model, device=device, dtype=dtype)
@@ -45,6 +50,9 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.loaded.path))
         self.device = self.model.model.embed_tokens.weight.device
         self.max_model_len = self.model.config.max_model_len
+        self.engine_config = engine_config
+        self._engine: LLMEngine | None = None
+        self._batches = 0
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
@@ -55,6 +63,13 @@ class LLM:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompt)["input_ids"]
 
+    def _encode_all(self, prompts, params: SamplingParams, chat: bool) -> tuple[list[str], list[list[int]]]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        encoded = [self.encode(p, chat) for p in prompts]
+        for ids in encoded:
+            self._check_length(ids, params)
+        return prompts, encoded
+
     def generate(
         self,
         prompts: str | list[str],
@@ -62,15 +77,56 @@ class LLM:
         chat: bool = False,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        """All prompts at once through the batched engine; outputs in prompt order."""
         params = sampling_params or SamplingParams()
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        encoded = [self.encode(p, chat) for p in prompts]
-        for p, ids in zip(prompts, encoded):
-            self._check_length(ids, params)
+        prompts, encoded = self._encode_all(prompts, params, chat)
+        engine = self.engine(encoded, params)
+        t0 = time.perf_counter()
+        self._batches += 1
+        ids = [f"generate-{self._batches}-{i}" for i in range(len(prompts))]
+        requests = [engine.add_request(rid, toks, params) for rid, toks in zip(ids, encoded)]
+        seconds: dict[str, float] = {}
+        reasons: dict[str, str] = {}
+        with tqdm(total=len(prompts), desc="generating", disable=not use_tqdm) as bar:
+            for delta in engine.stream():
+                if delta.finished:
+                    seconds[delta.request_id] = time.perf_counter() - t0
+                    reasons[delta.request_id] = delta.finish_reason
+                    bar.update(1)
         outputs = []
-        for prompt, ids in tqdm(list(zip(prompts, encoded)), desc="generating", disable=not use_tqdm):
+        for prompt, toks, rid, req in zip(prompts, encoded, ids, requests):
+            reason = reasons.get(rid, req.finish_reason)
+            lps = list(req.output_logprobs) if params.logprobs else None
+            completion = CompletionOutput(engine.completion_text(req), list(req.output_token_ids), reason, lps)
+            outputs.append(RequestOutput(prompt, toks, [completion], seconds.get(rid, 0.0)))
+        return outputs
+
+    def engine(self, encoded: list[list[int]] | None = None, params: SamplingParams | None = None) -> LLMEngine:
+        """The batched engine. On CUDA one engine sized from free memory is kept; on CPU the cache is
+        sized (and the engine rebuilt) to hold this batch's requests whole."""
+        if self.device.type == "cuda":
+            if self._engine is None:
+                self._engine = LLMEngine(self.model, self.scheme, self.engine_config, self.tokenizer)
+            return self._engine
+        cfg = self.engine_config or EngineConfig(max_num_seqs=64, use_cuda_graphs=False)
+        page = cfg.page_size or (self.scheme.kv_group_size if self.scheme.kv_bits == 4 else 64)
+        need = sum(cdiv(len(t) + params.max_tokens, page) for t in encoded or [[0]]) if params else 1
+        if cfg.num_pages is None:
+            cfg = dataclasses.replace(cfg, num_pages=max(need, cdiv(self.max_model_len, page)))
+        if self._engine is None or self._engine.storage.num_pages < cfg.num_pages:
+            self._engine = None
+            self._engine = LLMEngine(self.model, self.scheme, cfg, self.tokenizer)
+        return self._engine
+
+    def generate_reference(self, prompts: str | list[str], sampling_params: SamplingParams | None = None,
+                           chat: bool = False) -> list[RequestOutput]:
+        """The one-sequence-at-a-time path over the plain cache (the behavioural reference)."""
+        params = sampling_params or SamplingParams()
+        prompts, encoded = self._encode_all(prompts, params, chat)
+        outputs = []
+        for prompt, ids in zip(prompts, encoded):
             t0 = time.perf_counter()
-            completion = self._generate_one(ids, params)
+            completion = generate_reference(self.model, self.scheme, ids, params, self.tokenizer)
             outputs.append(RequestOutput(prompt, ids, [completion], time.perf_counter() - t0))
         return outputs
 
@@ -83,36 +139,43 @@ class LLM:
                 f"context of {self.max_model_len} tokens"
             )
 
-    @torch.no_grad()
-    def _generate_one(self, prompt_ids: list[int], params: SamplingParams) -> CompletionOutput:
-        scheme = self.scheme
-        cache = self.model.new_cache(scheme.kv_bits, scheme.kv_group_size)
-        gen = make_generator(params, self.device)
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
-            stop_ids.add(self.tokenizer.eos_token_id)
-        tokens, logprobs = [], []
-        step_ids = torch.tensor(prompt_ids, device=self.device)
-        pos = 0
-        while True:
-            positions = torch.arange(pos, pos + step_ids.numel(), device=self.device)
-            hidden = self.model(step_ids, positions, cache)
-            token, lp = sample(self.model.compute_logits(hidden[-1:])[0], params, gen)
-            pos += step_ids.numel()
-            if token in stop_ids:
-                return self._finish(tokens, logprobs, "stop", params)
-            tokens.append(token)
-            logprobs.append(lp)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if any(s in text for s in params.stop):
-                return self._finish(tokens, logprobs, "stop", params)
-            if len(tokens) >= params.max_tokens:
-                return self._finish(tokens, logprobs, "length", params)
-            step_ids = torch.tensor([token], device=self.device)
 
-    def _finish(self, tokens: list[int], logprobs: list[float], reason: str, params: SamplingParams) -> CompletionOutput:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+@torch.no_grad()
+def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingParams, tokenizer=None,
+                       eos_token_id: int | None = None) -> CompletionOutput:
+    """One sequence over the plain cache: prefill the prompt in one forward, then one token per
+    forward. `tokenizer` (optional) gives the EOS id, the text and the stop strings."""
+    device = model.model.embed_tokens.weight.device
+    cache = model.new_cache(scheme.kv_bits, scheme.kv_group_size)
+    gen = make_generator(params, device)
+    stop_ids = set(params.stop_token_ids)
+    eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    if not params.ignore_eos and eos is not None:
+        stop_ids.add(eos)
+    tokens, logprobs = [], []
+    step_ids = torch.tensor(prompt_ids, device=device)
+    pos = 0
+
+    def finish(reason: str) -> CompletionOutput:
+        text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
         for s in params.stop:
             if s in text:
                 text = text[: text.index(s)]
         return CompletionOutput(text, tokens, reason, logprobs if params.logprobs else None)
+
+    while True:
+        positions = torch.arange(pos, pos + step_ids.numel(), device=device)
+        hidden = model(step_ids, positions, cache)
+        token, lp = sample(model.compute_logits(hidden[-1:])[0], params, gen)
+        pos += step_ids.numel()
+        if token in stop_ids:
+            return finish("stop")
+        tokens.append(token)
+        logprobs.append(lp)
+        if params.stop and tokenizer is not None:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if any(s in text for s in params.stop):
+                return finish("stop")
+        if len(tokens) >= params.max_tokens:
+            return finish("length")
+        step_ids = torch.tensor([token], device=device)

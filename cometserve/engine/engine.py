@@ -1,0 +1,213 @@
+"""LLMEngine: requests in, per-step deltas out. Scheduler -> runner -> scheduler.update -> stop strings.
+
+```
+engine = LLMEngine(model, scheme, EngineConfig(...), tokenizer=tok)
+engine.add_request("a", prompt_ids, SamplingParams(max_tokens=32))
+while engine.has_unfinished():
+    for delta in engine.step():        # RequestDelta: new token ids, text delta, finish reason
+        ...
+```
+
+`stream()` runs steps until every request is done and yields the deltas: the server issue wraps
+it. Stop tokens, EOS and max_tokens are the scheduler's (`Scheduler.update`); stop strings are
+checked here, on detokenized text, and end the request through `Scheduler.finish_request` with the
+completion text cut before the stop string (the one-sequence reference engine's semantics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cometserve.engine.kv_manager import KVBlockManager
+from cometserve.engine.kv_storage import KVStorage
+from cometserve.engine.request import Request, RequestStatus
+from cometserve.engine.runner import ModelRunner
+from cometserve.engine.scheduler import Scheduler
+from cometserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching and cache sizing. `num_pages` None sizes the cache from `memory_fraction` of the
+    free GPU memory (after the weights); it is required on CPU."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # None: the model's
+    num_pages: int | None = None
+    page_size: int | None = None  # None: the KV group size (INT4) or 64 (16-bit)
+    memory_fraction: float = 0.9
+    use_cuda_graphs: bool = True
+    max_graph_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"EngineConfig.memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1")
+
+
+@dataclass
+class RequestDelta:
+    """What one step added to one request. `finish_reason` is set on its last delta only."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str = ""
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    num_sent: int = 0  # output tokens already reported
+    text: str = ""  # detokenized output, cut at a stop string once one is found
+    text_sent: int = 0
+    stop_hit: bool = False
+
+
+def _reserve_bytes(model, cfg: EngineConfig) -> int:
+    """Working memory kept out of the KV cache: a prefill step's activations and the logits."""
+    c = model.config
+    per_token = (4 * c.intermediate_size + 8 * c.hidden_size) * 4
+    return cfg.max_num_batched_tokens * per_token + cfg.max_num_seqs * c.vocab_size * 4 * 4 + (1 << 30)
+
+
+class LLMEngine:
+    def __init__(self, model, scheme, config: EngineConfig | None = None, tokenizer=None,
+                 eos_token_id: int | None = None) -> None:
+        self.model, self.scheme = model, scheme
+        self.config = cfg = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        max_len = min(cfg.max_model_len or model.config.max_model_len, model.config.max_model_len)
+        self.max_model_len = max_len
+        self.storage = KVStorage.create(
+            model, scheme.kv_bits, scheme.kv_group_size, cfg.max_num_seqs, cfg.num_pages, cfg.page_size,
+            cfg.memory_fraction, _reserve_bytes(model, cfg),
+        )
+        kv = KVBlockManager(self.storage.num_pages, self.storage.page_size)
+        self.scheduler = Scheduler(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
+        self.runner = ModelRunner(model, self.storage, max_len, cfg.use_cuda_graphs, cfg.max_graph_batch)
+        self._tracked: dict[str, _Tracked] = {}
+        self._aborted: list[str] = []
+        self.num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a request; raises RequestRejected (a ValueError) if it can never fit."""
+        if request_id in self._tracked:
+            raise ValueError(f"request id {request_id} is already in use")
+        request = Request(request_id, list(prompt_token_ids), params, self.eos_token_id)
+        self.scheduler.add(request)
+        self._tracked[request_id] = _Tracked(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """End a live request; its final delta (finish_reason "abort") comes with the next step."""
+        if not self.scheduler.abort(request_id):
+            return False
+        self.runner.release([request_id])
+        self._aborted.append(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def get_request(self, request_id: str) -> Request | None:
+        t = self._tracked.get(request_id)
+        return t.request if t else None
+
+    # ---- stepping ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestDelta]:
+        """One scheduler step; a delta for every request that got a token or finished."""
+        deltas = [self._final_delta(rid, "abort") for rid in self._aborted]
+        self._aborted.clear()
+        out = self.scheduler.schedule()
+        step_out = self.runner.execute(out)
+        finished = self.scheduler.update(step_out)
+        self.runner.release([r.request_id for r in finished])
+        self.num_steps += 1
+        for rid in step_out.sampled:
+            tracked = self._tracked.get(rid)
+            if tracked is not None:
+                deltas.append(self._delta(tracked))
+        return deltas
+
+    def stream(self) -> Iterator[RequestDelta]:
+        """Step until no request is left, yielding every delta as it comes."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    # ---- outputs -------------------------------------------------------------------------
+
+    def _delta(self, t: _Tracked) -> RequestDelta:
+        r = t.request
+        params = r.sampling_params
+        if params.stop and not t.stop_hit and self.tokenizer is not None:
+            self._check_stop_strings(t)
+        new = r.output_token_ids[t.num_sent:]
+        lps = r.output_logprobs[t.num_sent:] if params.logprobs else None
+        t.num_sent = r.num_output_tokens
+        reason = None
+        if r.is_finished:
+            reason = "stop" if t.stop_hit else r.finish_reason
+        text_delta = self._text_delta(t, final=reason is not None)
+        if reason is not None:
+            self._tracked.pop(r.request_id)
+        return RequestDelta(r.request_id, list(new), text_delta, lps, reason)
+
+    def _check_stop_strings(self, t: _Tracked) -> None:
+        """Finish the request (status STOPPED) once its text contains a stop string; cut the text."""
+        r = t.request
+        text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True)
+        hits = [text.index(s) for s in r.sampling_params.stop if s in text]
+        t.text = text[: min(hits)] if hits else text
+        if hits:
+            t.stop_hit = True
+            if not r.is_finished:
+                self.scheduler.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED)
+                self.runner.release([r.request_id])
+
+    def _text_delta(self, t: _Tracked, final: bool) -> str:
+        """Text added since the last delta (no tokenizer: ""). Held back while it may still be the
+        start of a stop string or ends in an incomplete character."""
+        if self.tokenizer is None:
+            return ""
+        r = t.request
+        if not t.stop_hit:
+            t.text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True)
+        end = len(t.text)
+        if not final:
+            if t.text.endswith("\ufffd"):
+                end -= 1
+            for s in r.sampling_params.stop:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if t.text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        end = max(end, t.text_sent)
+        delta = t.text[t.text_sent:end]
+        t.text_sent = end
+        return delta
+
+    def _final_delta(self, rid: str, reason: str) -> RequestDelta:
+        t = self._tracked.pop(rid, None)
+        return RequestDelta(rid, [], "", [] if t and t.request.sampling_params.logprobs else None, reason)
+
+    def completion_text(self, request: Request) -> str:
+        """The whole completion text of a finished request, cut before the first stop string."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        hits = [text.index(s) for s in request.sampling_params.stop if s in text]
+        return text[: min(hits)] if hits else text

@@ -1,0 +1,367 @@
+"""ModelRunner: SchedulerOutput -> batch tensors + attention metadata (built once per step) -> model
+forward over the paged cache -> logits at the sampled positions -> per-request samples (StepOutput).
+
+The model takes flat `input_ids [T]` and `positions [T]` and a cache whose `layers[i].attend(q, k,
+v, positions, scale)` writes the step's K/V and reads attention for layer i. Here that object is a
+`StepCache`: one `LayerView` per layer sharing one `AttentionMetadata`, so the model never learns
+it is running a ragged batch.
+
+Kernel choice (ARCHITECTURE.md: the vLLM kernel-selection contract): on CUDA the Triton kernels
+where their `can_implement` accepts the shapes, the `kernels/ref.py` reference otherwise. A step
+whose every chunk is one token long runs decode attention; any longer chunk makes it a prefill step.
+
+Decode steps of up to `max_graph_batch` sequences replay a CUDA graph of the whole model forward
+captured for the padded batch size (static buffers and the captured graphs live in `DecodeGraphs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cometserve.engine.interfaces import SchedulerOutput, StepOutput
+from cometserve.engine.kv_storage import KVStorage
+from cometserve.engine.sampler import make_generator, sample
+from cometserve.kernels import ref
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's attention metadata, shared by every layer. B sequences, T tokens.
+
+    block_tables int32 [B, max_pages] (padded with the dummy page); cu_seqlens_q int32 [B+1];
+    context_lens int32 [B] (after this step's write); seq_slots int32 [B] (INT4 window rows);
+    slot_mapping int64 [T] (flat page * P + offset of each new token: the 16-bit cache's write).
+    Host copies: start_pos, context lens and cu_seqlens as Python lists (no device syncs);
+    max_seqlen_q, max_context_len: grid sizes the kernels would otherwise read from the device.
+    """
+
+    block_tables: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    context_lens: torch.Tensor
+    seq_slots: torch.Tensor
+    slot_mapping: torch.Tensor
+    max_seqlen_q: int
+    max_context_len: int
+    start_pos_host: list[int]
+    context_lens_host: list[int]
+    cu_seqlens_host: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_seqlen_q == 1
+
+
+class Int4Attention:
+    """write_kv + prefill/decode attention over `ref.PagedKVCache` (kernels where they apply)."""
+
+    def __init__(self, storage: KVStorage, q_heads: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.write_kv, self.decode, self.prefill = ref.write_kv, ref.decode_attention, ref.prefill_attention
+        self.reason = "not on CUDA"
+        if device.type == "cuda":
+            try:
+                from cometserve.kernels import attention, kv_cache
+            except ImportError as e:
+                self.reason = f"kernels unavailable: {e}"
+                return
+            cache = storage.layers[0]
+            q = torch.empty(1, q_heads, cache.head_dim, dtype=dtype, device=device)
+            k = torch.empty(1, cache.num_kv_heads, cache.head_dim, dtype=dtype, device=device)
+            ok_w, why_w = kv_cache.can_implement(k, cache)
+            ok_a, why_a = attention.can_implement(q, cache)
+            if ok_w:
+                self.write_kv = kv_cache.write_kv
+            if ok_a:
+                self.decode, self.prefill = attention.decode_attention, attention.prefill_attention
+            self.reason = "; ".join(r for r in (why_w, why_a) if r) or "kernels"
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.decode is not ref.decode_attention and self.write_kv is not ref.write_kv
+
+    def attend(self, cache, m: AttentionMetadata, q, k, v, scale: float) -> torch.Tensor:
+        self.write_kv(k, v, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, m.max_seqlen_q)
+        if m.is_decode:
+            return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
+        return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
+                            m.max_seqlen_q)
+
+
+class Bf16Attention:
+    """16-bit paged cache: scatter by slot_mapping; decode through the paged decode kernel (or its
+    reference); prefill per sequence over its own new K/V (first chunk) or the gathered pages."""
+
+    def __init__(self, storage: KVStorage, q_heads: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.decode = ref.decode_attention_bf16
+        self.on_cuda = device.type == "cuda"
+        self.reason = "not on CUDA"
+        head_dim = storage.layers[0].k_pages.shape[3]
+        if self.on_cuda and head_dim in (64, 128, 256) and dtype in (torch.float16, torch.bfloat16):
+            try:
+                from cometserve.kernels import attention
+
+                self.decode, self.reason = attention.decode_attention_bf16, "kernels"
+            except ImportError as e:
+                self.reason = f"kernels unavailable: {e}"
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.decode is not ref.decode_attention_bf16
+
+    def attend(self, cache, m: AttentionMetadata, q, k, v, scale: float) -> torch.Tensor:
+        psz = cache.page_size
+        kp, vp = cache.k_pages, cache.v_pages
+        page, off = m.slot_mapping // psz, m.slot_mapping % psz
+        kp[page, :, off] = k.to(kp.dtype)  # [T, Hkv, D] into [num_pages, Hkv, P, D]
+        vp[page, :, off] = v.to(vp.dtype)
+        if m.is_decode:
+            return self.decode(q, kp, vp, m.block_tables, m.context_lens, scale, m.max_context_len)
+        out = torch.empty_like(q)
+        cu = m.cu_seqlens_host
+        for b, (start, ctx) in enumerate(zip(m.start_pos_host, m.context_lens_host)):
+            t0, t1 = cu[b], cu[b + 1]
+            if start == 0:
+                keys, values = k[t0:t1].to(kp.dtype), v[t0:t1].to(vp.dtype)
+            else:
+                pages = m.block_tables[b, : -(-ctx // psz)].long()
+                keys = kp[pages].transpose(1, 2).reshape(-1, kp.shape[1], kp.shape[3])[:ctx]
+                values = vp[pages].transpose(1, 2).reshape(-1, vp.shape[1], vp.shape[3])[:ctx]
+            out[t0:t1] = self._attention(q[t0:t1], keys, values, start, scale)
+        return out
+
+    def _attention(self, q, keys, values, start: int, scale: float) -> torch.Tensor:
+        """q [T, Hq, D] at positions start.. over keys/values [L, Hkv, D] (L = start + T)."""
+        t = q.shape[0]
+        if not self.on_cuda:  # the reference: bit-identical to the plain per-sequence path
+            pos = torch.arange(start, start + t, device=q.device)
+            return ref.attention(q, keys, values, pos, scale)
+        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+        if start == 0:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = torch.arange(keys.shape[0], device=q.device)[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        return o.transpose(0, 1)
+
+
+class LayerView:
+    """What the model's attention layer sees as its cache for this step."""
+
+    __slots__ = ("cache", "meta", "ops")
+
+    def __init__(self, cache, meta: AttentionMetadata, ops) -> None:
+        self.cache, self.meta, self.ops = cache, meta, ops
+
+    def attend(self, q, k, v, positions, scale: float) -> torch.Tensor:
+        return self.ops.attend(self.cache, self.meta, q, k, v, scale)
+
+
+class StepCache:
+    def __init__(self, storage: KVStorage, meta: AttentionMetadata, ops) -> None:
+        self.layers = [LayerView(c, meta, ops) for c in storage.layers]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    meta: AttentionMetadata
+    sample_rows: list[int]  # row of each sampled chunk's last token in [T]
+    sample_ids: list[str]  # request ids, same order
+
+
+class ModelRunner:
+    """Runs one scheduled step of `model` over `storage`; keeps per-request sampler state."""
+
+    def __init__(self, model, storage: KVStorage, max_model_len: int, use_cuda_graphs: bool = False,
+                 max_graph_batch: int = 256) -> None:
+        self.model = model
+        self.storage = storage
+        self.max_model_len = max_model_len
+        w = model.model.embed_tokens.weight
+        self.device, self.dtype = w.device, w.dtype
+        cfg = model.config
+        cls = Int4Attention if storage.kv_bits == 4 else Bf16Attention
+        self.attn = cls(storage, cfg.num_heads, self.dtype, self.device)
+        self.generators: dict[str, torch.Generator | None] = {}
+        self.graphs: DecodeGraphs | None = None
+        self.graphs_error: str | None = None
+        if use_cuda_graphs and self.device.type == "cuda" and self.attn.graph_safe:
+            self.graphs = DecodeGraphs(self, min(max_graph_batch, storage.max_seqs))
+            if not self.graphs.ok:
+                self.graphs_error, self.graphs = self.graphs.error, None
+
+    # ---- metadata ------------------------------------------------------------------------
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """Flatten the step's chunks into tensors; assign/release sequence window slots."""
+        st = self.storage
+        self.release(out.preempted_ids, keep_generators=True)  # a recompute rewrites the window
+        self.release(out.finished_ids)
+        ids, pos, slot_map, cu, starts, ctxs, slots = [], [], [], [0], [], [], []
+        rows, sample_ids = [], []
+        max_pages = max(len(c.block_table) for c in out.chunks)
+        tables = []
+        for c in out.chunks:
+            ids.extend(c.token_ids)
+            pos.extend(range(c.start_pos, c.end_pos))
+            slot_map.extend(c.slot_mapping)
+            cu.append(cu[-1] + c.num_tokens)
+            starts.append(c.start_pos)
+            ctxs.append(c.end_pos)
+            slots.append(st.slots.get_or_assign(c.request_id))
+            tables.append(list(c.block_table) + [st.dummy_page] * (max_pages - len(c.block_table)))
+            if c.needs_sample:
+                rows.append(cu[-1] - 1)
+                sample_ids.append(c.request_id)
+        dev = self.device
+
+        def t(x, dtype=torch.int32):
+            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
+
+        meta = AttentionMetadata(
+            block_tables=t(tables), cu_seqlens_q=t(cu), context_lens=t(ctxs), seq_slots=t(slots),
+            slot_mapping=t(slot_map, torch.int64), max_seqlen_q=max(c.num_tokens for c in out.chunks),
+            max_context_len=max(ctxs), start_pos_host=starts, context_lens_host=ctxs, cu_seqlens_host=cu,
+        )
+        return StepInputs(t(ids, torch.int64), t(pos, torch.int64), meta, rows, sample_ids)
+
+    def release(self, request_ids, keep_generators: bool = False) -> None:
+        """Drop per-request state: the window slot, and (finished requests) the seeded generator.
+        Idempotent: the engine releases at finish, the next SchedulerOutput names them again."""
+        for rid in request_ids:
+            self.storage.slots.release(rid)
+            if not keep_generators:
+                self.generators.pop(rid, None)
+
+    # ---- execution -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepOutput:
+        if out.is_empty:
+            self.release(out.preempted_ids, keep_generators=True)
+            self.release(out.finished_ids)
+            return StepOutput({})
+        inputs = self.prepare(out)
+        hidden = None
+        if self.graphs is not None and inputs.meta.is_decode:
+            hidden = self.graphs.run(inputs)
+        if hidden is None:
+            hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        if not inputs.sample_rows:
+            return StepOutput({})
+        rows = torch.tensor(inputs.sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
+        return StepOutput(self.sample(logits, inputs.sample_ids, params))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, StepCache(self.storage, meta, self.attn))
+
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: dict) -> dict[str, tuple[int, float]]:
+        """logits float32 [S, vocab] -> {request_id: (token, logprob)}. Greedy rows in one batch
+        (one host sync), the others one by one with their kept seeded generators."""
+        result: dict[str, tuple[int, float]] = {}
+        greedy = [i for i, rid in enumerate(request_ids) if params[rid].greedy]
+        if greedy:
+            sel = logits[greedy] if len(greedy) < len(request_ids) else logits
+            tokens = sel.argmax(dim=-1)
+            lps = torch.log_softmax(sel, dim=-1).gather(1, tokens[:, None])[:, 0]
+            for i, tok, lp in zip(greedy, tokens.tolist(), lps.tolist()):
+                result[request_ids[i]] = (tok, lp)
+        for i, rid in enumerate(request_ids):
+            if rid in result:
+                continue
+            if rid not in self.generators:
+                self.generators[rid] = make_generator(params[rid], self.device)
+            result[rid] = sample(logits[i], params[rid], self.generators[rid])
+        return result
+
+
+class DecodeGraphs:
+    """CUDA graphs of the whole model forward for decode batches padded to 1, 2, 4, ..., max_batch.
+
+    Every graph reads one set of static buffers (input ids, positions, metadata). Rows past the real
+    batch are 1-token decodes of a dummy sequence (dummy page, dummy window slot, context 1), so
+    padding never touches a live sequence. The grid-shaping host values are fixed at capture:
+    max_seqlen_q = 1 and max_context_len = max_model_len (kernels stop at each row's own length).
+    Capture failure is not fatal: `ok` stays False and the runner runs eagerly.
+    """
+
+    def __init__(self, runner: ModelRunner, max_batch: int) -> None:
+        self.runner = runner
+        st, dev = runner.storage, runner.device
+        self.sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+        self.max_pages = -(-runner.max_model_len // st.page_size)
+        n = self.sizes[-1]
+        i32 = {"dtype": torch.int32, "device": dev}
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.meta = AttentionMetadata(
+            block_tables=torch.full((n, self.max_pages), st.dummy_page, **i32),
+            cu_seqlens_q=torch.arange(n + 1, **i32), context_lens=torch.ones(n, **i32),
+            seq_slots=torch.full((n,), st.dummy_slot, **i32),
+            slot_mapping=torch.full((n,), st.dummy_page * st.page_size, dtype=torch.int64, device=dev),
+            max_seqlen_q=1, max_context_len=runner.max_model_len, start_pos_host=[], context_lens_host=[],
+            cu_seqlens_host=[],
+        )
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.error: str | None = None
+        try:
+            self._capture_all()
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+            self.graphs.clear()
+            self.outputs.clear()
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _view(self, bs: int) -> AttentionMetadata:
+        m = self.meta
+        return AttentionMetadata(m.block_tables[:bs], m.cu_seqlens_q[: bs + 1], m.context_lens[:bs],
+                                 m.seq_slots[:bs], m.slot_mapping[:bs], 1, m.max_context_len, [], [], [])
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        pool = None
+        for bs in reversed(self.sizes):
+            meta = self._view(bs)
+            for _ in range(2):  # warm-up: compiles kernels and tunes the GEMMs for this M outside capture
+                self.runner.forward(self.input_ids[:bs], self.positions[:bs], meta)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[bs] = self.runner.forward(self.input_ids[:bs], self.positions[:bs], meta)
+            pool = g.pool()
+            self.graphs[bs] = g
+        torch.cuda.synchronize()
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.graphs)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """hidden [B, hidden] of a decode step through the smallest graph that fits, or None."""
+        b = inputs.input_ids.shape[0]
+        bs = next((s for s in self.sizes if s >= b), None)
+        if bs is None or bs not in self.graphs:
+            return None
+        m, st = self.meta, self.runner.storage
+        self.input_ids[:b].copy_(inputs.input_ids)
+        self.positions[:b].copy_(inputs.positions)
+        npages = inputs.meta.block_tables.shape[1]
+        m.block_tables[:b, :npages].copy_(inputs.meta.block_tables)
+        m.block_tables[:b, npages:].fill_(st.dummy_page)
+        m.context_lens[:b].copy_(inputs.meta.context_lens)
+        m.seq_slots[:b].copy_(inputs.meta.seq_slots)
+        m.slot_mapping[:b].copy_(inputs.meta.slot_mapping)
+        if bs > b:  # padded rows: a 1-token decode of the dummy sequence
+            self.input_ids[b:bs].zero_()
+            self.positions[b:bs].zero_()
+            m.block_tables[b:bs].fill_(st.dummy_page)
+            m.context_lens[b:bs].fill_(1)
+            m.seq_slots[b:bs].fill_(st.dummy_slot)
+            m.slot_mapping[b:bs].fill_(st.dummy_page * st.page_size)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:b]
