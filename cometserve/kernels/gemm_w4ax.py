@@ -266,7 +266,7 @@ def _split_for(tiles: int, nb: int, sms: int, waves: float) -> int:
     return max(1, min(nb, round(waves * sms / tiles))) if tiles < waves * sms else 1
 
 
-def candidates(m: int, n: int, nb: int, device: torch.device) -> list[GemmConfig]:
+def _candidate_list(m: int, n: int, nb: int, device: torch.device) -> list[GemmConfig]:
     """The small tuning space (from the sweeps in NOTES-gemm.md); first entry = untuned default.
 
     One warpgroup per CTA throughout: two CTAs per SM overlap one's MMAs with the other's per-block
@@ -282,13 +282,15 @@ def candidates(m: int, n: int, nb: int, device: torch.device) -> list[GemmConfig
         if n % 128 == 0:
             out.append(C(128, 16, _split_for(n // 128, nb, sms, 2.0), 8, 8, 3))
         return out
-    if bm <= 64:
-        split = _split_for(n // 64 * triton.cdiv(m, bm), nb, sms, 1.0)
-        return [C(64, bm, split, 8, 4, 3), C(64, 32, _split_for(n // 64 * triton.cdiv(m, 32), nb, sms, 1.0),
-                                                8, 2, 4), C(64, bm, 1, 8, 4, 3)]
+    def split(bm_t: int, waves: float) -> int:
+        return _split_for(n // 64 * triton.cdiv(m, bm_t), nb, sms, waves)
+
+    if bm <= 64:  # middle: two CTAs per SM is the unit to fill (waves 2)
+        return [C(64, bm, split(bm, 1.0), 8, 4, 3), C(64, bm, split(bm, 2.0), 8, 4, 3),
+                C(64, 32, split(32, 1.0), 8, 2, 4), C(64, 32, split(32, 2.0), 8, 2, 4)]
     if bm <= 256:
-        split = _split_for(n // 64 * triton.cdiv(m, 128), nb, sms, 1.0)
-        out = [C(64, 128, split, 8, 4, 3), C(64, 128, 1, 8, 4, 3), C(64, 64, 1, 8, 4, 4, False)]
+        out = [C(64, 128, split(128, 1.0), 8, 4, 3), C(64, 128, split(128, 2.0), 8, 4, 3),
+               C(64, 64, split(64, 2.0), 8, 4, 4, False), C(64, 64, split(64, 2.0), 8, 2, 4)]
         if n % 128 == 0:
             out.append(C(128, 64, 1, 8, 4, 4, True, 2))
         return out
@@ -296,6 +298,10 @@ def candidates(m: int, n: int, nb: int, device: torch.device) -> list[GemmConfig
     if n % 128 == 0:
         out.append(C(128, 64, 1, 8, 4, 4, True, 2))
     return out
+
+
+def candidates(m: int, n: int, nb: int, device: torch.device) -> list[GemmConfig]:
+    return list(dict.fromkeys(_candidate_list(m, n, nb, device)))  # unique, order kept
 
 
 def _semaphores(device: torch.device, count: int) -> torch.Tensor:
