@@ -203,6 +203,7 @@ def gpu_check() -> None:
                 for hkv, rep, hd, page in ((8, 4, 128, 64), (4, 1, 64, 128), (2, 7, 128, 64)):
                     mod.run_attention_case(hkv, rep, hd, 64, page, steps, device="cuda", dtype=dtype,
                                            splits=(None, 1, 5))
+                mod.run_attention_case(8, 4, 128, 64, 64, [[1000], [1], [130]], device="cuda", dtype=dtype)
         print(f"gpu check {name}: ok", flush=True)
     err = mod.quantization_error(device="cuda", length=4000, kv_heads=8, head_dim=128)
     print(f"KV4 vs bf16 attention on Gaussian K/V, relative error {err:.3f}", flush=True)

@@ -3,10 +3,13 @@
 Layout (the specification is `ref.PagedKVCache`; numbers in benchmarks/kernels/NOTES-attention.md):
 
 - Pages of P tokens (P a multiple of the quantization group G; default P = G = 64). Per layer:
-  codes uint8 [num_pages, Hkv, P, D/2], byte j of a token row = channel j (low nibble) | channel
-  j + D/2 (high nibble). The "half split" lets attention widen a byte tile into two [tokens, D/2]
-  operand halves with a mask and a shift, never interleaving registers (HARDWARE.md: widening is
-  the cost that matters). Head-major pages make one (page, head) a contiguous 4 KB tile (D = 128).
+  V codes uint8 [num_pages, Hkv, P, D/2], byte j of a token row = channel j (low nibble) | channel
+  j + D/2 (high nibble); K codes the same bytes channel-major, [num_pages, Hkv, D/2, P]. The
+  "half split" lets attention widen a byte tile into two operand halves with a mask and a shift,
+  never interleaving registers (HARDWARE.md: widening is the cost that matters). Each operand of
+  decode's two dots (q @ K^T, p @ V) is then a row-major tile whose rows are its reduction axis,
+  which the tensor-core operand load reads with ldmatrix (token-major K, read transposed, was
+  gathered byte by byte: NOTES-attention.md). One (page, head) is a contiguous 4 KB tile (D = 128).
 - float16 scale and zero per (page, group, head, channel): [num_pages, Hkv, P/G, D] x 4 tensors.
   Bytes per token, Llama-3-8B (8 KV heads x 128): codes 1024 + scales 128 = 1152 vs bf16 4096: 0.28x.
 - The newest, not yet full group of each sequence stays 16-bit in a window [max_seqs, Hkv, G, D]
@@ -67,16 +70,22 @@ def _quantize_half(x):
 @triton.jit
 def _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, tok0, pos, l0, ctx, h, slot, page, row, stride_xt,
                stride_xh, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-               HALF: tl.constexpr):
-    """Quantize the full group at rows `pos` of K or V and store its packed codes, scale and zero."""
+               HALF: tl.constexpr, CHANNEL_MAJOR: tl.constexpr):
+    """Quantize the full group at rows `pos` of K or V and store its packed codes, scale and zero.
+    CHANNEL_MAJOR (K): codes go to [page, h, byte, token] instead of [page, h, token, byte]."""
     lo = _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, HALF, 0)
     hi = _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, HALF, HALF)
     c_lo, s_lo, z_lo = _quantize_half(lo)
     c_hi, s_hi, z_hi = _quantize_half(hi)
     t = tl.arange(0, G)
     j = tl.arange(0, HALF)
-    c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
-    tl.store(c_ptr + c_off, c_lo | (c_hi << 4))
+    packed = c_lo | (c_hi << 4)
+    if CHANNEL_MAJOR:
+        c_off = ((page * H + h) * HALF + j).to(tl.int64)[:, None] * P + (row + t)[None, :]
+        tl.store(c_ptr + c_off, tl.trans(packed))
+    else:
+        c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
+        tl.store(c_ptr + c_off, packed)
     m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
     tl.store(s_ptr + m_off, s_lo)
     tl.store(s_ptr + m_off + HALF, s_hi)
@@ -120,9 +129,9 @@ def _write_kv_kernel(
         page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
         _write_one(k_ptr, kw_ptr, kc_ptr, ks_ptr, kz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
-                   stride_kt, stride_kh, H, P, G, D, D // 2)
+                   stride_kt, stride_kh, H, P, G, D, D // 2, True)
         _write_one(v_ptr, vw_ptr, vc_ptr, vs_ptr, vz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
-                   stride_vt, stride_vh, H, P, G, D, D // 2)
+                   stride_vt, stride_vh, H, P, G, D, D // 2, False)
     if (i == 0) & (n_new > 0) & (ctx % G != 0):
         tl.debug_barrier()
         tail = ((ctx - 1) // G) * G + tl.arange(0, G)
@@ -174,7 +183,7 @@ def _dequant_store(c_ptr, s_ptr, z_ptr, o_ptr, c_off, m_off, o_off, HALF: tl.con
 @triton.jit
 def _gather_kv_kernel(
     kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr, bt_ptr, ctx_ptr, cu_k_ptr, slot_ptr,
-    k_out_ptr, v_out_ptr, stride_bt,
+    k_out_ptr, v_out_ptr, stride_bt, stride_ot, stride_oh,
     H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
 ):
     """Grid (B, groups, Hkv): group g of sequence b, head h -> rows cu_k[b] + g*G .. of the outputs."""
@@ -192,15 +201,17 @@ def _gather_kv_kernel(
         page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
         c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
+        # K is channel-major in the page: the same [token, byte] tile read with transposed addresses
+        kc_off = ((page * H + h) * HALF + j).to(tl.int64)[None, :] * P + (row + t)[:, None]
         m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
-        o_off = (rows * H + h)[:, None] * D + j[None, :]
-        _dequant_store(kc_ptr, ks_ptr, kz_ptr, k_out_ptr, c_off, m_off, o_off, HALF)
+        o_off = (rows * stride_ot + h * stride_oh)[:, None] + j[None, :]
+        _dequant_store(kc_ptr, ks_ptr, kz_ptr, k_out_ptr, kc_off, m_off, o_off, HALF)
         _dequant_store(vc_ptr, vs_ptr, vz_ptr, v_out_ptr, c_off, m_off, o_off, HALF)
     elif g == n_full:
         m = (t < ctx - n_full * G)[:, None]
         slot = tl.load(slot_ptr + b)
         w_off = ((slot * H + h) * G + t).to(tl.int64)[:, None] * D + d[None, :]
-        o_off = (rows * H + h)[:, None] * D + d[None, :]
+        o_off = (rows * stride_ot + h * stride_oh)[:, None] + d[None, :]
         tl.store(k_out_ptr + o_off, tl.load(kw_ptr + w_off, mask=m).to(k_out_ptr.dtype.element_ty), mask=m)
         tl.store(v_out_ptr + o_off, tl.load(vw_ptr + w_off, mask=m).to(v_out_ptr.dtype.element_ty), mask=m)
 
@@ -208,12 +219,13 @@ def _gather_kv_kernel(
 def gather_kv(cache: PagedKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
               cu_seqlens_k: torch.Tensor, seq_slots: torch.Tensor, dtype: torch.dtype,
               max_context_len: int | None = None, total_tokens: int | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              head_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The sequences' keys and values as attention reads them, contiguous: k, v [sum(context_lens),
     Hkv, D] in `dtype`, sequence b at rows cu_seqlens_k[b] ..; full groups dequantized (code * scale
     + zero in float32, as ref.gather_kv, possibly fused into one FMA), the window copied.
     total_tokens: rows to allocate, >= sum(context_lens) (default: the exact sum, a device sync);
-    max_context_len likewise saves a sync. Rows past the sum are left unwritten."""
+    max_context_len likewise saves a sync. Rows past the sum are left unwritten. head_major: store
+    [Hkv, total, D] (returned as its [total, Hkv, D] view), the layout SDPA takes."""
     b = context_lens.shape[0]
     assert cu_seqlens_k.shape == (b + 1,) and cu_seqlens_k.dtype == torch.int32
     if max_context_len is None:
@@ -221,13 +233,19 @@ def gather_kv(cache: PagedKVCache, block_tables: torch.Tensor, context_lens: tor
     if total_tokens is None:
         total_tokens = int(cu_seqlens_k[-1]) if b else 0
     h, d = cache.num_kv_heads, cache.head_dim
-    k = torch.empty(total_tokens, h, d, dtype=dtype, device=cache.k_codes.device)
-    v = torch.empty_like(k)
+    dev = cache.k_codes.device
+    if head_major:
+        k = torch.empty(h, total_tokens, d, dtype=dtype, device=dev).transpose(0, 1)
+        v = torch.empty(h, total_tokens, d, dtype=dtype, device=dev).transpose(0, 1)
+    else:
+        k = torch.empty(total_tokens, h, d, dtype=dtype, device=dev)
+        v = torch.empty_like(k)
     if total_tokens == 0:
         return k, v
     groups = max_context_len // cache.group_size + 1
     _gather_kv_kernel[(b, groups, h)](
         *cache.tensors(), block_tables, context_lens, cu_seqlens_k, seq_slots, k, v, block_tables.stride(0),
+        k.stride(0), k.stride(1),
         H=h, P=cache.page_size, G=cache.group_size, D=d, num_warps=4,
     )
     return k, v

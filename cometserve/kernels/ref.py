@@ -184,8 +184,10 @@ def attention(
 # ---- paged INT4 KV cache (kv_cache.py, attention.py) ----
 #
 # Layout (one PagedKVCache per decoder layer; see kernels/kv_cache.py for why):
-#   k_codes, v_codes  uint8   [num_pages, Hkv, P, D/2]   byte j of a token row holds channel j in its low
+#   v_codes           uint8   [num_pages, Hkv, P, D/2]   byte j of a token row holds channel j in its low
 #                                                         nibble and channel j + D/2 in its high nibble
+#   k_codes           uint8   [num_pages, Hkv, D/2, P]   the same bytes, channel-major within the page
+#                                                         (decode reads K as the transposed dot operand)
 #   k_scales, k_zeros, v_scales, v_zeros
 #                     float16 [num_pages, Hkv, P/G, D]    one (scale, zero) per group of G tokens
 #   k_window, v_window 16-bit [max_seqs, Hkv, G, D]       the partial newest group of each sequence slot;
@@ -206,7 +208,7 @@ class PagedKVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k_codes.shape[2]
+        return self.v_codes.shape[2]
 
     @property
     def group_size(self) -> int:
@@ -214,11 +216,11 @@ class PagedKVCache:
 
     @property
     def num_kv_heads(self) -> int:
-        return self.k_codes.shape[1]
+        return self.v_codes.shape[1]
 
     @property
     def head_dim(self) -> int:
-        return self.k_codes.shape[3] * 2
+        return self.v_codes.shape[3] * 2
 
     @classmethod
     def allocate(cls, num_pages: int, num_kv_heads: int, head_dim: int, max_seqs: int, dtype: torch.dtype,
@@ -226,11 +228,12 @@ class PagedKVCache:
         assert page_size % group_size == 0, f"page size {page_size} must be a multiple of group {group_size}"
         assert head_dim % 2 == 0, f"head_dim {head_dim} must be even (two codes per byte)"
         codes = (num_pages, num_kv_heads, page_size, head_dim // 2)
+        k_codes = (num_pages, num_kv_heads, head_dim // 2, page_size)
         meta = (num_pages, num_kv_heads, page_size // group_size, head_dim)
         win = (max_seqs, num_kv_heads, group_size, head_dim)
         u8, f16 = torch.uint8, torch.float16
         return cls(
-            torch.zeros(codes, dtype=u8, device=device), torch.zeros(codes, dtype=u8, device=device),
+            torch.zeros(k_codes, dtype=u8, device=device), torch.zeros(codes, dtype=u8, device=device),
             torch.ones(meta, dtype=f16, device=device), torch.zeros(meta, dtype=f16, device=device),
             torch.ones(meta, dtype=f16, device=device), torch.zeros(meta, dtype=f16, device=device),
             torch.zeros(win, dtype=dtype, device=device), torch.zeros(win, dtype=dtype, device=device),
@@ -264,12 +267,15 @@ def unpack_kv_codes(packed: torch.Tensor) -> torch.Tensor:
 def _store_group(cache: PagedKVCache, page: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """Quantize one full group k, v [G, Hkv, D] into page `page` at token row `row`."""
     g = k.shape[0]
-    for x, codes_t, scales_t, zeros_t in ((k, cache.k_codes, cache.k_scales, cache.k_zeros),
-                                          (v, cache.v_codes, cache.v_scales, cache.v_zeros)):
+    for x, name in ((k, "k"), (v, "v")):
         codes, scale, zero = quantize_kv(x)
-        codes_t[page, :, row:row + g] = pack_kv_codes(codes.permute(1, 0, 2))
-        scales_t[page, :, row // g] = scale
-        zeros_t[page, :, row // g] = zero
+        packed = pack_kv_codes(codes.permute(1, 0, 2))  # [Hkv, G, D/2]
+        if name == "k":
+            cache.k_codes[page, :, :, row:row + g] = packed.transpose(1, 2)
+        else:
+            cache.v_codes[page, :, row:row + g] = packed
+        getattr(cache, f"{name}_scales")[page, :, row // g] = scale
+        getattr(cache, f"{name}_zeros")[page, :, row // g] = zero
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
@@ -307,13 +313,18 @@ def gather_kv(cache: PagedKVCache, block_table: torch.Tensor, context_len: int, 
     gsz, psz = cache.group_size, cache.page_size
     n_full = context_len // gsz
     out = []
-    for codes_t, scales_t, zeros_t, win in ((cache.k_codes, cache.k_scales, cache.k_zeros, cache.k_window),
-                                            (cache.v_codes, cache.v_scales, cache.v_zeros, cache.v_window)):
+    for name, win in (("k", cache.k_window), ("v", cache.v_window)):
         parts = []
         for g in range(n_full):
             page, row = int(block_table[g * gsz // psz]), g * gsz % psz
-            codes = unpack_kv_codes(codes_t[page, :, row:row + gsz]).permute(1, 0, 2)  # [G, Hkv, D]
-            parts.append(dequantize_kv(codes, scales_t[page, :, row // gsz], zeros_t[page, :, row // gsz], dtype))
+            if name == "k":
+                packed = cache.k_codes[page, :, :, row:row + gsz].transpose(1, 2)
+            else:
+                packed = cache.v_codes[page, :, row:row + gsz]
+            codes = unpack_kv_codes(packed).permute(1, 0, 2)  # [G, Hkv, D]
+            scale = getattr(cache, f"{name}_scales")[page, :, row // gsz]
+            zero = getattr(cache, f"{name}_zeros")[page, :, row // gsz]
+            parts.append(dequantize_kv(codes, scale, zero, dtype))
         parts.append(win[slot, :, : context_len - n_full * gsz].transpose(0, 1).to(dtype))
         out.append(torch.cat(parts))
     return out[0], out[1]

@@ -179,6 +179,13 @@ def test_attention_gpu_vs_ref(dtype, kv_heads, rep, head_dim, page):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_gpu_single_sequence(dtype):
+    """One sequence: prefill's flash path takes SDPA (whole prompt, then after a prefix)."""
+    run_attention_case(8, 4, 128, 64, 64, [[1000], [1], [130]], device="cuda", dtype=dtype)
+
+
+@pytest.mark.gpu
 def test_kv4_attention_error_vs_16bit_gpu():
     assert quantization_error(device="cuda", length=4000, kv_heads=8, head_dim=128) <= 0.25
 
