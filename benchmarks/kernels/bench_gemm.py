@@ -326,12 +326,14 @@ def render(res, md_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    for name in SHAPES:
+    colors = plt.cm.tab20(range(len(SHAPES)))
+    for color, name in zip(colors, SHAPES):
         rs = sorted((r for r in res["rows"] if r["shape"] == name and r["int4_fraction"] == 0.84),
                     key=lambda r: r["M"])
         if rs:
             ax.plot([r["M"] for r in rs], [r["us"]["cublas_bf16"] / r["us"]["w4ax"] for r in rs],
-                    marker="o", ms=3, label=name)
+                    marker="o", ms=3, label=name, color=color,
+                    ls={"llama3-8b": "-", "llama3-70b": "--"}.get(name.split()[0], ":"))
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("M (tokens)")
