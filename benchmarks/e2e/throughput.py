@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -72,7 +73,9 @@ def run_case(engine: LLMEngine, input_len: int, output_len: int, num_requests: i
     }
 
 
-def bench_mode(args, mode: str, cases) -> list[dict]:
+def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
+    """Append one row per case to `rows`, rewriting the result files after each (a run cut off
+    by a time limit keeps what it measured)."""
     t0 = time.perf_counter()
     loaded = build_random_model(args.random_weights, mode, device="cuda")
     t_build = time.perf_counter() - t0
@@ -89,7 +92,6 @@ def bench_mode(args, mode: str, cases) -> list[dict]:
     vocab = loaded.model.config.vocab_size
     for _label, i, o, _n in cases:  # warm-up: compiles and tunes every kernel at these shapes
         run_case(engine, i, min(o, 4), min(8, args.max_num_seqs), vocab, 1, f"warm{i}")
-    rows = []
     for label, i, o, n in cases:
         r = run_case(engine, i, o, n, vocab, 0, f"{label}")
         r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "case": label, **r}
@@ -97,10 +99,10 @@ def bench_mode(args, mode: str, cases) -> list[dict]:
         print(f"[{mode}] {label:>9} x{n:<4} max_batch {r['max_batch']:4d}  {r['output_tokens_per_s']:9.1f} out tok/s  "
               f"{r['total_tokens_per_s']:9.1f} total tok/s  {r['seconds']:6.1f} s  peak {r['peak_mem_gib']:.1f} GiB",
               flush=True)
+        write_results(args, rows, Path(args.out_dir))
     del engine, runner, loaded
     gc.collect()
     torch.cuda.empty_cache()
-    return rows
 
 
 def write_results(args, rows: list[dict], out_dir: Path) -> None:
@@ -149,11 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         print("throughput.py needs a CUDA GPU", file=sys.stderr)
         return 2
     cases = parse_cases(args.cases)
-    rows = []
+    rows: list[dict] = []
+    failed = []
     for mode in args.modes.split(","):
-        rows += bench_mode(args, mode, cases)
-        write_results(args, rows, Path(args.out_dir))  # after every mode: a cut-off run keeps its rows
-    return 0
+        try:
+            bench_mode(args, mode, cases, rows)
+        except Exception as e:  # noqa: BLE001 - report, free the GPU, measure the next mode
+            traceback.print_exc()
+            failed.append(f"{mode}: {type(e).__name__}: {e}")
+            gc.collect()
+            torch.cuda.empty_cache()
+    for f in failed:
+        print(f"FAILED {f}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
