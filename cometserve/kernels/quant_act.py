@@ -9,8 +9,9 @@ byte once.
 
 Numerics are bit-exact with `ref.quant_act` when there is no RMSNorm: the per-block reciprocal is a
 correctly rounded division (`div_rn`: a plain `/` on fp32 may lower to an approximate reciprocal on
-GPU), codes are `floor(|v| + 0.5)` with the sign put back, and FMA contraction is disabled at launch
-so `v * inv` is rounded before `+ 0.5` exactly as in the reference. With the fused RMSNorm, the
+GPU), codes are `floor(|v|) + (frac(|v|) >= 0.5)` with the sign put back, and FMA contraction is disabled at launch
+so every product is rounded exactly as in the reference. The optional Hadamard rotation of INT4
+blocks runs the reference's butterfly stages in the same order, so it is bit-exact too. With the fused RMSNorm, the
 sum of squares is reduced in another order than torch's, so a rare code may differ by one (tested).
 """
 
@@ -38,12 +39,24 @@ def _row_rstd(x_row, K, stride_xk, eps, NORM_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _fwht(v, T: tl.constexpr):
+    """v [T, 128] float32 -> each row times the orthonormal Hadamard matrix: the butterfly stages
+    of `ref.fwht` in the same order (so the same float32 roundings), then the 128^-1/2 scale."""
+    for stage in tl.static_range(7):
+        h: tl.constexpr = 1 << stage
+        pairs = tl.permute(tl.reshape(v, [T, 64 // h, 2, h]), [0, 1, 3, 2])  # [T, A, h, 2]
+        a, b = tl.split(pairs)
+        v = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [T, 128])
+    return v * 0.08838834764831845
+
+
+@triton.jit
 def _quant_act_kernel(
     x_ptr, perm_ptr, bits_ptr, nw_ptr, codes_ptr, scales_ptr,  # pointers
     K, NB, BLOCKS_PER_PROG,  # dims
     stride_xm, stride_xk, stride_cm, stride_sm,  # strides
     eps,
-    HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr,  # meta
+    HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr, ROTATE: tl.constexpr,  # meta
     NB_TILE: tl.constexpr, NORM_BLOCK: tl.constexpr, ROW: tl.constexpr,
 ):
     # program = (token row, chunk of blocks): small M splits a row over several programs so that
@@ -83,12 +96,16 @@ def _quant_act_kernel(
             v = tl.load(x_row + src * stride_xk, mask=kmask, other=0.0).to(tl.float32)
             if HAS_NORM:
                 v = v * rstd * tl.load(nw_ptr + src, mask=kmask, other=0.0).to(tl.float32)
-        absmax = tl.max(tl.abs(v), axis=1)  # [T]
         bits = tl.load(bits_ptr + blk, mask=bmask, other=4)
+        if ROTATE:  # INT4 blocks are Hadamard-rotated (scheme.a_rotation)
+            v = tl.where((bits == 4)[:, None], _fwht(v, NB_TILE), v)
+        absmax = tl.max(tl.abs(v), axis=1)  # [T]
         qmax = tl.where(bits == 8, 127.0, 7.0)
         inv = tl.where(absmax > 0, tl.math.div_rn(qmax, tl.where(absmax > 0, absmax, 1.0)), 0.0)
         q = v * inv[:, None]
-        mag = tl.minimum(tl.floor(tl.abs(q) + 0.5), qmax[:, None])  # round half away from zero
+        a = tl.abs(q)
+        fl = tl.floor(a)
+        mag = tl.minimum(fl + tl.where(a - fl >= 0.5, 1.0, 0.0), qmax[:, None])  # round half away from zero
         codes = tl.where(q < 0, -mag, mag).to(tl.int8)
         tl.store(codes_ptr + row * stride_cm + kk, codes, mask=bmask[:, None])
         tl.store(scales_ptr + row * stride_sm + blk, tl.math.div_rn(absmax, qmax), mask=bmask)
@@ -122,7 +139,7 @@ def _grid_shape(m: int, nb: int, sms: int) -> tuple[int, int, int]:
     return nb_tile, per, triton.cdiv(nb, per)
 
 
-def _launch(x, perm, block_bits, norm_weight, eps, codes, scales) -> None:
+def _launch(x, perm, block_bits, norm_weight, eps, rotate, codes, scales) -> None:
     m, k = x.shape
     nb = block_bits.numel()
     nb_tile, per, chunks = _grid_shape(m, nb, _SM_COUNT(x.device))
@@ -134,7 +151,7 @@ def _launch(x, perm, block_bits, norm_weight, eps, codes, scales) -> None:
         k, nb, per,
         x.stride(0), x.stride(1), codes.stride(0), scales.stride(0),
         float(eps),
-        HAS_PERM=perm is not None, HAS_NORM=norm_weight is not None,
+        HAS_PERM=perm is not None, HAS_NORM=norm_weight is not None, ROTATE=rotate,
         NB_TILE=nb_tile, NORM_BLOCK=min(4096, triton.next_power_of_2(k)), ROW=row,
         num_warps=8 if row or nb_tile * BLOCK_SIZE > 512 else 4,
         enable_fp_fusion=False,  # v * inv must round before + 0.5, as in the reference
@@ -157,11 +174,13 @@ def quant_act(
     block_bits: torch.Tensor,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    rotate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float (any strides) -> (a_codes int8 [M, K_pad], a_scales float32 [M, nb]).
 
     perm: [K] int (slot j reads channel perm[j]) or None; block_bits: [nb] int, 4 or 8;
-    norm_weight: [K] in the original channel order (fuses RMSNorm) or None."""
+    norm_weight: [K] in the original channel order (fuses RMSNorm) or None; rotate: Hadamard-rotate
+    the INT4 blocks before quantizing them."""
     assert x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16, torch.float32), (
         f"x must be a 2-D float tensor [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
@@ -178,5 +197,5 @@ def quant_act(
     codes = torch.empty((m, k_pad), dtype=torch.int8, device=x.device)
     scales = torch.empty((m, nb), dtype=torch.float32, device=x.device)
     if m > 0:
-        _launch(x, perm, block_bits, norm_weight, eps, codes, scales)
+        _launch(x, perm, block_bits, norm_weight, eps, rotate, codes, scales)
     return codes, scales

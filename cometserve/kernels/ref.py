@@ -62,6 +62,23 @@ def hadamard(n: int = BLOCK_SIZE, device=None) -> torch.Tensor:
     return h / n**0.5
 
 
+HADAMARD_NORM = 128**-0.5  # rounded to float32 where it is applied, in the kernel and here
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 128] float32 -> x @ hadamard(128), as the kernels compute it: seven butterfly stages
+    (pairs h apart, h = 1, 2, ..., 64, giving (a + b, a - b)) then one multiply by 128^-1/2. Each
+    add is an exactly specified float32 rounding, so kernel and reference agree bit for bit."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    h = 1
+    while h < n:
+        pairs = x.reshape(*lead, n // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        h *= 2
+    return x * torch.tensor(HADAMARD_NORM, dtype=torch.float32, device=x.device)
+
+
 def quant_act(
     x: torch.Tensor,
     perm: torch.Tensor | None,
@@ -90,7 +107,7 @@ def quant_act(
     xf = torch.nn.functional.pad(xf, (0, k_pad - k)).view(m, nb, BLOCK_SIZE)
     int4 = block_bits.to(x.device) == 4
     if rotate and bool(int4.any()):
-        xf = torch.where(int4[None, :, None], xf @ hadamard(BLOCK_SIZE, x.device), xf)
+        xf = torch.where(int4[None, :, None], fwht(xf), xf)
     qmax = torch.where(int4, INT4_QMAX, INT8_QMAX).float()  # [nb]
     absmax = xf.abs().amax(-1)  # [M, nb]
     inv = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
@@ -184,10 +201,8 @@ def attention(
 # ---- paged INT4 KV cache (kv_cache.py, attention.py) ----
 #
 # Layout (one PagedKVCache per decoder layer; see kernels/kv_cache.py for why):
-#   v_codes           uint8   [num_pages, Hkv, P, D/2]   byte j of a token row holds channel j in its low
+#   k_codes, v_codes  uint8   [num_pages, Hkv, P, D/2]   byte j of a token row holds channel j in its low
 #                                                         nibble and channel j + D/2 in its high nibble
-#   k_codes           uint8   [num_pages, Hkv, D/2, P]   the same bytes, channel-major within the page
-#                                                         (decode reads K as the transposed dot operand)
 #   k_scales, k_zeros, v_scales, v_zeros
 #                     float16 [num_pages, Hkv, P/G, D]    one (scale, zero) per group of G tokens
 #   k_window, v_window 16-bit [max_seqs, Hkv, G, D]       the partial newest group of each sequence slot;
@@ -208,7 +223,7 @@ class PagedKVCache:
 
     @property
     def page_size(self) -> int:
-        return self.v_codes.shape[2]
+        return self.k_codes.shape[2]
 
     @property
     def group_size(self) -> int:
@@ -216,11 +231,11 @@ class PagedKVCache:
 
     @property
     def num_kv_heads(self) -> int:
-        return self.v_codes.shape[1]
+        return self.k_codes.shape[1]
 
     @property
     def head_dim(self) -> int:
-        return self.v_codes.shape[3] * 2
+        return self.k_codes.shape[3] * 2
 
     @classmethod
     def allocate(cls, num_pages: int, num_kv_heads: int, head_dim: int, max_seqs: int, dtype: torch.dtype,
@@ -228,12 +243,11 @@ class PagedKVCache:
         assert page_size % group_size == 0, f"page size {page_size} must be a multiple of group {group_size}"
         assert head_dim % 2 == 0, f"head_dim {head_dim} must be even (two codes per byte)"
         codes = (num_pages, num_kv_heads, page_size, head_dim // 2)
-        k_codes = (num_pages, num_kv_heads, head_dim // 2, page_size)
         meta = (num_pages, num_kv_heads, page_size // group_size, head_dim)
         win = (max_seqs, num_kv_heads, group_size, head_dim)
         u8, f16 = torch.uint8, torch.float16
         return cls(
-            torch.zeros(k_codes, dtype=u8, device=device), torch.zeros(codes, dtype=u8, device=device),
+            torch.zeros(codes, dtype=u8, device=device), torch.zeros(codes, dtype=u8, device=device),
             torch.ones(meta, dtype=f16, device=device), torch.zeros(meta, dtype=f16, device=device),
             torch.ones(meta, dtype=f16, device=device), torch.zeros(meta, dtype=f16, device=device),
             torch.zeros(win, dtype=dtype, device=device), torch.zeros(win, dtype=dtype, device=device),
@@ -267,15 +281,12 @@ def unpack_kv_codes(packed: torch.Tensor) -> torch.Tensor:
 def _store_group(cache: PagedKVCache, page: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """Quantize one full group k, v [G, Hkv, D] into page `page` at token row `row`."""
     g = k.shape[0]
-    for x, name in ((k, "k"), (v, "v")):
+    for x, codes_t, scales_t, zeros_t in ((k, cache.k_codes, cache.k_scales, cache.k_zeros),
+                                          (v, cache.v_codes, cache.v_scales, cache.v_zeros)):
         codes, scale, zero = quantize_kv(x)
-        packed = pack_kv_codes(codes.permute(1, 0, 2))  # [Hkv, G, D/2]
-        if name == "k":
-            cache.k_codes[page, :, :, row:row + g] = packed.transpose(1, 2)
-        else:
-            cache.v_codes[page, :, row:row + g] = packed
-        getattr(cache, f"{name}_scales")[page, :, row // g] = scale
-        getattr(cache, f"{name}_zeros")[page, :, row // g] = zero
+        codes_t[page, :, row:row + g] = pack_kv_codes(codes.permute(1, 0, 2))
+        scales_t[page, :, row // g] = scale
+        zeros_t[page, :, row // g] = zero
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
@@ -313,18 +324,13 @@ def gather_kv(cache: PagedKVCache, block_table: torch.Tensor, context_len: int, 
     gsz, psz = cache.group_size, cache.page_size
     n_full = context_len // gsz
     out = []
-    for name, win in (("k", cache.k_window), ("v", cache.v_window)):
+    for codes_t, scales_t, zeros_t, win in ((cache.k_codes, cache.k_scales, cache.k_zeros, cache.k_window),
+                                            (cache.v_codes, cache.v_scales, cache.v_zeros, cache.v_window)):
         parts = []
         for g in range(n_full):
             page, row = int(block_table[g * gsz // psz]), g * gsz % psz
-            if name == "k":
-                packed = cache.k_codes[page, :, :, row:row + gsz].transpose(1, 2)
-            else:
-                packed = cache.v_codes[page, :, row:row + gsz]
-            codes = unpack_kv_codes(packed).permute(1, 0, 2)  # [G, Hkv, D]
-            scale = getattr(cache, f"{name}_scales")[page, :, row // gsz]
-            zero = getattr(cache, f"{name}_zeros")[page, :, row // gsz]
-            parts.append(dequantize_kv(codes, scale, zero, dtype))
+            codes = unpack_kv_codes(codes_t[page, :, row:row + gsz]).permute(1, 0, 2)  # [G, Hkv, D]
+            parts.append(dequantize_kv(codes, scales_t[page, :, row // gsz], zeros_t[page, :, row // gsz], dtype))
         parts.append(win[slot, :, : context_len - n_full * gsz].transpose(0, 1).to(dtype))
         out.append(torch.cat(parts))
     return out[0], out[1]

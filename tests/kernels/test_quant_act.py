@@ -25,7 +25,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_FLIP_FRACTION = 2e-3
 
 
-def check_case(m, k, frac8, dtype, norm, perm, strided, device, seed=0) -> dict:
+def check_case(m, k, frac8, dtype, norm, perm, strided, device, seed=0, rotate=False) -> dict:
     from cometserve.kernels import quant_act, ref
     from cometserve.scheme import num_blocks
 
@@ -43,8 +43,8 @@ def check_case(m, k, frac8, dtype, norm, perm, strided, device, seed=0) -> dict:
     x, bits = x.to(device), bits.to(device)
     p = p.to(device) if p is not None else None
     nw = nw.to(device) if nw is not None else None
-    c, s = quant_act.quant_act(x, p, bits, nw)
-    cr, sr = ref.quant_act(x, p, bits, nw)
+    c, s = quant_act.quant_act(x, p, bits, nw, 1e-6, rotate)
+    cr, sr = ref.quant_act(x, p, bits, nw, 1e-6, rotate)
     diff = (c.int() - cr.int()).abs()
     return {"codes_exact": bool(torch.equal(c, cr)), "scales_exact": bool(torch.equal(s, sr)),
             "flip_fraction": float((diff > 0).float().mean()), "max_code_diff": int(diff.max()),
@@ -63,8 +63,16 @@ CPU_CASES = {
 }
 
 
+# Hadamard rotation of the INT4 blocks (scheme.a_rotation): the same butterflies, so bit-exact
+ROT_CASES = {
+    "rot_m3_k320_bf16_perm": (3, 320, 0.25, "bf16", False, True, False),
+    "rot_m17_k384_fp16_norm": (17, 384, 0.25, "fp16", True, True, False),
+}
+
+
 def _interp_main() -> None:
     out = {name: check_case(*c[:3], DTYPES[c[3]], *c[4:], "cpu") for name, c in CPU_CASES.items()}
+    out.update({name: check_case(*c[:3], DTYPES[c[3]], *c[4:], "cpu", rotate=True) for name, c in ROT_CASES.items()})
     print("RESULTS " + json.dumps(out))
 
 
@@ -90,12 +98,13 @@ def _assert_ok(res, norm):
         assert res["scale_rel"] <= 1e-5, res
 
 
-@pytest.mark.parametrize("name", list(CPU_CASES))
+@pytest.mark.parametrize("name", list(CPU_CASES) + list(ROT_CASES))
 def test_interpreter_matches_reference(interp_results, name):
     res = interp_results[name]
-    m, k = CPU_CASES[name][:2]
+    case = {**CPU_CASES, **ROT_CASES}[name]
+    m, k = case[:2]
     assert res["shapes"] == [[m, -(-k // 128) * 128], [m, -(-k // 128)]]
-    _assert_ok(res, CPU_CASES[name][4])
+    _assert_ok(res, case[4])
 
 
 def test_can_implement_refuses_cpu():
@@ -109,8 +118,9 @@ def test_can_implement_refuses_cpu():
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 255, 4096])
 @pytest.mark.parametrize("k", [4096, 8192, 14336, 576])
 @pytest.mark.parametrize("norm", [False, True])
-def test_gpu_matches_reference(m, k, norm):
-    res = check_case(m, k, 0.16, torch.bfloat16, norm, norm, False, "cuda")
+@pytest.mark.parametrize("rotate", [False, True])
+def test_gpu_matches_reference(m, k, norm, rotate):
+    res = check_case(m, k, 0.16, torch.bfloat16, norm, norm, False, "cuda", rotate=rotate)
     _assert_ok(res, norm)
 
 

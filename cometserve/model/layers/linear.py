@@ -125,6 +125,6 @@ class _KernelOps:
         self._act = act
 
     def quant_act(self, x, perm, block_bits, norm_weight, eps, rotate):
-        if rotate or not self._act.can_implement(x.shape[-1], x.device)[0]:
-            return ref.quant_act(x, perm, block_bits, norm_weight, eps, rotate)
-        return self._act.quant_act(x, perm, block_bits, norm_weight, eps)
+        ok, _ = self._act.can_implement(x.shape[-1], x.device)
+        fn = self._act.quant_act if ok else ref.quant_act
+        return fn(x, perm, block_bits, norm_weight, eps, rotate)
