@@ -103,18 +103,17 @@ def _online_update(s, m_i, l_i, acc_lo, acc_hi):
 @triton.jit
 def _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, row, ok, H: tl.constexpr,
                 P: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
-    """One group's packed codes, K^T [D/2, G] (channel-major pages) and V [G, D/2], and its
-    scales/zeros as (low, high) float32 halves [D/2], masked by ok."""
+    """One group's packed K and V codes [G, D/2] and its scales/zeros as (low, high) float32 halves
+    [D/2], masked by ok."""
     HALF: tl.constexpr = D // 2
     t = tl.arange(0, G)
     j = tl.arange(0, HALF)
     c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
-    kc_off = ((page * H + h) * HALF + j).to(tl.int64)[:, None] * P + (row + t)[None, :]
     m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
     n_ok = tl.where(ok, G, 0)  # masks built by comparisons (the interpreter refuses `tensor & scalar`)
     c_ok = (t < n_ok)[:, None]
     m_ok = (j * 0 + n_ok) > 0
-    kb = tl.load(kc_ptr + kc_off, mask=(j * 0 + n_ok > 0)[:, None], other=0)
+    kb = tl.load(kc_ptr + c_off, mask=c_ok, other=0)
     vb = tl.load(vc_ptr + c_off, mask=c_ok, other=0)
     meta = (tl.load(ks_ptr + m_off, mask=m_ok, other=0.0).to(tl.float32),
             tl.load(ks_ptr + m_off + HALF, mask=m_ok, other=0.0).to(tl.float32),
@@ -136,7 +135,7 @@ def _int4_update(q_lo, q_hi, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi, USE_ASM
     bias = tl.sum(q_lo * kz_lo[None, :], 1) + tl.sum(q_hi * kz_hi[None, :], 1)
     qs_lo = (q_lo * ks_lo[None, :]).to(tl.float16)
     qs_hi = (q_hi * ks_hi[None, :]).to(tl.float16)
-    qk = tl.dot(qs_lo, k_lo) + tl.dot(qs_hi, k_hi) + bias[:, None]  # k_lo, k_hi: K^T [D/2, G]
+    qk = tl.dot(qs_lo, tl.trans(k_lo)) + tl.dot(qs_hi, tl.trans(k_hi)) + bias[:, None]
     qk = tl.where(ok, qk, float("-inf"))
     p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
     v_lo, v_hi = _widen_codes(vb, USE_ASM)
@@ -337,23 +336,17 @@ def decode_attention_bf16(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch
 
 
 @triton.jit
-def _dequant(cb, s_lo, s_hi, z_lo, z_hi, USE_ASM: tl.constexpr, CHANNEL_AXIS: tl.constexpr):
-    """Codes uint8 (V: [G, D/2], CHANNEL_AXIS 1; K^T: [D/2, G], CHANNEL_AXIS 0) -> float16 values
-    (low, high halves): code * scale + zero in registers."""
+def _dequant(cb, s_lo, s_hi, z_lo, z_hi, USE_ASM: tl.constexpr):
+    """Codes uint8 [G, D/2] -> float16 values (low, high halves): code * scale + zero in registers."""
     c_lo, c_hi = _widen_codes(cb, USE_ASM)
-    if CHANNEL_AXIS == 1:
-        x_lo = c_lo * s_lo.to(tl.float16)[None, :] + z_lo.to(tl.float16)[None, :]
-        x_hi = c_hi * s_hi.to(tl.float16)[None, :] + z_hi.to(tl.float16)[None, :]
-    else:
-        x_lo = c_lo * s_lo.to(tl.float16)[:, None] + z_lo.to(tl.float16)[:, None]
-        x_hi = c_hi * s_hi.to(tl.float16)[:, None] + z_hi.to(tl.float16)[:, None]
+    x_lo = c_lo * s_lo.to(tl.float16)[None, :] + z_lo.to(tl.float16)[None, :]
+    x_hi = c_hi * s_hi.to(tl.float16)[None, :] + z_hi.to(tl.float16)[None, :]
     return x_lo, x_hi
 
 
 @triton.jit
-def _attend_tile(q_lo, q_hi, kt_lo, kt_hi, v_lo, v_hi, visible, m_i, l_i, acc_lo, acc_hi):
-    """One tile of flash attention; keys given transposed, kt [D/2, G]."""
-    qk = tl.dot(q_lo, kt_lo) + tl.dot(q_hi, kt_hi)
+def _attend_tile(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, visible, m_i, l_i, acc_lo, acc_hi):
+    qk = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
     qk = tl.where(visible, qk, float("-inf"))
     p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
     acc_lo += tl.dot(p.to(v_lo.dtype), v_lo)
@@ -406,8 +399,8 @@ def _prefill_kernel(
             kb, vb, meta = _int4_tiles(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, page, h, row, g < g_end,
                                        H, P, G, D)
             ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vs_hi, vz_lo, vz_hi = meta
-            k_lo, k_hi = _dequant(kb, ks_lo, ks_hi, kz_lo, kz_hi, USE_ASM, 0)
-            v_lo, v_hi = _dequant(vb, vs_lo, vs_hi, vz_lo, vz_hi, USE_ASM, 1)
+            k_lo, k_hi = _dequant(kb, ks_lo, ks_hi, kz_lo, kz_hi, USE_ASM)
+            v_lo, v_hi = _dequant(vb, vs_lo, vs_hi, vz_lo, vz_hi, USE_ASM)
             visible = ((g * G + t)[None, :] <= qpos[:, None]) | (g < first_masked)
             m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, visible,
                                                     m_i, l_i, acc_lo, acc_hi)
@@ -415,8 +408,8 @@ def _prefill_kernel(
         if (n_win > 0) & (n_full * G <= last_pos):
             slot = tl.load(slot_ptr + b)
             base = (slot * H + h) * G
-            k_lo = tl.trans(_load_rows16(kw_ptr, base, n_win, G, D, HALF, 0).to(tl.float16))
-            k_hi = tl.trans(_load_rows16(kw_ptr, base, n_win, G, D, HALF, HALF).to(tl.float16))
+            k_lo = _load_rows16(kw_ptr, base, n_win, G, D, HALF, 0).to(tl.float16)
+            k_hi = _load_rows16(kw_ptr, base, n_win, G, D, HALF, HALF).to(tl.float16)
             v_lo = _load_rows16(vw_ptr, base, n_win, G, D, HALF, 0).to(tl.float16)
             v_hi = _load_rows16(vw_ptr, base, n_win, G, D, HALF, HALF).to(tl.float16)
             visible = ((n_full * G + t)[None, :] <= qpos[:, None]) & (t < n_win)[None, :]

@@ -3,13 +3,10 @@
 Layout (the specification is `ref.PagedKVCache`; numbers in benchmarks/kernels/NOTES-attention.md):
 
 - Pages of P tokens (P a multiple of the quantization group G; default P = G = 64). Per layer:
-  V codes uint8 [num_pages, Hkv, P, D/2], byte j of a token row = channel j (low nibble) | channel
-  j + D/2 (high nibble); K codes the same bytes channel-major, [num_pages, Hkv, D/2, P]. The
-  "half split" lets attention widen a byte tile into two operand halves with a mask and a shift,
-  never interleaving registers (HARDWARE.md: widening is the cost that matters). Each operand of
-  decode's two dots (q @ K^T, p @ V) is then a row-major tile whose rows are its reduction axis,
-  which the tensor-core operand load reads with ldmatrix (token-major K, read transposed, was
-  gathered byte by byte: NOTES-attention.md). One (page, head) is a contiguous 4 KB tile (D = 128).
+  codes uint8 [num_pages, Hkv, P, D/2], byte j of a token row = channel j (low nibble) | channel
+  j + D/2 (high nibble). The "half split" lets attention widen a byte tile into two [tokens, D/2]
+  operand halves with a mask and a shift, never interleaving registers (HARDWARE.md: widening is
+  the cost that matters). Head-major pages make one (page, head) a contiguous 4 KB tile (D = 128).
 - float16 scale and zero per (page, group, head, channel): [num_pages, Hkv, P/G, D] x 4 tensors.
   Bytes per token, Llama-3-8B (8 KV heads x 128): codes 1024 + scales 128 = 1152 vs bf16 4096: 0.28x.
 - The newest, not yet full group of each sequence stays 16-bit in a window [max_seqs, Hkv, G, D]
@@ -70,22 +67,16 @@ def _quantize_half(x):
 @triton.jit
 def _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, tok0, pos, l0, ctx, h, slot, page, row, stride_xt,
                stride_xh, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-               HALF: tl.constexpr, CHANNEL_MAJOR: tl.constexpr):
-    """Quantize the full group at rows `pos` of K or V and store its packed codes, scale and zero.
-    CHANNEL_MAJOR (K): codes go to [page, h, byte, token] instead of [page, h, token, byte]."""
+               HALF: tl.constexpr):
+    """Quantize the full group at rows `pos` of K or V and store its packed codes, scale and zero."""
     lo = _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, HALF, 0)
     hi = _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, HALF, HALF)
     c_lo, s_lo, z_lo = _quantize_half(lo)
     c_hi, s_hi, z_hi = _quantize_half(hi)
     t = tl.arange(0, G)
     j = tl.arange(0, HALF)
-    packed = c_lo | (c_hi << 4)
-    if CHANNEL_MAJOR:
-        c_off = ((page * H + h) * HALF + j).to(tl.int64)[:, None] * P + (row + t)[None, :]
-        tl.store(c_ptr + c_off, tl.trans(packed))
-    else:
-        c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
-        tl.store(c_ptr + c_off, packed)
+    c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
+    tl.store(c_ptr + c_off, c_lo | (c_hi << 4))
     m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
     tl.store(s_ptr + m_off, s_lo)
     tl.store(s_ptr + m_off + HALF, s_hi)
@@ -129,9 +120,9 @@ def _write_kv_kernel(
         page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
         _write_one(k_ptr, kw_ptr, kc_ptr, ks_ptr, kz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
-                   stride_kt, stride_kh, H, P, G, D, D // 2, True)
+                   stride_kt, stride_kh, H, P, G, D, D // 2)
         _write_one(v_ptr, vw_ptr, vc_ptr, vs_ptr, vz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
-                   stride_vt, stride_vh, H, P, G, D, D // 2, False)
+                   stride_vt, stride_vh, H, P, G, D, D // 2)
     if (i == 0) & (n_new > 0) & (ctx % G != 0):
         tl.debug_barrier()
         tail = ((ctx - 1) // G) * G + tl.arange(0, G)
@@ -201,11 +192,9 @@ def _gather_kv_kernel(
         page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
         c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
-        # K is channel-major in the page: the same [token, byte] tile read with transposed addresses
-        kc_off = ((page * H + h) * HALF + j).to(tl.int64)[None, :] * P + (row + t)[:, None]
         m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
         o_off = (rows * stride_ot + h * stride_oh)[:, None] + j[None, :]
-        _dequant_store(kc_ptr, ks_ptr, kz_ptr, k_out_ptr, kc_off, m_off, o_off, HALF)
+        _dequant_store(kc_ptr, ks_ptr, kz_ptr, k_out_ptr, c_off, m_off, o_off, HALF)
         _dequant_store(vc_ptr, vs_ptr, vz_ptr, v_out_ptr, c_off, m_off, o_off, HALF)
     elif g == n_full:
         m = (t < ctx - n_full * G)[:, None]
