@@ -1,29 +1,19 @@
 """Paged attention over the INT4 KV cache (layout: kernels/kv_cache.py, spec: ref.PagedKVCache).
+Every query reads the cache after the step's write: full groups from pages, the partial last group
+from the 16-bit window. Measurements behind each choice: benchmarks/kernels/NOTES-attention.md.
 
-Decode (one query per sequence) is a stream over the cache: its floor is KV bytes over HBM
-bandwidth, so everything here serves bytes in flight and cheap widening:
-
-- split-KV (flash-decoding): grid (sequence, KV head, split); each program walks `groups_per_split`
-  groups of G tokens and writes a partial (max, sum, output); a second kernel merges the splits.
-  Small batches at long context still fill the 132 SMs.
-- GQA: one program serves the Hq/Hkv query heads that share a KV head, so each byte of the cache is
-  read once; the rows are padded to 16 for the tensor-core dot.
-- no per-element dequantization: scores = (q * k_scale) . codes + q . k_zero (the scale folded into
-  the query, the zero into one bias per row), and p @ (codes * v_scale + v_zero) = (p @ codes) *
-  v_scale + sum(p) * v_zero. Codes are exact in float16, so both dots run on float16 codes.
-- widening on the GPU: a 32-bit `prmt` + `lop3` turns 4 bytes into 8 float16 values (1024 + c and
-  64 + c by exponent tricks, minus a constant): ~1.3 instructions per value instead of a shift, a
-  mask and an int->float conversion each (the conversion unit is quarter rate on Hopper).
-
-Prefill (chunked: new tokens over a cached prefix and themselves) is tensor-core bound: the fast
-path dequantizes the cache into contiguous 16-bit K/V (kv_cache.gather_kv, memory-bound, a few %
-of the time) and runs FlashAttention-2 varlen on it; the fused Triton kernel (K/V groups
-dequantized in registers, rows = (token, query head of the GQA group) pairs so one tile serves
-all heads that share it) is the portable path and measured ~2x slower than flash on H100.
-
-Every query reads the cache after the step's write: full groups from pages, the partial last
-group from the 16-bit window.
-"""
+Decode (one query per sequence) streams the cache; its floor is KV bytes over HBM bandwidth:
+- split-KV (flash-decoding): grid (sequence, KV head, split), partial (max, sum, output) per split,
+  merged by a second kernel, so small batches at long context still fill the 132 SMs;
+- GQA: one program serves the query heads sharing a KV head (rows padded to 16 for the dot), so
+  each byte of the cache is read once;
+- no per-element dequantization: scores = (q * k_scale) . codes + q . k_zero and p @ V =
+  (p @ codes) * v_scale + sum(p) * v_zero; codes are exact in float16;
+- widening: `prmt` + `lop3` + `hsub2` on 32-bit words turn 4 bytes into 8 float16 codes (1024 + c
+  and 64 + c by exponent tricks), instead of shift, mask and a quarter-rate int->float each.
+Prefill is tensor-core bound: the fast path dequantizes into contiguous 16-bit K/V
+(kv_cache.gather_kv, a few % of the time) and runs PyTorch's flash kernels; the fused Triton kernel
+(groups dequantized in registers) is the portable path, ~2x slower on H100."""
 
 from __future__ import annotations
 
@@ -147,6 +137,23 @@ def _int4_update(q_lo, q_hi, kb, vb, meta, ok, m_i, l_i, acc_lo, acc_hi, USE_ASM
 
 
 @triton.jit
+def _update16(q16_lo, q16_hi, k_ptr, v_ptr, base, n_valid, sm_scale, m_i, l_i, acc_lo, acc_hi,
+              G: tl.constexpr, D: tl.constexpr, ON_GPU: tl.constexpr):
+    """Online-softmax update with G 16-bit tokens (rows base.. of [*, D] K and V; n_valid live)."""
+    HALF: tl.constexpr = D // 2
+    k_lo = _load_rows16(k_ptr, base, n_valid, G, D, HALF, 0)
+    k_hi = _load_rows16(k_ptr, base, n_valid, G, D, HALF, HALF)
+    v_lo = _load_rows16(v_ptr, base, n_valid, G, D, HALF, 0)
+    v_hi = _load_rows16(v_ptr, base, n_valid, G, D, HALF, HALF)
+    qk = (_mm(q16_lo, tl.trans(k_lo), ON_GPU) + _mm(q16_hi, tl.trans(k_hi), ON_GPU)) * sm_scale
+    qk = tl.where((tl.arange(0, G) < n_valid)[None, :], qk, float("-inf"))
+    p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
+    acc_lo += _mm(p.to(v_lo.dtype), v_lo, ON_GPU)
+    acc_hi += _mm(p.to(v_hi.dtype), v_hi, ON_GPU)
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
     bt_ptr, ctx_ptr, slot_ptr, o_ptr, part_o_ptr, part_ml_ptr,
@@ -180,21 +187,11 @@ def _decode_kernel(
     acc_hi = tl.zeros([M, HALF], tl.float32)
     g0 = s * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, n_full)
-    t = tl.arange(0, G)
     if KV16:
         for g in range(g0, g1):
             page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
-            base = (page * H + h) * P + (g * G) % P
-            n_ok = ctx - g * G
-            k_lo = _load_rows16(kc_ptr, base, n_ok, G, D, HALF, 0)
-            k_hi = _load_rows16(kc_ptr, base, n_ok, G, D, HALF, HALF)
-            v_lo = _load_rows16(vc_ptr, base, n_ok, G, D, HALF, 0)
-            v_hi = _load_rows16(vc_ptr, base, n_ok, G, D, HALF, HALF)
-            qk = (_mm(q16_lo, tl.trans(k_lo), ON_GPU) + _mm(q16_hi, tl.trans(k_hi), ON_GPU)) * sm_scale
-            qk = tl.where((t < n_ok)[None, :], qk, float("-inf"))
-            p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
-            acc_lo += _mm(p.to(v_lo.dtype), v_lo, ON_GPU)
-            acc_hi += _mm(p.to(v_hi.dtype), v_hi, ON_GPU)
+            m_i, l_i, acc_lo, acc_hi = _update16(q16_lo, q16_hi, kc_ptr, vc_ptr, (page * H + h) * P + (g * G) % P,
+                                                 ctx - g * G, sm_scale, m_i, l_i, acc_lo, acc_hi, G, D, ON_GPU)
     else:
         for g in range(g0, g1):
             page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
@@ -206,16 +203,8 @@ def _decode_kernel(
         n_win = ctx - n_full * G
         if (n_win > 0) & (n_full >= g0) & (n_full < g0 + groups_per_split):
             slot = tl.load(slot_ptr + b)
-            base = (slot * H + h) * G
-            k_lo = _load_rows16(kw_ptr, base, n_win, G, D, HALF, 0)
-            k_hi = _load_rows16(kw_ptr, base, n_win, G, D, HALF, HALF)
-            v_lo = _load_rows16(vw_ptr, base, n_win, G, D, HALF, 0)
-            v_hi = _load_rows16(vw_ptr, base, n_win, G, D, HALF, HALF)
-            qk = (_mm(q16_lo, tl.trans(k_lo), ON_GPU) + _mm(q16_hi, tl.trans(k_hi), ON_GPU)) * sm_scale
-            qk = tl.where((t < n_win)[None, :], qk, float("-inf"))
-            p, m_i, l_i, acc_lo, acc_hi = _online_update(qk, m_i, l_i, acc_lo, acc_hi)
-            acc_lo += _mm(p.to(v_lo.dtype), v_lo, ON_GPU)
-            acc_hi += _mm(p.to(v_hi.dtype), v_hi, ON_GPU)
+            m_i, l_i, acc_lo, acc_hi = _update16(q16_lo, q16_hi, kw_ptr, vw_ptr, (slot * H + h) * G, n_win,
+                                                 sm_scale, m_i, l_i, acc_lo, acc_hi, G, D, ON_GPU)
     hq = h * REP + rows
     if SPLITS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -282,11 +271,9 @@ def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scal
     splits = -(-num_groups // gps)
     out = torch.empty_like(q)
     rep = hq // num_kv_heads
-    if splits > 1:
-        part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
-    else:
-        part_o = part_ml = out
+    f32 = {"dtype": torch.float32, "device": q.device}  # split partials: [B, Hq, splits, D] and (max, sum)
+    part_o = torch.empty(b, hq, splits, d, **f32) if splits > 1 else out
+    part_ml = torch.empty(b, hq, splits, 2, **f32) if splits > 1 else out
     _decode_kernel[(b, num_kv_heads, splits)](
         q, *tensors, block_tables, context_lens, seq_slots, out, part_o, part_ml,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -328,11 +315,9 @@ def decode_attention_bf16(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch
     """The 16-bit paged peer of decode_attention: k_pages, v_pages [num_pages, Hkv, P, D] in q's dtype."""
     assert k_pages.is_contiguous() and v_pages.is_contiguous() and k_pages.dtype == q.dtype
     psz = k_pages.shape[2]
-    tile = 64 if psz % 64 == 0 else psz
-    dummy = k_pages
-    tensors = (k_pages, v_pages, dummy, dummy, dummy, dummy, dummy, dummy)
-    return _launch_decode(q, True, tensors, block_tables, context_lens, context_lens, scale,
-                          max_context_len, num_splits, k_pages.shape[1], psz, tile, k_pages.shape[3], config)
+    tensors = (k_pages, v_pages) + (k_pages,) * 6  # no scales, zeros or window: placeholders
+    return _launch_decode(q, True, tensors, block_tables, context_lens, context_lens, scale, max_context_len,
+                          num_splits, k_pages.shape[1], psz, 64 if psz % 64 == 0 else psz, k_pages.shape[3], config)
 
 
 @triton.jit
