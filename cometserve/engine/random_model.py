@@ -4,7 +4,7 @@ For measuring speed with no download: Llama-2-7B, Llama-3-8B, Llama-2-13B and Ll
 configs ship in `cometserve/configs/` (Hugging Face config.json contents); any config.json path
 works too. Quantized modes are built without calibration, straight into the checkpoint's storage
 layout: identity permutations (none stored), random INT4 weight codes with plausible float16
-scales, and a fixed activation block map: every block INT8 (`w4a8kv4`) or the first 16% of blocks
+scales, the scheme's Hadamard rotation of INT4 activation blocks, and a fixed activation block map: every block INT8 (`w4a8kv4`) or the first 16% of blocks
 INT8 (`w4axkv4`: FMPQ gathers outlier channels into as few blocks as possible; 16% is the
 fraction this project plans for). The numbers are meaningless; shapes, bytes and kernels are real.
 """
@@ -56,7 +56,8 @@ def block_map(in_features: int, a_mode: str, int8_fraction: float = INT8_FRACTIO
 
 def _random_quant_factory(scheme, int8_fraction: float):
     def make(name: str, in_features: int, out_features: int, bias: bool):
-        layer = QuantLinear(in_features, out_features, bias, scheme.w_bits, scheme.w_group_size, True, False)
+        rotate = scheme.a_rotation == "hadamard"  # the scheme's cost: rotated INT4 blocks, as served
+        layer = QuantLinear(in_features, out_features, bias, scheme.w_bits, scheme.w_group_size, True, False, rotate)
         with torch.no_grad():
             layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8,
                                               device=layer.qweight.device).to(layer.qweight.dtype))
