@@ -307,6 +307,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="run the GPU correctness cases first")
     ap.add_argument("--sweep", action="store_true", help="split counts and page sizes, printed only")
     ap.add_argument("--render", action="store_true", help="md and png from the json, no GPU")
+    ap.add_argument("--prefill-only", action="store_true", help="skip the decode rows")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--commit", default=None, help="commit to record (the device copy has no .git)")
     args = ap.parse_args()
@@ -339,7 +340,7 @@ def main() -> None:
         for prefix in (0, p):
             rows.append(prefill_row(p, prefix))
             print(json.dumps(rows[-1]), flush=True)
-    for b in batches:
+    for b in () if args.prefill_only else batches:
         for c in contexts:
             rows.append(decode_row(b, c))
             print(json.dumps(rows[-1]), flush=True)
