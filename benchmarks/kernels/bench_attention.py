@@ -266,6 +266,8 @@ def render(res: dict) -> str:
                      f"{r['tflops_kv4']:.0f} | {r['tflops_sdpa']:.0f} | {r['rel_err_vs_bf16']:.3f} |")
     lines += ["", ("Relative error: KV4 output vs SDPA on the unquantized bf16 K/V (random Gaussian K/V, "
                    "a hard case for 4 bits; real K/V are smoother).")]
+    if res.get("note"):
+        lines += ["", f"Note: {res['note']}"]
     return "\n".join(lines) + "\n"
 
 
