@@ -77,7 +77,7 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
     """Append one row per case to `rows`, rewriting the result files after each (a run cut off
     by a time limit keeps what it measured)."""
     t0 = time.perf_counter()
-    loaded = build_random_model(args.random_weights, mode, device="cuda")
+    loaded = build_random_model(args.random_weights, mode, device="cuda", rotate=False if args.no_rotation else None)
     t_build = time.perf_counter() - t0
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs)
@@ -94,7 +94,9 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
         run_case(engine, i, min(o, 4), min(8, args.max_num_seqs), vocab, 1, f"warm{i}")
     for label, i, o, n in cases:
         r = run_case(engine, i, o, n, vocab, 0, f"{label}")
-        r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "case": label, **r}
+        r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "case": label,
+             "rotation": loaded.scheme.a_rotation == "hadamard" and not args.no_rotation and mode != "bf16",
+             "cuda_graphs": runner.graphs is not None, **r}
         rows.append(r)
         print(f"[{mode}] {label:>9} x{n:<4} max_batch {r['max_batch']:4d}  {r['output_tokens_per_s']:9.1f} out tok/s  "
               f"{r['total_tokens_per_s']:9.1f} total tok/s  {r['seconds']:6.1f} s  peak {r['peak_mem_gib']:.1f} GiB",
@@ -108,10 +110,13 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
 def write_results(args, rows: list[dict], out_dir: Path) -> None:
     import triton
 
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = args.commit
+    if commit is None:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                             stderr=subprocess.DEVNULL).strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "commit": commit, "command": " ".join(["benchmarks/e2e/throughput.py", *sys.argv[1:]]), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--memory-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-rotation", action="store_true", help="w4axkv4 without the Hadamard rotation of INT4 blocks")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse; copies without .git)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     return p
 

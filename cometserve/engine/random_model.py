@@ -54,9 +54,8 @@ def block_map(in_features: int, a_mode: str, int8_fraction: float = INT8_FRACTIO
     return bits
 
 
-def _random_quant_factory(scheme, int8_fraction: float):
+def _random_quant_factory(scheme, int8_fraction: float, rotate: bool):
     def make(name: str, in_features: int, out_features: int, bias: bool):
-        rotate = scheme.a_rotation == "hadamard"  # the scheme's cost: rotated INT4 blocks, as served
         layer = QuantLinear(in_features, out_features, bias, scheme.w_bits, scheme.w_group_size, True, False, rotate)
         with torch.no_grad():
             layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8,
@@ -73,15 +72,17 @@ def _random_quant_factory(scheme, int8_fraction: float):
 @torch.no_grad()
 def build_random_model(name_or_path: str | Path, mode: str = "w4axkv4", device: str | torch.device | None = None,
                        dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                       int8_fraction: float = INT8_FRACTION) -> LoadedModel:
-    """A ready model of the named shape in `mode` (bf16 | w4a8kv4 | w4axkv4), built on `device`."""
+                       int8_fraction: float = INT8_FRACTION, rotate: bool | None = None) -> LoadedModel:
+    """A ready model of the named shape in `mode` (bf16 | w4a8kv4 | w4axkv4), built on `device`.
+    `rotate` None: Hadamard-rotated INT4 activation blocks iff the scheme says so (as served)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
     device = torch.device(device) if device is not None else default_device()
     scheme = PRESETS[MODES[mode]]
     hf_config = load_config(name_or_path)
     torch.manual_seed(seed)
-    make = None if mode == "bf16" else _random_quant_factory(scheme, int8_fraction)
+    rotate = scheme.a_rotation == "hadamard" if rotate is None else rotate
+    make = None if mode == "bf16" else _random_quant_factory(scheme, int8_fraction, rotate)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are born in their dtype, on the device: no host copy
     try:
