@@ -16,6 +16,7 @@ captured for the padded batch size (static buffers and the captured graphs live 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,8 @@ class AttentionMetadata:
     start_pos_host: list[int]
     context_lens_host: list[int]
     cu_seqlens_host: list[int]
+    kv_slots: torch.Tensor | None = None  # int64 [sum(context_lens)]: 16-bit continuation prefill
+    cu_seqlens_k: torch.Tensor | None = None  # int32 [B+1] over kv_slots
 
     @property
     def is_decode(self) -> bool:
@@ -92,7 +95,9 @@ class Int4Attention:
 
 class Bf16Attention:
     """16-bit paged cache: scatter by slot_mapping; decode through the paged decode kernel (or its
-    reference); prefill per sequence over its own new K/V (first chunk) or the gathered pages."""
+    reference). Prefill on CUDA: one FlashAttention-2 varlen call over the step's new K/V (every
+    chunk a first chunk) or over the sequences' gathered pages (`kv_slots`); elsewhere, per
+    sequence through the reference (bit-identical to the plain per-sequence path)."""
 
     def __init__(self, storage: KVStorage, q_heads: int, dtype: torch.dtype, device: torch.device) -> None:
         self.decode = ref.decode_attention_bf16
@@ -106,6 +111,8 @@ class Bf16Attention:
                 self.decode, self.reason = attention.decode_attention_bf16, "kernels"
             except ImportError as e:
                 self.reason = f"kernels unavailable: {e}"
+        self.flash = self.on_cuda and _flash_varlen_works(q_heads, storage.layers[0].k_pages.shape[1], head_dim,
+                                                          dtype, device)
 
     @property
     def graph_safe(self) -> bool:
@@ -119,6 +126,15 @@ class Bf16Attention:
         vp[page, :, off] = v.to(vp.dtype)
         if m.is_decode:
             return self.decode(q, kp, vp, m.block_tables, m.context_lens, scale, m.max_context_len)
+        if self.flash:
+            if m.kv_slots is None:  # every chunk starts at 0: its own K/V is the whole context
+                keys, values, cu_k, max_k = k.to(kp.dtype), v.to(vp.dtype), m.cu_seqlens_q, m.max_seqlen_q
+            else:
+                page, off = m.kv_slots // psz, m.kv_slots % psz
+                keys, values, cu_k, max_k = kp[page, :, off], vp[page, :, off], m.cu_seqlens_k, m.max_context_len
+            return torch.ops.aten._flash_attention_forward(
+                q, keys.contiguous(), values.contiguous(), m.cu_seqlens_q, cu_k, m.max_seqlen_q, max_k, 0.0,
+                True, False, scale=scale)[0]
         out = torch.empty_like(q)
         cu = m.cu_seqlens_host
         for b, (start, ctx) in enumerate(zip(m.start_pos_host, m.context_lens_host)):
@@ -145,6 +161,19 @@ class Bf16Attention:
             mask = torch.arange(keys.shape[0], device=q.device)[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(0, 1)
+
+
+def _flash_varlen_works(q_heads: int, kv_heads: int, head_dim: int, dtype, device) -> bool:
+    """Whether PyTorch's bundled FlashAttention-2 varlen kernel runs here (bottom-right causal, GQA)."""
+    try:
+        q = torch.zeros(4, q_heads, head_dim, dtype=dtype, device=device)
+        k = torch.zeros(6, kv_heads, head_dim, dtype=dtype, device=device)
+        cu_q = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
+        torch.ops.aten._flash_attention_forward(q, k, k, cu_q, cu_k, 3, 4, 0.0, True, False, scale=1.0)
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 class LayerView:
@@ -227,6 +256,11 @@ class ModelRunner:
             slot_mapping=t(slot_map, torch.int64), max_seqlen_q=max(c.num_tokens for c in out.chunks),
             max_context_len=max(ctxs), start_pos_host=starts, context_lens_host=ctxs, cu_seqlens_host=cu,
         )
+        if st.kv_bits == 16 and meta.max_seqlen_q > 1 and any(starts):
+            psz = st.page_size
+            kv_slots = [c.block_table[p // psz] * psz + p % psz for c in out.chunks for p in range(c.end_pos)]
+            meta.kv_slots = t(kv_slots, torch.int64)
+            meta.cu_seqlens_k = t([0, *itertools.accumulate(ctxs)])
         return StepInputs(t(ids, torch.int64), t(pos, torch.int64), meta, rows, sample_ids)
 
     def release(self, request_ids, keep_generators: bool = False) -> None:

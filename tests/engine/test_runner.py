@@ -55,6 +55,9 @@ def test_metadata_of_a_scripted_step(tiny16):
     assert m.slot_mapping.tolist() == [7 * P + 1, 0, 1, 2, 3, 4, 5]
     assert (m.max_seqlen_q, m.max_context_len, m.is_decode) == (6, 10, False)
     assert x.sample_rows == [0] and x.sample_ids == ["a"]
+    # a continuation in a 16-bit step: every context token's page slot, for the varlen gather
+    assert m.kv_slots.tolist() == [12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 0, 1, 2, 3, 4, 5]
+    assert m.cu_seqlens_k.tolist() == [0, 10, 16]
 
 
 def test_slots_follow_preemption_and_finish(tiny16):
