@@ -88,9 +88,8 @@ class Int4Attention:
         self.write_kv(k, v, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, m.max_seqlen_q)
         if m.is_decode:
             return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
-        kw = {} if self.prefill is ref.prefill_attention else {"max_context_len": m.max_context_len}
         return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
-                            m.max_seqlen_q, **kw)
+                            m.max_seqlen_q, m.max_context_len)
 
 
 class Bf16Attention:
