@@ -67,14 +67,18 @@ def cmd_eval(args) -> None:
 def demo_checkpoint(device: str | None = None, requantize: bool = False) -> Path:
     """The shipped SmolLM2-135M quantized to W4AxKV4 with FMPQ (default calibration), made once and
     cached beside its 16-bit copy."""
-    from cometserve import assets
-    from cometserve.checkpoint import is_checkpoint
+    from cometserve import assets, checkpoint
     from cometserve.config import cache_dir
     from cometserve.quant.quantize import quantize
+    from cometserve.scheme import get_scheme
 
     src = assets.smollm2_dir()
     ckpt = cache_dir() / "smollm2-135m-instruct-fmpq_w4axkv4"
-    if not is_checkpoint(ckpt) or requantize:
+    try:  # a checkpoint made by another version of the scheme is made again
+        current = checkpoint.load_quant_config(ckpt)[1] == get_scheme("fmpq_w4axkv4")
+    except checkpoint.CheckpointError:
+        current = False
+    if not current or requantize:
         t0 = time.perf_counter()
         quantize(src, ckpt, scheme="fmpq_w4axkv4", device=device)
         print(f"quantized {src.name} with FMPQ in {time.perf_counter() - t0:.1f} s -> {ckpt}")

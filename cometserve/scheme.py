@@ -91,7 +91,12 @@ class QuantScheme:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"quant_config.json: scheme has unknown field(s) {unknown}")
+            raise ValueError(f"unknown field(s) {unknown}")
+        # every field must be present: a default that changes later must not silently change
+        # what an existing checkpoint means
+        missing = sorted(known - set(d))
+        if missing:
+            raise ValueError(f"missing field(s) {missing}")
         return cls(**d)
 
 

@@ -71,6 +71,7 @@ CASES = {
     "not a cometserve file": (lambda p: _edit_config(p, lambda c: c.update(format="gguf")), "'format'"),
     "bad scheme field": (lambda p: _edit_config(p, lambda c: c["scheme"].update(w_bits=3)), "w_bits"),
     "unknown scheme field": (lambda p: _edit_config(p, lambda c: c["scheme"].update(foo=1)), "foo"),
+    "missing scheme field": (lambda p: _edit_config(p, lambda c: c["scheme"].pop("a_rotation")), "a_rotation"),
     "bad block map": (lambda p: _edit_config(p, lambda c: c["layers"][QKV].update(block_bits=[4])), "block_bits"),
     "bad permutation": (lambda p: _edit_config(p, lambda c: c["layers"][QKV]["perm"].__setitem__(0, 1)), "perm"),
     "missing layer field": (lambda p: _edit_config(p, lambda c: c["layers"][QKV].pop("w_bits")), "'w_bits'"),

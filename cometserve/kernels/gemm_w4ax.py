@@ -172,8 +172,10 @@ def _w4ax_kernel(
 
     acc0 = tl.zeros([SUB_N, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([SUB_N, BLOCK_M], dtype=tl.float32)
-    a_s, w_s0, w_s1 = _load_scales(as_ptr, ws_ptr, offs_m, offs_n0, mask_m, b_lo, stride_asm,
-                                   stride_wsb, N_SUB, SUB_N)
+    # a trailing split can own no block (b_lo >= NB when SPLIT_K does not divide NB evenly): clamp
+    # so its scale loads stay inside the tensors; its loop is empty and its partial is zero
+    a_s, w_s0, w_s1 = _load_scales(as_ptr, ws_ptr, offs_m, offs_n0, mask_m, tl.minimum(b_lo, NB - 1),
+                                   stride_asm, stride_wsb, N_SUB, SUB_N)
     for b in range(b_lo, b_hi):
         if PREFETCH:  # block b+1's scales now: Triton's pipeliner leaves these small loads
             # synchronous, and each would expose a full memory latency per block

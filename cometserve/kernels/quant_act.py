@@ -39,14 +39,29 @@ def _row_rstd(x_row, K, stride_xk, eps, NORM_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _butterfly(v, T: tl.constexpr, H: tl.constexpr):
+    """One FWHT stage on v [T, 128]: pairs H apart become (a + b, a - b). Written with a reshape,
+    a sum over the pair axis (a + 0 * b is exactly a) and a broadcast sign, so no permute, split or
+    join is needed."""
+    x = tl.reshape(v, [T, 64 // H, 2, H])
+    first = tl.arange(0, 2)[None, None, :, None] == 0
+    a = tl.sum(tl.where(first, x, 0.0), axis=2)  # [T, A, H]
+    b = tl.sum(tl.where(first, 0.0, x), axis=2)
+    sign = tl.where(first, 1.0, -1.0)  # a + (-b) rounds exactly like a - b
+    return tl.reshape(a[:, :, None, :] + sign * b[:, :, None, :], [T, 128])
+
+
+@triton.jit
 def _fwht(v, T: tl.constexpr):
     """v [T, 128] float32 -> each row times the orthonormal Hadamard matrix: the butterfly stages
     of `ref.fwht` in the same order (so the same float32 roundings), then the 128^-1/2 scale."""
-    for stage in tl.static_range(7):
-        h: tl.constexpr = 1 << stage
-        pairs = tl.permute(tl.reshape(v, [T, 64 // h, 2, h]), [0, 1, 3, 2])  # [T, A, h, 2]
-        a, b = tl.split(pairs)
-        v = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [T, 128])
+    v = _butterfly(v, T, 1)
+    v = _butterfly(v, T, 2)
+    v = _butterfly(v, T, 4)
+    v = _butterfly(v, T, 8)
+    v = _butterfly(v, T, 16)
+    v = _butterfly(v, T, 32)
+    v = _butterfly(v, T, 64)
     return v * 0.08838834764831845
 
 

@@ -1,0 +1,115 @@
+"""The accuracy table: perplexity (and MMLU for the 1.5B model) of every quantization method against
+the same model's 16-bit weights, on text the calibration never saw.
+
+    python benchmarks/accuracy.py                     # SmolLM2-135M, all methods
+    python benchmarks/accuracy.py --sweep             # + outlier-threshold sweep (ppl vs INT8 blocks)
+    python benchmarks/accuracy.py --qwen GGUF_FILE    # + Qwen2.5-Coder-1.5B (opt-in: ~7 GB RAM, slow)
+
+Writes benchmarks/results/accuracy.json and benchmarks/results/<date>-accuracy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cometserve import assets
+from cometserve.engine.llm import LLM
+from cometserve.evaluate import mmlu_accuracy, mmlu_questions, perplexity
+from cometserve.quant.calib_data import CalibSpec
+from cometserve.quant.quantize import quantize
+from cometserve.scheme import get_scheme
+
+METHODS = ("fp16", "w8a8", "w4a16_gptq", "w4a4_rtn", "w4a8kv4", "fmpq_w4ax", "fmpq_w4axkv4")
+RESULTS = Path(__file__).parent / "results"
+
+
+def evaluate(path, args, eval_source: str, eval_text: str, mmlu_rows) -> dict:
+    llm = LLM(path, device=args.device)
+    ids = torch.tensor(llm.tokenizer(eval_text, add_special_tokens=False)["input_ids"])
+    ppl = perplexity(llm.model, llm.scheme, ids, ctx=args.ctx, max_windows=args.max_windows)
+    qcfg = llm.loaded.quant_config
+    row = {
+        "dataset": f"{eval_source}[{args.max_windows} windows]" if args.max_windows else eval_source,
+        "ctx": args.ctx,
+        "ppl": round(ppl, 4),
+        "int8_block_fraction": round(qcfg["int8_block_fraction"], 4) if qcfg else None,
+        "mmlu": round(100 * mmlu_accuracy(llm.model, llm.scheme, llm.tokenizer, mmlu_rows), 2) if mmlu_rows else None,
+    }
+    del llm
+    return row
+
+
+def run_model(name: str, src: Path, methods, args, work: Path, mmlu_rows) -> list[dict]:
+    eval_source, eval_text = assets.default_eval_text()
+    calib = CalibSpec(assets.default_calibration_text()[0], args.samples, args.seq_len, 0)
+    rows = []
+    for method in methods:
+        t0 = time.time()
+        scheme = method if isinstance(method, str) else method[1]
+        label = method if isinstance(method, str) else method[0]
+        path = src if label == "fp16" else quantize(src, work / label, scheme=scheme, calib=calib, device=args.device)
+        row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, mmlu_rows)}
+        rows.append(row)
+        print(f"{name:14s} {label:28s} ppl {row['ppl']:9.3f}  int8 {row['int8_block_fraction']}  "
+              f"mmlu {row['mmlu']}  ({time.time() - t0:.0f} s)", flush=True)
+    return rows
+
+
+def sweep_methods(thresholds) -> list[tuple[str, object]]:
+    base = get_scheme("fmpq_w4ax")
+    return [(f"fmpq_w4ax@t={t}", dataclasses.replace(base, outlier_threshold=t)) for t in thresholds]
+
+
+def write_results(rows: list[dict], command: str) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"commit": commit, "command": command, "torch": torch.__version__, "device": "cpu", "rows": rows}
+    (RESULTS / "accuracy.json").write_text(json.dumps(out, indent=1))
+    base = {r["model"]: r["ppl"] for r in rows if r["method"] == "fp16"}
+    lines = [f"# Accuracy ({time.strftime('%Y-%m-%d')})", "", f"commit `{commit}`, `{command}`, torch {torch.__version__}, CPU", "",
+             "| model | method | dataset | ctx | ppl | vs fp16 | INT8 blocks | MMLU % |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel = f"{100 * (r['ppl'] / base[r['model']] - 1):+.1f}%" if r["model"] in base else "-"
+        frac = "-" if r["int8_block_fraction"] is None else f"{100 * r['int8_block_fraction']:.1f}%"
+        lines.append(f"| {r['model']} | {r['method']} | {r['dataset']} | {r['ctx']} | {r['ppl']:.3f} | {rel} | "
+                     f"{frac} | {'-' if r['mmlu'] is None else r['mmlu']} |")
+    (RESULTS / f"{time.strftime('%Y-%m-%d')}-accuracy.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40, help="windows per model (stride ctx/2); 0 = whole text")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--sweep", action="store_true", help="also sweep FMPQ's outlier threshold")
+    p.add_argument("--qwen", metavar="GGUF", help="also run Qwen2.5-Coder-1.5B from this GGUF file")
+    p.add_argument("--mmlu", type=int, default=200, help="MMLU questions for the 1.5B model")
+    p.add_argument("--methods", nargs="*", default=list(METHODS))
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    args.max_windows = args.max_windows or None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        methods = list(args.methods) + (sweep_methods((8, 6, 4, 3, 2.5, 2)) if args.sweep else [])
+        rows += run_model("smollm2-135m", assets.smollm2_dir(), methods, args, work / "smollm2", None)
+        if args.qwen:
+            from cometserve.model.loader import resolve_model_path
+
+            rows += run_model("qwen2.5-1.5b", resolve_model_path(args.qwen), args.methods, args, work / "qwen",
+                              mmlu_questions(args.mmlu))
+    write_results(rows, "python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
