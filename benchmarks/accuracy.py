@@ -70,7 +70,7 @@ def sweep_methods(thresholds) -> list[tuple[str, object]]:
 
 
 def write_results(rows: list[dict], command: str) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"commit": commit, "command": command, "torch": torch.__version__, "device": "cpu", "rows": rows}
     (RESULTS / "accuracy.json").write_text(json.dumps(out, indent=1))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import gzip
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -83,11 +82,9 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from cometserve.checkpoint import sha256_file  # imported here: it pulls in torch
+
+    return sha256_file(path)
 
 
 def _is_conversion_of(out_dir: Path, gguf_path: Path) -> bool:

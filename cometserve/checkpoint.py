@@ -49,7 +49,7 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / QUANT_CONFIG).is_file()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -70,7 +70,7 @@ def save(out_dir: str | Path, tensors: dict[str, torch.Tensor], quant_config: di
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         cfg = dict(quant_config)
         cfg.update(format="cometserve", format_version=FORMAT_VERSION, packing=PACKING)
-        cfg["files"] = {WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)}}
+        cfg["files"] = {WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size, "sha256": sha256_file(tmp / WEIGHTS)}}
         (tmp / QUANT_CONFIG).write_text(json.dumps(cfg, indent=1))
         if out.exists():
             shutil.rmtree(out)
@@ -135,7 +135,7 @@ def load_tensors(path: str | Path, cfg: dict) -> dict[str, torch.Tensor]:
     size = f.stat().st_size
     if size != meta.get("bytes"):
         raise CheckpointError(f"{f}: {size} bytes, quant_config.json says {meta.get('bytes')} (truncated or replaced)")
-    if size <= HASH_LIMIT_BYTES and _sha256(f) != meta.get("sha256"):
+    if size <= HASH_LIMIT_BYTES and sha256_file(f) != meta.get("sha256"):
         raise CheckpointError(f"{f}: sha256 does not match quant_config.json (file corrupted)")
     try:
         return load_file(str(f))

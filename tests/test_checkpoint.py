@@ -62,7 +62,7 @@ def _rewrite_tensors(path, fn):
     fn(tensors)
     save_file(tensors, str(f))
     _edit_config(path, lambda c: c["files"][checkpoint.WEIGHTS].update(
-        bytes=f.stat().st_size, sha256=checkpoint._sha256(f)))
+        bytes=f.stat().st_size, sha256=checkpoint.sha256_file(f)))
 
 
 QKV = "model.layers.0.self_attn.qkv_proj"

@@ -91,7 +91,7 @@ def test_quant_act_rotates_only_int4_blocks():
     x = torch.randn(4, 256)
     bits = torch.tensor([8, 4], dtype=torch.uint8)
     plain, _ = ref.quant_act(x, None, bits)
-    rotated, scales = ref.quant_act(x, None, bits, rotate=True)
+    rotated, _ = ref.quant_act(x, None, bits, rotate=True)
     assert torch.equal(rotated[:, :128], plain[:, :128])
     want, _ = ref.quant_act(ref.fwht(x[:, 128:]), None, bits[1:])
     assert torch.equal(rotated[:, 128:], want)

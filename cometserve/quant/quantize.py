@@ -10,6 +10,7 @@ import torch
 
 import cometserve
 from cometserve import checkpoint
+from cometserve.kernels.ref import hadamard
 from cometserve.model.llama import DecoderLayer, LlamaForCausalLM
 from cometserve.model.loader import load_model, resolve_model_path
 from cometserve.quant.calib_data import CalibSpec, calibration_tokens
@@ -18,7 +19,6 @@ from cometserve.quant.fmpq import block_map, int8_fraction
 from cometserve.quant.pack import pack_int4
 from cometserve.quant.primitives import dequantize_weight
 from cometserve.quant.rounding import gptq, rtn
-from cometserve.kernels.ref import hadamard
 from cometserve.scheme import BLOCK_SIZE, QuantScheme, get_scheme, padded_k
 
 SAVE_DTYPE = torch.bfloat16  # embeddings, norms, biases and the LM head stay 16-bit

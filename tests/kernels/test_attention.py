@@ -13,13 +13,11 @@ test_kv_cache.py for why); GPU (`-m gpu`): compiled, larger shapes.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from tests.kernels import interp
+from tests.kernels.interp import report_cases
 
 REL_TOL, ABS_TOL = 1e-2, 2e-2
 
@@ -105,26 +103,12 @@ def quantization_error(device="cpu", dtype=torch.bfloat16, length=300, kv_heads=
 
 
 def _main() -> None:
-    report = {}
-    for name, *args in CPU_CASES:
-        try:
-            run_attention_case(*args)
-            report[name] = "ok"
-        except Exception as e:  # noqa: BLE001 - reported to the parent test by name
-            report[name] = f"{type(e).__name__}: {e}"
-    print("REPORT" + json.dumps(report))
+    report_cases(CPU_CASES, run_attention_case)
 
 
 @pytest.fixture(scope="module")
 def interpreted_report():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")]
-    assert lines, f"interpreter subprocess failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("REPORT"):])
+    return interp.interpreted_report(__file__)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CPU_CASES])
