@@ -44,7 +44,7 @@ class QuantScheme:
     w_group_size: int = BLOCK_SIZE  # 0 = one scale per output channel
     a_mode: str = "fmpq"
     a_block_size: int = BLOCK_SIZE
-    outlier_threshold: float = 4.0  # a channel is an outlier if absmax > this x median absmax
+    outlier_threshold: float = 3.0  # a channel is an outlier if absmax > this x median absmax
     a_rotation: str = "hadamard"  # "hadamard": INT4 blocks are rotated by a 128x128 Hadamard matrix
     kv_bits: int = 4  # 4 or 16
     kv_group_size: int = 64  # tokens that share one (scale, zero) per channel
