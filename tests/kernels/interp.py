@@ -22,13 +22,21 @@ def report_cases(cases, run_case) -> None:
     print("REPORT" + json.dumps(report))
 
 
-def interpreted_report(test_file: str) -> dict:
-    """In the parent: run `test_file` as a script under the interpreter and return its report."""
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def interpreted_json(args: list[str], prefix: str) -> dict:
+    """In the parent: run `python ARGS` under the interpreter; return the JSON of its last line
+    that starts with `prefix`."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(test_file))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(test_file)], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")]
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(prefix)]
     assert lines, f"interpreter subprocess failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("REPORT"):])
+    return json.loads(lines[-1][len(prefix):])
+
+
+def interpreted_report(test_file: str) -> dict:
+    """Run `test_file` as a script (its report_cases) under the interpreter."""
+    return interpreted_json([os.path.abspath(test_file)], "REPORT")

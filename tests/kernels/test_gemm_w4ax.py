@@ -15,15 +15,12 @@ already have done.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels import interp
+
 RTOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 0.0}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -104,13 +101,7 @@ def _interp_main() -> None:
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    code = "import tests.kernels.test_gemm_w4ax as t; t._interp_main()"
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                       check=False, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
-    return json.loads(line[len("RESULTS "):])
+    return interp.interpreted_json(["-c", "import tests.kernels.test_gemm_w4ax as t; t._interp_main()"], "RESULTS ")
 
 
 @pytest.mark.parametrize("name", list(CPU_CASES))

@@ -112,19 +112,16 @@ def select_gemm_ops(n: int, k: int, w_bits: int, device: torch.device):
             return ref
         ok, _reason = gemm_w4ax.can_implement(n, padded_k(k), w_bits, device)
         if ok:
-            return _KernelOps(gemm_w4ax, quant_act)
+            act_ok, _reason = quant_act.can_implement(k, device)
+            return _KernelOps(gemm_w4ax, quant_act.quant_act if act_ok else ref.quant_act)
     return ref
 
 
 class _KernelOps:
-    """The two Triton modules behind the reference's three-function interface."""
+    """The Triton GEMM and the act-quant function chosen once for a layer, behind the reference's
+    three-function interface."""
 
-    def __init__(self, gemm, act) -> None:
+    def __init__(self, gemm, quant_act) -> None:
         self.prepare_weights = gemm.prepare_weights
         self.w4ax_gemm = gemm.w4ax_gemm
-        self._act = act
-
-    def quant_act(self, x, perm, block_bits, norm_weight, eps, rotate):
-        ok, _ = self._act.can_implement(x.shape[-1], x.device)
-        fn = self._act.quant_act if ok else ref.quant_act
-        return fn(x, perm, block_bits, norm_weight, eps, rotate)
+        self.quant_act = quant_act
