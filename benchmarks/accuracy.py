@@ -48,20 +48,20 @@ def evaluate(path, args, eval_source: str, eval_text: str, mmlu_rows) -> dict:
     return row
 
 
-def run_model(name: str, src: Path, methods, args, work: Path, mmlu_rows) -> list[dict]:
+def run_model(name: str, src: Path, methods, args, work: Path, mmlu_rows, command: str) -> None:
+    """Quantize and evaluate each method; each row is merged into the results as soon as it exists."""
     eval_source, eval_text = assets.default_eval_text()
     calib = CalibSpec(assets.default_calibration_text()[0], args.samples, args.seq_len, 0)
-    rows = []
     for method in methods:
         t0 = time.time()
         scheme = method if isinstance(method, str) else method[1]
         label = method if isinstance(method, str) else method[0]
         path = src if label == "fp16" else quantize(src, work / label, scheme=scheme, calib=calib, device=args.device)
-        row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, mmlu_rows)}
-        rows.append(row)
+        mmlu = mmlu_rows if label in args.mmlu_methods else None
+        row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, mmlu)}
         print(f"{name:14s} {label:28s} ppl {row['ppl']:9.3f}  int8 {row['int8_block_fraction']}  "
               f"mmlu {row['mmlu']}  ({time.time() - t0:.0f} s)", flush=True)
-    return rows
+        merge_results(row, command)
 
 
 def sweep_methods(thresholds) -> list[tuple[str, object]]:
@@ -69,13 +69,25 @@ def sweep_methods(thresholds) -> list[tuple[str, object]]:
     return [(f"fmpq_w4ax@t={t}", dataclasses.replace(base, outlier_threshold=t)) for t in thresholds]
 
 
-def write_results(rows: list[dict], command: str) -> None:
+def merge_results(row: dict, command: str) -> None:
+    """Replace (or add) the row of the same model and method in accuracy.json, each row keeping the
+    commit and command that measured it, and rewrite the markdown table. Runs of one model do not
+    erase the other model's rows."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"commit": commit, "command": command, "torch": torch.__version__, "device": "cpu", "rows": rows}
-    (RESULTS / "accuracy.json").write_text(json.dumps(out, indent=1))
+    path = RESULTS / "accuracy.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    row = {**row, "commit": commit, "command": command}
+    key = (row["model"], row["method"])
+    rows = [r for r in old if (r["model"], r["method"]) != key] + [row]
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (r["model"] != "smollm2-135m", r["model"], order.get(r["method"], len(order)), r["method"]))
+    commands = sorted({r.get("command", "") for r in rows} - {""})
+    out = {"commit": commit, "command": " ; ".join(commands), "torch": torch.__version__, "device": "cpu", "rows": rows}
+    path.write_text(json.dumps(out, indent=1))
     base = {r["model"]: r["ppl"] for r in rows if r["method"] == "fp16"}
-    lines = [f"# Accuracy ({time.strftime('%Y-%m-%d')})", "", f"commit `{commit}`, `{command}`, torch {torch.__version__}, CPU", "",
+    head = f"torch {torch.__version__}, CPU. Commands (each row names its own commit and command in accuracy.json):"
+    lines = [f"# Accuracy ({time.strftime('%Y-%m-%d')})", "", head, "", *[f"- `{c}`" for c in commands], "",
              "| model | method | dataset | ctx | ppl | vs fp16 | INT8 blocks | MMLU % |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{100 * (r['ppl'] / base[r['model']] - 1):+.1f}%" if r["model"] in base else "-"
@@ -94,21 +106,24 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also sweep FMPQ's outlier threshold")
     p.add_argument("--qwen", metavar="GGUF", help="also run Qwen2.5-Coder-1.5B from this GGUF file")
     p.add_argument("--mmlu", type=int, default=200, help="MMLU questions for the 1.5B model")
+    p.add_argument("--mmlu-methods", default="fp16,w4a8kv4,fmpq_w4axkv4", help="methods that get MMLU (1.5B)")
+    p.add_argument("--no-smollm2", action="store_true", help="only the --qwen model")
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     args.max_windows = args.max_windows or None
-    rows = []
+    args.mmlu_methods = set(args.mmlu_methods.split(","))
+    command = "python " + " ".join(sys.argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         methods = list(args.methods) + (sweep_methods((8, 6, 4, 3, 2.5, 2)) if args.sweep else [])
-        rows += run_model("smollm2-135m", assets.smollm2_dir(), methods, args, work / "smollm2", None)
+        if not args.no_smollm2:
+            run_model("smollm2-135m", assets.smollm2_dir(), methods, args, work / "smollm2", None, command)
         if args.qwen:
             from cometserve.model.loader import resolve_model_path
 
-            rows += run_model("qwen2.5-1.5b", resolve_model_path(args.qwen), args.methods, args, work / "qwen",
-                              mmlu_questions(args.mmlu))
-    write_results(rows, "python " + " ".join(sys.argv))
+            run_model("qwen2.5-1.5b", resolve_model_path(args.qwen), args.methods, args, work / "qwen",
+                      mmlu_questions(args.mmlu), command)
 
 
 if __name__ == "__main__":
