@@ -125,6 +125,15 @@ def _check_layer(f: Path, name: str, layer: dict) -> None:
 
 def load_tensors(path: str | Path, cfg: dict) -> dict[str, torch.Tensor]:
     """Load the weights after checking each listed file's size (truncation) and hash (corruption)."""
+    f = checked_weights_file(path, cfg)
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: unreadable safetensors ({e})") from e
+
+
+def checked_weights_file(path: str | Path, cfg: dict) -> Path:
+    """The weights file, after checking its size (truncation) and hash (corruption) against `cfg`."""
     files = cfg.get("files") or {}
     if WEIGHTS not in files:
         raise CheckpointError(f"{path}/{QUANT_CONFIG}: field 'files' does not list {WEIGHTS}")
@@ -137,10 +146,7 @@ def load_tensors(path: str | Path, cfg: dict) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{f}: {size} bytes, quant_config.json says {meta.get('bytes')} (truncated or replaced)")
     if size <= HASH_LIMIT_BYTES and sha256_file(f) != meta.get("sha256"):
         raise CheckpointError(f"{f}: sha256 does not match quant_config.json (file corrupted)")
-    try:
-        return load_file(str(f))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{f}: unreadable safetensors ({e})") from e
+    return f
 
 
 def expect_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple, dtype: torch.dtype | None) -> torch.Tensor:

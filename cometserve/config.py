@@ -20,6 +20,23 @@ def cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class LaunchEnv:
+    """Where torchrun placed this process: global rank, world size and the GPU index on its host."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_env() -> LaunchEnv | None:
+    """The torchrun (or torch.distributed.launch) environment of this process, or None outside one."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return LaunchEnv(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shapes of a LLaMA-family network, read from a Hugging Face config (Llama 2/3, Mistral, Qwen2)."""
 

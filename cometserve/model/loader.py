@@ -58,17 +58,22 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
-def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors model directory."""
+def hf_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a (possibly sharded) model directory."""
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
     if not files:
         files = sorted(f.name for f in path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights (pickle .bin files are never loaded)")
+    return [path / name for name in files]
+
+
+def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors model directory."""
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        tensors.update(load_file(str(path / name)))
+    for f in hf_weight_files(path):
+        tensors.update(load_file(str(f)))
     return tensors
 
 
