@@ -54,6 +54,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of q [T, Hq, D] and k [T, Hkv, D] at `positions` [T], with the float32 tables
+    cos/sin [max_positions, D/2] (attention scaling folded in). The kernel rotates in place."""
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        a, b = x.float().chunk(2, dim=-1)
+        return torch.cat((a * c - b * s, b * c + a * s), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2N] = [gate | up] -> silu(gate) * up [..., N] (float32 math, one rounding)."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
 def hadamard(n: int = BLOCK_SIZE, device=None) -> torch.Tensor:
     """The orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two), float32."""
     h = torch.ones(1, 1, device=device)

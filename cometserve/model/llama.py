@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cometserve.config import ModelConfig
+from cometserve.model.layers.activation import silu_and_mul
 from cometserve.model.layers.attention import Attention
 from cometserve.model.layers.linear import Linear
 from cometserve.model.layers.norm import RMSNorm
@@ -37,8 +38,7 @@ class MLP(nn.Module):
         self.down_proj = make(f"{prefix}.down_proj", i, h, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, norm).split(self.intermediate, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x, norm)))
 
 
 class DecoderLayer(nn.Module):

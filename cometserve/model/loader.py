@@ -99,7 +99,7 @@ def load_hf_config(path: Path):
 def build_model(hf_config, make=dense_factory) -> LlamaForCausalLM:
     cfg = ModelConfig.from_hf(hf_config)
     inv_freq, scaling = rope_inv_freq(hf_config, cfg.head_dim)
-    return LlamaForCausalLM(cfg, RotaryEmbedding(inv_freq, scaling), make)
+    return LlamaForCausalLM(cfg, RotaryEmbedding(inv_freq, scaling, cfg.max_model_len), make)
 
 
 def quant_factory(layers: dict, scheme: QuantScheme):

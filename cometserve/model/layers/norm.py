@@ -15,4 +15,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one launch instead of the reference's six
+            from cometserve.kernels import pointwise
+
+            return pointwise.rms_norm(x, self.weight, self.eps)
         return ref.rms_norm(x, self.weight, self.eps)

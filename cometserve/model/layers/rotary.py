@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cometserve.kernels import ref
+
 
 def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     """(inv_freq [head_dim/2], attention scaling) for a transformers config."""
@@ -26,22 +28,31 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, inv_freq: torch.Tensor, scaling: float) -> None:
+    """Tables of cos/sin (float32 [positions, D/2], scaling folded in) built once per device for
+    `max_positions` (the model's context), grown on demand where positions exceed them (a host sync:
+    never on the engine's path, whose positions stay under the context). On CUDA one Triton launch
+    rotates q and k in place (kernels/pointwise.py); elsewhere the reference."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float, max_positions: int = 4096) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scaling = scaling
+        self.max_positions = max_positions
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tables(self, device: torch.device, needed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        cur = self._tables
+        if cur is None or cur[0].device != device or cur[0].shape[0] < needed:
+            n = max(self.max_positions, needed)
+            freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device)[None, :]
+            self._tables = cur = (freqs.cos() * self.scaling, freqs.sin() * self.scaling)
+        return cur
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (same dtypes)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.scaling)[:, None, :]
-        sin = (emb.sin() * self.scaling)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (same dtypes; on CUDA in place)."""
+        if positions.is_cuda:
+            from cometserve.kernels import pointwise
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+            return pointwise.rotary_embedding(q, k, positions, *self.tables(positions.device))
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        return ref.rotary_embedding(q, k, positions, *self.tables(positions.device, needed))
