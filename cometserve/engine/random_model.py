@@ -72,22 +72,28 @@ def _random_quant_factory(scheme, int8_fraction: float, rotate: bool):
 @torch.no_grad()
 def build_random_model(name_or_path: str | Path, mode: str = "w4axkv4", device: str | torch.device | None = None,
                        dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                       int8_fraction: float = INT8_FRACTION, rotate: bool | None = None) -> LoadedModel:
+                       int8_fraction: float = INT8_FRACTION, rotate: bool | None = None, tp=None) -> LoadedModel:
     """A ready model of the named shape in `mode` (bf16 | w4a8kv4 | w4axkv4), built on `device`.
-    `rotate` None: Hadamard-rotated INT4 activation blocks iff the scheme says so (as served)."""
+    `rotate` None: Hadamard-rotated INT4 activation blocks iff the scheme says so (as served).
+    `tp` (a distributed.ParallelContext): build only this rank's shard (its own random numbers)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
     device = torch.device(device) if device is not None else default_device()
     scheme = PRESETS[MODES[mode]]
     hf_config = load_config(name_or_path)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if tp is None else seed * 1000 + tp.rank)
     rotate = scheme.a_rotation == "hadamard" if rotate is None else rotate
     make = None if mode == "bf16" else _random_quant_factory(scheme, int8_fraction, rotate)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are born in their dtype, on the device: no host copy
     try:
         with torch.device(device):
-            model = build_model(hf_config) if make is None else build_model(hf_config, make)
+            if tp is not None:
+                from cometserve.distributed.model import build_tp_model, plain_builder
+
+                model = build_tp_model(hf_config, tp, make and plain_builder(make), blocks=make is not None)
+            else:
+                model = build_model(hf_config) if make is None else build_model(hf_config, make)
     finally:
         torch.set_default_dtype(prev)
     for name, p in model.named_parameters():
