@@ -1,4 +1,4 @@
-"""cometserve quantize | generate | eval | demo | bench."""
+"""cometserve quantize | generate | eval | demo | bench | serve."""
 
 from __future__ import annotations
 
@@ -123,6 +123,53 @@ def cmd_bench(args) -> None:
         raise RuntimeError(f"benchmark exited with status {rc}")
 
 
+def cmd_serve(args) -> None:
+    """The OpenAI-compatible HTTP server (cometserve/server/) on a checkpoint or random weights."""
+    from cometserve.engine.async_engine import AsyncEngine
+    from cometserve.engine.engine import EngineConfig
+    from cometserve.server.run import serve
+
+    if (args.model is None) == (args.random_weights is None):
+        raise ValueError("give a CHECKPOINT or --random-weights NAME (one of them)")
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_model_len=args.max_model_len, num_pages=args.num_pages,
+                       memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs)
+    if args.model is not None:
+        engine = AsyncEngine.from_checkpoint(args.model, cfg, args.device, args.max_queue)
+        name = args.served_model_name or Path(args.model).name
+    else:
+        engine = AsyncEngine.from_random_weights(args.random_weights, args.mode, cfg, args.device, args.max_queue)
+        name = args.served_model_name or f"{Path(args.random_weights).stem}-{args.mode}"
+    serve(engine, name, host=args.host, port=args.port, api_key=args.api_key,
+          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    s.add_argument("model", nargs="?", help="model directory, GGUF file or cometserve checkpoint")
+    s.add_argument("--random-weights", help="serve random weights of this shape instead (llama-3-8b, ...; "
+                   "no tokenizer: prompts are token ids)")
+    s.add_argument("--mode", default="w4axkv4", choices=("bf16", "w4a8kv4", "w4axkv4"),
+                   help="precision of --random-weights")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: dir name)")
+    s.add_argument("--max-num-seqs", type=int, default=256, help="largest running batch")
+    s.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
+    s.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429 answers")
+    s.add_argument("--num-pages", type=int, default=None,
+                   help="KV cache pages (default: from free GPU memory; on CPU, one full context)")
+    s.add_argument("--memory-fraction", type=float, default=0.9)
+    s.add_argument("--no-cuda-graphs", action="store_true")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--device", default=None, help="cpu or cuda (default: the GPU if there is one)")
+    s.set_defaults(func=cmd_serve)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -176,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                        prefix_chars="+", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+    _add_serve_parser(sub)
     return parser
 
 

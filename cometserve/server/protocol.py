@@ -1,0 +1,188 @@
+"""OpenAI request bodies: parsed strictly, checked, turned into token ids and SamplingParams.
+
+Every way a body can be wrong ends in an `APIError` with a 4xx status and a message naming the
+field, never in an exception from deeper down: the JSON is parsed here (NaN and Infinity refused),
+types are checked strictly by pydantic (`"16"` is not an integer, `true` is not a number), unknown
+fields are refused as OpenAI does (a typo like `max_token` is an error, not a silent default), and
+values are checked against the model (context length, vocabulary) before the engine sees them.
+Sampling ranges are SamplingParams' own checks (sampling_params.py), reported as 400.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cometserve.sampling_params import SamplingParams
+
+MAX_CHOICES = 128  # n times the number of prompts: one API request's sub-requests
+MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range, so a seed can never fail in the engine
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0  # OpenAI's default: sampling, not greedy
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int = 0  # extensions (vLLM's names): top-k sampling, and run to max_tokens past EOS
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+_HINTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+}
+
+
+def parse_body(raw: bytes, cls: type[_Strict]) -> _Strict:
+    """Bytes -> a validated request model, or APIError(400)."""
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(raw, parse_constant=no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        param = loc[0] if loc else None
+        if param in _HINTS and len(loc) > 1 or err["type"] == "union_tag_invalid":
+            raise APIError(400, f"'{param}' {_HINTS.get(param, 'has the wrong type')}", param) from None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"unrecognized request argument: '{'.'.join(loc)}'", param) from None
+        where = ".".join(loc)
+        raise APIError(400, f"invalid value for '{where}': {err['msg']}", param) from None
+
+
+def check_unsupported(req: _Common) -> None:
+    """OpenAI parameters this server does not implement: refused by name instead of ignored."""
+    refuse = [("presence_penalty", req.presence_penalty != 0), ("frequency_penalty", req.frequency_penalty != 0),
+              ("logit_bias", bool(req.logit_bias))]
+    if isinstance(req, CompletionRequest):
+        refuse += [("echo", req.echo), ("suffix", req.suffix is not None),
+                   ("best_of", req.best_of is not None and req.best_of != req.n)]
+    for name, used in refuse:
+        if used:
+            raise APIError(400, f"'{name}' is not supported by this server", name)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if not 1 <= req.n <= MAX_CHOICES:
+        raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}, got {req.n}", "n")
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+        raise APIError(400, f"'seed' must be between 0 and {MAX_SEED}, got {req.seed}", "seed")
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise APIError(400, f"'stop' takes at most {MAX_STOP} non-empty strings", "stop")
+    if isinstance(req, CompletionRequest) and req.logprobs is not None and req.logprobs != 0:
+        raise APIError(400, "this server returns the sampled token's log-probability only: use logprobs=0 "
+                       "(top alternatives are not computed)", "logprobs")
+    if isinstance(req, ChatRequest) and req.top_logprobs:
+        if not req.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        raise APIError(400, "this server returns the sampled token's log-probability only: top_logprobs "
+                       "must be 0 (top alternatives are not computed)", "top_logprobs")
+
+
+def check_prompt(ids: list[int], vocab_size: int, max_model_len: int, max_tokens: int | None,
+                 param: str) -> None:
+    if not ids:
+        raise APIError(400, f"the prompt is empty ('{param}' gives no tokens)", param)
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
+    if len(ids) >= max_model_len:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} "
+                       f"tokens, prompt and completion together", param, "context_length_exceeded")
+    if max_tokens is not None and len(ids) + max_tokens > max_model_len:
+        raise APIError(400, f"the prompt's {len(ids)} tokens + max_tokens {max_tokens} exceed this model's "
+                       f"context of {max_model_len} tokens", "max_tokens", "context_length_exceeded")
+
+
+def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool) -> SamplingParams:
+    """The SamplingParams of choice number `choice`; seeded choices get seed + choice so that n > 1
+    samples n different completions, reproducibly."""
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            seed=None if req.seed is None else (req.seed + choice) % (MAX_SEED + 1), stop=tuple(stop),
+            ignore_eos=req.ignore_eos, logprobs=logprobs,
+        )
+    except ValueError as e:  # SamplingParams' messages start with the field's name
+        raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None
+
+
+def chat_messages(req: ChatRequest) -> list[dict]:
+    """Messages as the chat template expects them: content parts joined into one string."""
+    out = []
+    for m in req.messages:
+        content = m.content if isinstance(m.content, str) or m.content is None else "".join(
+            p.text for p in m.content)
+        out.append({"role": m.role, "content": content or "", **({"name": m.name} if m.name else {})})
+    return out

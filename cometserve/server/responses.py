@@ -1,0 +1,114 @@
+"""OpenAI response bodies for /v1/completions and /v1/chat/completions, whole and as stream chunks.
+
+A `Choice` accumulates one sub-request's deltas. `CompletionFormat` and `ChatFormat` differ only in
+where text and log-probabilities go, so the route code (app.py) is shared by both endpoints.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Choice:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each token decoded alone (what logprobs show); `token_id:N` without a tokenizer."""
+    if tokenizer is None:
+        return [f"token_id:{t}" for t in ids]
+    return [tokenizer.decode([t]) for t in ids]
+
+
+def usage(num_prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(len(c.token_ids) for c in choices)
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
+            "total_tokens": num_prompt_tokens + completion}
+
+
+class CompletionFormat:
+    object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl"
+
+    def __init__(self, model: str, tokenizer, logprobs: bool) -> None:
+        self.model, self.tokenizer, self.want_logprobs = model, tokenizer, logprobs
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def logprobs(self, ids: list[int], lps: list[float], offset: int = 0) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        tokens = token_strings(self.tokenizer, ids)
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+
+    def response(self, choices: list[Choice], num_prompt_tokens: int) -> dict:
+        body = self._head(self.object)
+        body["choices"] = [self.choice(i, c) for i, c in enumerate(choices)]
+        body["usage"] = usage(num_prompt_tokens, choices)
+        return body
+
+    def choice(self, index: int, c: Choice) -> dict:
+        return {"index": index, "text": c.text, "logprobs": self.logprobs(c.token_ids, c.logprobs),
+                "finish_reason": c.finish_reason}
+
+    def chunk(self, index: int, c: Choice, text: str, ids: list[int], lps: list[float],
+              finish_reason: str | None) -> dict:
+        """One delta of choice `index`; `c` is the choice so far, before this delta."""
+        body = self._head(self.chunk_object)
+        lp = self.logprobs(ids, lps, len(c.text)) if ids else None
+        body["choices"] = [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}]
+        return body
+
+    def first_chunks(self, n: int) -> list[dict]:
+        return []
+
+    def usage_chunk(self, choices: list[Choice], num_prompt_tokens: int) -> dict:
+        body = self._head(self.chunk_object)
+        body["choices"] = []
+        body["usage"] = usage(num_prompt_tokens, choices)
+        return body
+
+
+class ChatFormat(CompletionFormat):
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def logprobs(self, ids: list[int], lps: list[float], offset: int = 0) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        content = [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                   for t, lp in zip(token_strings(self.tokenizer, ids), lps)]
+        return {"content": content}
+
+    def choice(self, index: int, c: Choice) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": self.logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
+
+    def chunk(self, index: int, c: Choice, text: str, ids: list[int], lps: list[float],
+              finish_reason: str | None) -> dict:
+        body = self._head(self.chunk_object)
+        delta = {"content": text} if text or finish_reason is None else {}
+        lp = self.logprobs(ids, lps) if ids else None
+        body["choices"] = [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]
+        return body
+
+    def first_chunks(self, n: int) -> list[dict]:
+        """OpenAI opens every chat choice with a delta that carries the role."""
+        out = []
+        for i in range(n):
+            body = self._head(self.chunk_object)
+            body["choices"] = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}]
+            out.append(body)
+        return out

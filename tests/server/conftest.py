@@ -1,0 +1,104 @@
+"""A real uvicorn server on loopback, in a thread of the test process, serving a tiny random Llama
+quantized to FMPQ W4AxKV4 with the real SmolLM2 tokenizer and chat template (vocabulary 49152):
+the whole serving path (HTTP, SSE, async engine, INT4 KV) at CPU speed."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import torch
+
+from cometserve import assets
+from cometserve.engine.async_engine import AsyncEngine
+from cometserve.engine.engine import EngineConfig
+from cometserve.server.run import make_server
+from tests.tiny_models import write_tiny_model
+
+MODEL = "tiny-w4axkv4"
+MAX_MODEL_LEN = 512  # tiny_models' max_position_embeddings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny CPU ops are dominated by intra-op thread wake-ups on a busy machine: one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    try:
+        tokenizer_dir = assets.smollm2_dir()
+    except RuntimeError as e:
+        pytest.skip(f"shipped SmolLM2 tokenizer not installed: {e}")
+    from cometserve.quant.quantize import quantize
+
+    src = write_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama", vocab_size=49152)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, src / f.name)
+    tokens = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(1))
+    return quantize(src, tmp_path_factory.mktemp("q") / MODEL, scheme="fmpq_w4axkv4", calib_tokens=tokens,
+                    device="cpu")
+
+
+class LiveServer:
+    """`with LiveServer(path) as s:` serves on 127.0.0.1 at a free port until the block ends."""
+
+    def __init__(self, path, api_key: str | None = None, max_queue: int = 256, **engine_kw) -> None:
+        cfg = EngineConfig(**{"max_num_seqs": 64, "num_pages": 64, "use_cuda_graphs": False, **engine_kw})
+        self.engine = AsyncEngine.from_checkpoint(path, cfg, device="cpu", max_queue=max_queue)
+        self.server = make_server(self.engine, MODEL, api_key=api_key, log_level="warning")
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "server start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+        assert not self.thread.is_alive(), "server thread did not stop"
+
+    def client(self, api_key: str = "none", cls=openai.OpenAI):
+        return cls(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def assert_idle_and_free(self, timeout: float = 10.0) -> None:
+        """Every request gone from the engine and every KV block, slot and generator released."""
+        eng = self.engine.engine
+
+        def idle() -> bool:
+            return not eng.scheduler.requests and not eng.has_unfinished() and not self.engine._streams
+
+        wait_until(idle, timeout, "engine idle")
+        kv = eng.scheduler.kv
+        assert kv.num_free_blocks == kv.num_blocks, f"{kv.num_blocks - kv.num_free_blocks} KV blocks leaked"
+        assert len(eng.storage.slots) == 0, "sequence slots leaked"
+        assert not eng.runner.generators, "sampler state leaked"
+        assert not eng._tracked, "engine still tracks requests"
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint):
+    with LiveServer(tiny_checkpoint) as s:
+        yield s

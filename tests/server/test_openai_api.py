@@ -1,0 +1,156 @@
+"""The official openai client against the live server: completions and chat, streamed and not, equal
+to LLM.generate (greedy, same checkpoint); logprobs, usage, stop strings, n, seeds, /v1/models,
+/metrics, the SSE wire format."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2 as httpx
+import pytest
+
+from cometserve.engine.engine import EngineConfig
+from cometserve.engine.llm import LLM
+from cometserve.sampling_params import SamplingParams
+from tests.server.conftest import MAX_MODEL_LEN, MODEL
+
+PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,")
+CHAT = "What is the tallest mountain on Earth?"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint, device="cpu",
+               engine_config=EngineConfig(max_num_seqs=8, num_pages=32, use_cuda_graphs=False))
+
+
+def reference(llm, prompt: str, chat: bool = False, **kw):
+    params = SamplingParams(**{"max_tokens": 12, "temperature": 0.0, "logprobs": True, **kw})
+    return llm.generate(prompt, params, chat=chat, use_tqdm=False)[0]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_completion_greedy_equals_generate(server, llm, prompt):
+    want = reference(llm, prompt)
+    out = server.client().completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                             logprobs=0)
+    c = out.choices[0]
+    assert c.text == want.outputs[0].text
+    assert c.finish_reason == want.outputs[0].finish_reason
+    assert c.logprobs.token_logprobs == pytest.approx(want.outputs[0].logprobs, abs=1e-6)
+    assert "".join(c.logprobs.tokens) == c.text or c.finish_reason == "stop"
+    assert out.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert out.usage.completion_tokens == len(want.outputs[0].token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert out.model == MODEL and out.object == "text_completion" and out.id.startswith("cmpl-")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_completion_stream_equals_generate(server, llm, prompt):
+    want = reference(llm, prompt)
+    chunks = list(server.client().completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.outputs[0].text
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == [want.outputs[0].finish_reason]
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == len(want.outputs[0].token_ids)
+    assert len({ch.id for ch in chunks}) == 1
+
+
+def test_chat_greedy_equals_generate(server, llm):
+    want = reference(llm, CHAT, chat=True)
+    out = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": CHAT}],
+                                                  max_tokens=12, temperature=0, logprobs=True)
+    c = out.choices[0]
+    assert c.message.role == "assistant" and c.message.content == want.outputs[0].text
+    assert c.finish_reason == want.outputs[0].finish_reason
+    assert [t.logprob for t in c.logprobs.content] == pytest.approx(want.outputs[0].logprobs, abs=1e-6)
+    assert out.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert out.usage.completion_tokens == len(want.outputs[0].token_ids)
+    assert out.object == "chat.completion"
+
+
+def test_chat_stream_equals_generate(server, llm):
+    want = reference(llm, CHAT, chat=True)
+    chunks = list(server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": CHAT}], max_tokens=12, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want.outputs[0].text
+    assert chunks[-1].choices[0].finish_reason == want.outputs[0].finish_reason
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+
+
+def test_chat_default_max_tokens_is_the_rest_of_the_context(server, llm):
+    """No max_tokens in chat: the completion may run to the end of the context (OpenAI's default)."""
+    ids = llm.encode(CHAT, chat=True)
+    out = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": CHAT}], temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == MAX_MODEL_LEN - len(ids)
+
+
+def test_stop_string_cuts_like_generate(server, llm):
+    full = reference(llm, PROMPTS[1], max_tokens=16, ignore_eos=True).outputs[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    want = reference(llm, PROMPTS[1], max_tokens=16, ignore_eos=True, stop=(stop,)).outputs[0]
+    client = server.client()
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "stop" == want.finish_reason
+    assert out.choices[0].text == want.text == full[: full.index(stop)]
+    streamed = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                         stop=stop, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].text for ch in streamed) == want.text
+
+
+def test_n_choices_seeded_reproducible(server):
+    client = server.client()
+
+    def sample():
+        out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, n=3, temperature=1.0,
+                                        top_p=0.95, seed=1234, extra_body={"ignore_eos": True})
+        assert [c.index for c in out.choices] == [0, 1, 2]
+        assert out.usage.completion_tokens == 24
+        return [c.text for c in out.choices]
+
+    first = sample()
+    assert sample() == first
+    assert len(set(first)) > 1, "the n choices get different seeds"
+
+
+def test_batch_of_prompts_and_token_ids(server, llm):
+    client = server.client()
+    out = client.completions.create(model=MODEL, prompt=list(PROMPTS), max_tokens=12, temperature=0, n=2)
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert texts[0] == texts[1] == reference(llm, PROMPTS[0]).outputs[0].text
+    assert texts[2] == texts[3] == reference(llm, PROMPTS[1]).outputs[0].text
+    ids = [llm.tokenizer(p)["input_ids"] for p in PROMPTS]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
+    assert [c.text for c in by_ids.choices] == texts[::2]
+    one = client.completions.create(model=MODEL, prompt=ids[1], max_tokens=12, temperature=0)
+    assert one.choices[0].text == texts[2] and one.usage.prompt_tokens == len(ids[1])
+
+
+def test_models_health_and_metrics(server):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("cometserve_num_requests_running", "cometserve_num_requests_waiting",
+                 "cometserve_kv_cache_usage_ratio", "cometserve_generation_tokens_total",
+                 'cometserve_time_to_first_token_seconds_bucket{le="+Inf"}',
+                 "cometserve_inter_token_latency_seconds_count"):
+        assert f"\n{name} " in text, name
+
+
+def test_sse_wire_format(server):
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert len(chunks) == 4 and chunks[-1]["choices"][0]["finish_reason"] is not None
