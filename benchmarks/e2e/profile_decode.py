@@ -30,15 +30,23 @@ from cometserve.engine.random_model import build_random_model
 from cometserve.sampling_params import SamplingParams
 
 
-def sample(runner, out, inputs, hidden) -> StepOutput:
-    rows = torch.tensor(inputs.sample_rows, device=runner.device)
-    logits = runner.model.compute_logits(hidden[rows])
+def forward_and_logits(runner, inputs):
+    """(logits, greedy (tokens, logprobs) or None) as `runner.execute` gets them."""
+    res = runner.graphs.run(inputs) if runner.graphs is not None else None
+    if res is not None:
+        return res[0], res[1:]
+    hidden = runner.forward(inputs.input_ids, inputs.positions, inputs.meta)
+    return runner.model.compute_logits(hidden[torch.tensor(inputs.sample_rows, device=runner.device)]), None
+
+
+def sample(runner, out, inputs, logits, greedy) -> StepOutput:
     params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
-    return StepOutput(runner.sample(logits, inputs.sample_ids, params))
+    return StepOutput(runner.sample(logits, greedy, inputs.sample_ids, params))
 
 
 def timed_steps(engine: LLMEngine, n: int) -> dict[str, float]:
-    """Median ms per phase over n decode steps (each phase synchronised)."""
+    """Median ms per phase over n decode steps (each phase synchronised). "forward" includes the
+    LM head (and the greedy pick, inside the decode graph)."""
     sched, runner = engine.scheduler, engine.runner
     phases: dict[str, list[float]] = {k: [] for k in ("schedule", "prepare", "forward", "sample", "update", "total")}
     for _ in range(n):
@@ -48,12 +56,10 @@ def timed_steps(engine: LLMEngine, n: int) -> dict[str, float]:
         inputs = runner.prepare(out)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        hidden = runner.graphs.run(inputs) if runner.graphs is not None else None
-        if hidden is None:
-            hidden = runner.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        logits, greedy = forward_and_logits(runner, inputs)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
-        step_out = sample(runner, out, inputs, hidden)
+        step_out = sample(runner, out, inputs, logits, greedy)
         t4 = time.perf_counter()
         sched.update(step_out)
         t5 = time.perf_counter()
@@ -73,8 +79,8 @@ def engine_step_ms(engine: LLMEngine, n: int) -> float:
 
 
 def forward_ms(engine: LLMEngine, n: int):
-    """(eager forward ms, graph replay ms, the step's inputs) of one decode step, CUDA events; the
-    step is then sampled and updated like a real one."""
+    """(eager forward ms without the LM head, graph replay ms with it, the step's inputs) of one
+    decode step, CUDA events; the step is then sampled and updated like a real one."""
     runner = engine.runner
     out = engine.scheduler.schedule()
     inputs = runner.prepare(out)
@@ -94,8 +100,7 @@ def forward_ms(engine: LLMEngine, n: int):
 
     eager = time_it(lambda: runner.forward(inputs.input_ids, inputs.positions, inputs.meta))
     graph = time_it(lambda: runner.graphs.run(inputs)) if runner.graphs is not None else None
-    hidden = runner.forward(inputs.input_ids, inputs.positions, inputs.meta)
-    engine.scheduler.update(sample(runner, out, inputs, hidden))
+    engine.scheduler.update(sample(runner, out, inputs, *forward_and_logits(runner, inputs)))
     return eager, graph, inputs
 
 

@@ -279,30 +279,33 @@ class ModelRunner:
             self.release(out.finished_ids)
             return StepOutput({})
         inputs = self.prepare(out)
-        hidden = None
+        params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
         if self.graphs is not None and inputs.meta.is_decode:
-            hidden = self.graphs.run(inputs)
-        if hidden is None:
-            hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+            res = self.graphs.run(inputs)
+            if res is not None:
+                return StepOutput(self.sample(res[0], res[1:], inputs.sample_ids, params) if inputs.sample_rows else {})
+        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         if not inputs.sample_rows:
             return StepOutput({})
         rows = torch.tensor(inputs.sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden[rows])
-        params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
-        return StepOutput(self.sample(logits, inputs.sample_ids, params))
+        return StepOutput(self.sample(logits, None, inputs.sample_ids, params))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, StepCache(self.storage, meta, self.attn))
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: dict) -> dict[str, tuple[int, float]]:
+    def sample(self, logits: torch.Tensor, greedy_out: tuple[torch.Tensor, torch.Tensor] | None,
+               request_ids: list[str], params: dict) -> dict[str, tuple[int, float]]:
         """logits float32 [S, vocab] -> {request_id: (token, logprob)}. Greedy rows in one batch
-        (one host sync), the others one by one with their kept seeded generators."""
+        (taken from `greedy_out` = (argmax tokens, their logprobs) [S] when the decode graph computed
+        them), the others one by one with their kept seeded generators."""
         result: dict[str, tuple[int, float]] = {}
         greedy = [i for i, rid in enumerate(request_ids) if params[rid].greedy]
         if greedy:
-            sel = logits[greedy] if len(greedy) < len(request_ids) else logits
-            tokens = sel.argmax(dim=-1)
-            lps = torch.log_softmax(sel, dim=-1).gather(1, tokens[:, None])[:, 0]
+            if greedy_out is None:
+                greedy_out = greedy_logprobs(logits)
+            sel = len(greedy) < len(request_ids)
+            tokens, lps = (t[greedy] if sel else t for t in greedy_out)
             for i, tok, lp in zip(greedy, tokens.tolist(), lps.tolist()):
                 result[request_ids[i]] = (tok, lp)
         for i, rid in enumerate(request_ids):
@@ -312,6 +315,12 @@ class ModelRunner:
                 self.generators[rid] = make_generator(params[rid], self.device)
             result[rid] = sample(logits[i], params[rid], self.generators[rid])
         return result
+
+
+def greedy_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [S, vocab] -> (argmax tokens int64 [S], their log-probabilities float32 [S])."""
+    tokens = logits.argmax(dim=-1)
+    return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
 class DecodeGraphs:
@@ -341,6 +350,7 @@ class DecodeGraphs:
             max_seqlen_q=1, max_context_len=runner.max_model_len, start_pos_host=[], context_lens_host=[],
             cu_seqlens_host=[],
         )
+        self.logits = torch.empty(n, runner.model.config.vocab_size, dtype=torch.float32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.error: str | None = None
@@ -362,21 +372,30 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):
             meta = self._view(bs)
             for _ in range(2):  # warm-up: compiles kernels and tunes the GEMMs for this M outside capture
-                self.runner.forward(self.input_ids[:bs], self.positions[:bs], meta)
+                self._forward(bs, meta)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self.outputs[bs] = self.runner.forward(self.input_ids[:bs], self.positions[:bs], meta)
+                self.outputs[bs] = self._forward(bs, meta)
             pool = g.pool()
             self.graphs[bs] = g
         torch.cuda.synchronize()
+
+    def _forward(self, bs: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits float32 [bs, vocab], greedy tokens [bs], their logprobs [bs]): every row of a
+        decode step is sampled, so the LM head and the greedy pick are part of the graph."""
+        hidden = self.runner.forward(self.input_ids[:bs], self.positions[:bs], meta)
+        logits = self.logits[:bs]
+        logits.copy_(self.runner.model.compute_logits(hidden))  # one buffer for every graph's logits
+        return (logits, *greedy_logprobs(logits))
 
     @property
     def ok(self) -> bool:
         return bool(self.graphs)
 
-    def run(self, inputs: StepInputs) -> torch.Tensor | None:
-        """hidden [B, hidden] of a decode step through the smallest graph that fits, or None."""
+    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(logits, greedy tokens, logprobs) of a decode step's sampled rows, through the smallest
+        graph that fits, or None."""
         b = inputs.input_ids.shape[0]
         bs = next((s for s in self.sizes if s >= b), None)
         if bs is None or bs not in self.graphs:
@@ -398,4 +417,8 @@ class DecodeGraphs:
             m.seq_slots[b:bs].fill_(st.dummy_slot)
             m.slot_mapping[b:bs].fill_(st.dummy_page * st.page_size)
         self.graphs[bs].replay()
-        return self.outputs[bs][:b]
+        rows = inputs.sample_rows
+        if rows == list(range(b)):
+            return tuple(t[:b] for t in self.outputs[bs])
+        idx = torch.tensor(rows, device=self.input_ids.device)
+        return tuple(t[idx] for t in self.outputs[bs])
