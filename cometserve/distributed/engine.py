@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -108,8 +109,19 @@ def _agree_num_pages(model, scheme, config: EngineConfig, tp: ParallelContext) -
     return dataclasses.replace(config, num_pages=pages)
 
 
-def build_engine(loaded: LoadedModel, config: EngineConfig, tp: ParallelContext, tokenizer=None) -> LLMEngine:
-    """Every rank: the engine over this rank's shard (collective: all ranks call it together)."""
+def build_engine(spec: ModelSpec, config: EngineConfig, tp: ParallelContext, tokenizer=None) -> LLMEngine:
+    """Every rank, together: this rank's shard of `spec` and the engine over it. A model that fails
+    to build on any rank (a shape that does not split, a bad checkpoint) fails on every rank,
+    before any collective of the model runs: rank 0 re-raises, the workers wait for the next build."""
+    error = None
+    try:
+        loaded = build_shard(spec, tp)
+    except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised
+        error = e
+    if tp.min_int(0 if error else 1) == 0:
+        if error is not None:
+            raise error
+        raise RuntimeError("building the model failed on another rank (see that rank's error)")
     config = _agree_num_pages(loaded.model, loaded.scheme, config, tp)
     engine = LLMEngine(loaded.model, loaded.scheme, config, tokenizer)
     if config.use_cuda_graphs and tp.device.type == "cuda":
@@ -117,6 +129,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig, tp: ParallelContext,
         if not captured and engine.runner.graphs is not None:  # one rank failed: all run eagerly
             engine.runner.graphs = None
             engine.runner.graphs_error = "CUDA graphs failed on another rank"
+    engine.loaded = loaded
     return engine
 
 
@@ -129,10 +142,8 @@ def create_engine(tp: ParallelContext, spec: ModelSpec, config: EngineConfig | N
         raise RuntimeError("create_engine runs on rank 0; the other ranks run worker_loop")
     config = config or EngineConfig()
     tp.broadcast_object(("build", spec, config))
-    loaded = build_shard(spec, tp)
-    engine = build_engine(loaded, config, tp, tokenizer)
+    engine = build_engine(spec, config, tp, tokenizer)
     engine.runner = DriverRunner(engine.runner, tp)
-    engine.loaded = loaded
     return engine
 
 
@@ -160,7 +171,10 @@ def worker_loop(tp: ParallelContext) -> None:
         elif kind == "build":
             engine = None
             _collect()
-            engine = build_engine(build_shard(msg[1], tp), msg[2], tp)
+            try:
+                engine = build_engine(msg[1], msg[2], tp)
+            except Exception:  # noqa: BLE001 - rank 0 raised it too (build_engine agrees on failure)
+                traceback.print_exc()
         elif kind == "free":
             engine = None
             _collect()

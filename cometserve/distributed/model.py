@@ -21,6 +21,7 @@ from cometserve.config import ModelConfig
 from cometserve.distributed.context import ParallelContext
 from cometserve.distributed.layers import RowParallel, VocabParallelEmbedding
 from cometserve.distributed.sharding import (
+    KV_WHY,
     LinearShard,
     TensorParallelError,
     even_split,
@@ -49,7 +50,7 @@ def check_splittable(cfg: ModelConfig, world: int, blocks: bool) -> None:
     if world < 1:
         raise TensorParallelError(f"tensor-parallel size must be >= 1, got {world}")
     even_split(cfg.num_heads, 0, world, "num_attention_heads")
-    even_split(cfg.num_kv_heads, 0, world, "num_key_value_heads (KV heads are not replicated)")
+    even_split(cfg.num_kv_heads, 0, world, "num_key_value_heads", KV_WHY)
     even_split(cfg.intermediate_size, 0, world, "intermediate_size")
     row_parallel_k(cfg.num_heads * cfg.head_dim, 0, world, blocks, "o_proj")
     row_parallel_k(cfg.intermediate_size, 0, world, blocks, "down_proj")

@@ -15,16 +15,17 @@ import torch
 from cometserve.scheme import BLOCK_SIZE, num_blocks, padded_k
 
 Range = tuple[int, int]  # [start, end)
+KV_WHY = ": each rank holds whole KV heads with their INT4 caches (KV heads are not replicated)"
 
 
 class TensorParallelError(ValueError):
     """A model, layer or checkpoint cannot be split over the requested number of ranks."""
 
 
-def even_split(n: int, rank: int, world: int, what: str) -> Range:
-    """The rank's contiguous 1/world of range(n); refuses an uneven split, naming `what`."""
+def even_split(n: int, rank: int, world: int, what: str, why: str = "") -> Range:
+    """The rank's contiguous 1/world of range(n); refuses an uneven split, naming `what` (and `why`)."""
     if n % world:
-        raise TensorParallelError(f"{what} ({n}) is not divisible by the tensor-parallel size {world}")
+        raise TensorParallelError(f"{what} ({n}) is not divisible by the tensor-parallel size {world}{why}")
     per = n // world
     return rank * per, (rank + 1) * per
 
@@ -34,7 +35,7 @@ def qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int, rank: int, world:
     q heads, then its own k heads, then the matching v heads; GQA groups stay whole because the q
     heads of kv head j are q heads j*g..(j+1)*g-1 and both are split into the same contiguous slices."""
     q0, q1 = even_split(num_heads, rank, world, "num_attention_heads")
-    k0, k1 = even_split(num_kv_heads, rank, world, "num_key_value_heads (KV heads are not replicated)")
+    k0, k1 = even_split(num_kv_heads, rank, world, "num_key_value_heads", KV_WHY)
     q_end, k_end = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
     return ((q0 * head_dim, q1 * head_dim), (q_end + k0 * head_dim, q_end + k1 * head_dim),
             (k_end + k0 * head_dim, k_end + k1 * head_dim))
