@@ -2,13 +2,15 @@
 once, greedy with EOS ignored (every request runs to its output length).
 
     PYTHONPATH=. python3 benchmarks/e2e/throughput.py --random-weights llama-3-8b \
-        --modes bf16,w4axkv4 --cases 1024x512:128,128x128:256,b1:128x256
+        --modes bf16,w4axkv4,hf --cases 1024x512:512,1024x512:32,128x128:1024,mixed:512,b1:128x512
 
 A case `IxO:N` runs N requests of I prompt tokens (random ids) and O output tokens; `b1:IxO` is one
-request alone (batch-1 decode). Each mode builds its model (random weights of the real shape, on
+request alone (batch-1 decode); `mixed:N` runs N requests of input lengths uniform in [64, 2048] and
+output lengths uniform in [32, 1024] (seeded). Each mode builds its model (random weights of the real shape, on
 the GPU), sizes its KV cache from the free memory, captures decode CUDA graphs, warms up on a few
 short requests, then times each case. Writes throughput.json (schema of issue 6) and a dated
-markdown table into --out-dir.
+markdown table and a bar plot (throughput.png) into --out-dir. Mode `hf` is Hugging Face
+transformers `generate` in bf16 on the batch-1 case and on cases of at most --hf-max-batch requests.
 """
 
 from __future__ import annotations
@@ -33,27 +35,44 @@ from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.random_model import build_random_model
 from cometserve.sampling_params import SamplingParams
 
+MIXED = (64, 2048, 32, 1024)  # `mixed:N`: input lengths uniform in [64, 2048], outputs in [32, 1024]
+
 
 def parse_cases(spec: str) -> list[tuple[str, int, int, int]]:
-    """'1024x512:128,b1:128x256' -> [(label, input_len, output_len, num_requests)]."""
+    """'1024x512:128,b1:128x256,mixed:256' -> [(label, input_len, output_len, num_requests)]
+    (mixed: input_len = output_len = 0, lengths drawn per request by `lengths`)."""
     cases = []
     for item in spec.split(","):
         if item.startswith("b1:"):
             i, o = map(int, item[3:].split("x"))
             cases.append(("batch1", i, o, 1))
+        elif item.startswith("mixed:"):
+            cases.append((f"mixed x{item[6:]}", 0, 0, int(item[6:])))
         else:
             lens, n = item.split(":")
             i, o = map(int, lens.split("x"))
-            cases.append((f"{i}/{o}", i, o, int(n)))
+            cases.append((f"{i}/{o} x{n}", i, o, int(n)))
     return cases
+
+
+def lengths(input_len: int, output_len: int, num_requests: int, seed: int) -> list[tuple[int, int]]:
+    """(input, output) length of each request: fixed, or drawn uniformly from MIXED (seeded)."""
+    if input_len:
+        return [(input_len, output_len)] * num_requests
+    g = torch.Generator().manual_seed(seed + 1)
+    lo_i, hi_i, lo_o, hi_o = MIXED
+    ins = torch.randint(lo_i, hi_i + 1, (num_requests,), generator=g).tolist()
+    outs = torch.randint(lo_o, hi_o + 1, (num_requests,), generator=g).tolist()
+    return list(zip(ins, outs))
 
 
 def run_case(engine: LLMEngine, input_len: int, output_len: int, num_requests: int, vocab: int, seed: int,
              tag: str) -> dict:
     g = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    for i in range(num_requests):
-        engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (input_len,), generator=g).tolist(), params)
+    lens = lengths(input_len, output_len, num_requests, seed)
+    for i, (n_in, n_out) in enumerate(lens):
+        engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (n_in,), generator=g).tolist(),
+                           SamplingParams(max_tokens=n_out, ignore_eos=True))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     max_batch, out_tokens, steps = 0, 0, 0
@@ -67,7 +86,7 @@ def run_case(engine: LLMEngine, input_len: int, output_len: int, num_requests: i
     dt = time.perf_counter() - t0
     return {
         "input_len": input_len, "output_len": output_len, "num_requests": num_requests, "max_batch": max_batch,
-        "output_tokens_per_s": out_tokens / dt, "total_tokens_per_s": (out_tokens + input_len * num_requests) / dt,
+        "output_tokens_per_s": out_tokens / dt, "total_tokens_per_s": (out_tokens + sum(i for i, _ in lens)) / dt,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "seconds": dt, "steps": steps,
         "output_tokens": out_tokens,
     }
@@ -91,7 +110,7 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
           f"in {t_engine:.1f} s", flush=True)
     vocab = loaded.model.config.vocab_size
     for _label, i, o, _n in cases:  # warm-up: compiles and tunes every kernel at these shapes
-        run_case(engine, i, min(o, 4), min(8, args.max_num_seqs), vocab, 1, f"warm{i}")
+        run_case(engine, i or 1024, 4, min(8, args.max_num_seqs), vocab, 1, f"warm{i}")
     for label, i, o, n in cases:
         r = run_case(engine, i, o, n, vocab, 0, f"{label}")
         r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "case": label,
@@ -105,6 +124,78 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
     del engine, runner, loaded
     gc.collect()
     torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def bench_hf(args, cases, rows: list[dict]) -> None:
+    """Hugging Face transformers `generate` in bf16 (random weights of the same shape, eager, its
+    default dynamic cache): the batch-1 case and every case of at most --hf-max-batch requests, run
+    as one batch of equal-length prompts."""
+    from transformers import LlamaForCausalLM
+
+    from cometserve.engine.random_model import load_config
+
+    hf_config = load_config(args.random_weights)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    model.generation_config.eos_token_id = None
+    vocab = hf_config.vocab_size
+    for label, i, o, n in cases:
+        if not i or n > args.hf_max_batch:
+            continue
+        ids = torch.randint(0, vocab, (n, i), generator=torch.Generator().manual_seed(0)).cuda()
+        kw = {"do_sample": False, "pad_token_id": 0}
+        warm = ids[:, :16]
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, min_new_tokens=4, **kw)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=o, min_new_tokens=o, **kw)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        out_tokens = (out.shape[1] - i) * n
+        r = {"model": Path(str(args.random_weights)).stem, "mode": "hf_bf16", "case": label, "rotation": False,
+             "cuda_graphs": False, "input_len": i, "output_len": o, "num_requests": n, "max_batch": n,
+             "output_tokens_per_s": out_tokens / dt, "total_tokens_per_s": (out_tokens + i * n) / dt,
+             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "seconds": dt, "steps": out.shape[1] - i,
+             "output_tokens": out_tokens}
+        rows.append(r)
+        print(f"[hf_bf16] {label:>9} x{n:<4} {r['output_tokens_per_s']:9.1f} out tok/s  {dt:6.1f} s", flush=True)
+        write_results(args, rows, Path(args.out_dir))
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    """Output tokens/s per case, one bar per mode (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+    width = 0.8 / len(modes)
+    for j, mode in enumerate(modes):
+        vals = {r["case"]: r["output_tokens_per_s"] for r in rows if r["mode"] == mode}
+        xs = [c + j * width for c, case in enumerate(cases) if case in vals]
+        ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=mode)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], cases)
+    ax.set_yscale("log")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"{rows[0]['model']}: end-to-end throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_results(args, rows: list[dict], out_dir: Path) -> None:
@@ -132,15 +223,17 @@ def write_results(args, rows: list[dict], out_dir: Path) -> None:
                      f"{r['peak_mem_gib']:.1f} |")
     by = {(r["mode"], r["case"]): r["output_tokens_per_s"] for r in rows}
     for (mode, case), v in sorted(by.items()):
-        if mode != "bf16" and ("bf16", case) in by:
+        if mode not in ("bf16", "hf_bf16") and ("bf16", case) in by:
             lines.append(f"\n{mode} / bf16 at {case}: {v / by[('bf16', case)]:.2f}x output tokens/s")
     (out_dir / f"{datetime.date.today()}-throughput.md").write_text("\n".join(lines) + "\n")
+    write_plot(rows, out_dir / "throughput.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--random-weights", required=True, help="llama-2-7b | llama-3-8b | llama-2-13b | llama-3-70b | config.json")
-    p.add_argument("--modes", default="bf16,w4axkv4")
+    p.add_argument("--modes", default="bf16,w4axkv4", help="of bf16, w4a8kv4, w4axkv4, hf (transformers generate)")
+    p.add_argument("--hf-max-batch", type=int, default=64, help="hf mode runs cases of at most this many requests")
     p.add_argument("--cases", default="1024x512:128,128x128:256,b1:128x256")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -162,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for mode in args.modes.split(","):
         try:
-            bench_mode(args, mode, cases, rows)
+            bench_hf(args, cases, rows) if mode == "hf" else bench_mode(args, mode, cases, rows)
         except Exception as e:  # noqa: BLE001 - report, free the GPU, measure the next mode
             traceback.print_exc()
             failed.append(f"{mode}: {type(e).__name__}: {e}")
