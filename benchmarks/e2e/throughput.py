@@ -96,12 +96,19 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
     """Append one row per case to `rows`, rewriting the result files after each (a run cut off
     by a time limit keeps what it measured)."""
     t0 = time.perf_counter()
-    loaded = build_random_model(args.random_weights, mode, device="cuda", rotate=False if args.no_rotation else None)
-    t_build = time.perf_counter() - t0
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs)
-    t0 = time.perf_counter()
-    engine = LLMEngine(loaded.model, loaded.scheme, cfg)
+    if args.tp is None:
+        loaded = build_random_model(args.random_weights, mode, device="cuda", rotate=False if args.no_rotation else None)
+        t_build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine = LLMEngine(loaded.model, loaded.scheme, cfg)
+    else:  # every rank builds its shard and its engine; rank 0 (this process) schedules
+        from cometserve.distributed.engine import ModelSpec, create_engine
+
+        spec = ModelSpec(random_weights=str(args.random_weights), mode=mode, rotate=False if args.no_rotation else None)
+        engine, t_build = create_engine(args.tp, spec, cfg), 0.0
+        loaded = engine.loaded
     t_engine = time.perf_counter() - t0
     runner = engine.runner
     print(f"[{mode}] built in {t_build:.1f} s; engine (KV {engine.storage.num_pages} pages of "
@@ -115,13 +122,17 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
         r = run_case(engine, i, o, n, vocab, 0, f"{label}")
         r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "case": label,
              "rotation": loaded.scheme.a_rotation == "hadamard" and not args.no_rotation and mode != "bf16",
-             "cuda_graphs": runner.graphs is not None, **r}
+             "cuda_graphs": runner.graphs is not None, "tensor_parallel": args.tp.world_size if args.tp else 1, **r}
         rows.append(r)
         print(f"[{mode}] {label:>9} x{n:<4} max_batch {r['max_batch']:4d}  {r['output_tokens_per_s']:9.1f} out tok/s  "
               f"{r['total_tokens_per_s']:9.1f} total tok/s  {r['seconds']:6.1f} s  peak {r['peak_mem_gib']:.1f} GiB",
               flush=True)
         write_results(args, rows, Path(args.out_dir))
     del engine, runner, loaded
+    if args.tp is not None:
+        from cometserve.distributed.engine import free_engine
+
+        free_engine(args.tp)
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -242,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rotation", action="store_true", help="w4axkv4 without the Hadamard rotation of INT4 blocks")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse; copies without .git)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs (one process each, spawned here or started by torchrun)")
+    p.add_argument("--distributed", action="store_true",
+                   help="use the tensor-parallel engine even for N = 1 (NCCL collectives, CUDA graphs around them)")
     return p
 
 
@@ -250,13 +265,25 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("throughput.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.tensor_parallel > 1 or args.distributed:
+        from cometserve.distributed.launch import run_tensor_parallel
+
+        return run_tensor_parallel(args.tensor_parallel, lambda tp: run_modes(args, tp)) or 0
+    return run_modes(args, None)
+
+
+def run_modes(args, tp) -> int:
+    """Every mode in turn; `tp`: rank 0's ParallelContext, or None for one process."""
+    args.tp = tp
     cases = parse_cases(args.cases)
     rows: list[dict] = []
     failed = []
     for mode in args.modes.split(","):
         try:
             bench_hf(args, cases, rows) if mode == "hf" else bench_mode(args, mode, cases, rows)
-        except Exception as e:  # noqa: BLE001 - report, free the GPU, measure the next mode
+        except Exception as e:  # one process: report, free the GPU, measure the next mode
+            if tp is not None:  # the other ranks may be stuck in a collective: stop everything
+                raise
             traceback.print_exc()
             failed.append(f"{mode}: {type(e).__name__}: {e}")
             gc.collect()

@@ -98,3 +98,20 @@ def run_under_torchrun(driver: Callable[[ParallelContext], T], device: str | Non
             stop_workers(tp)
     finally:
         destroy_parallel()
+
+
+def run_tensor_parallel(world_size: int, driver: Callable[[ParallelContext], T], device: str | None = None) -> T | None:
+    """Run `driver(tp)` as rank 0 of `world_size` ranks: under torchrun (which started them; the other
+    ranks get None back once rank 0 is done), or with ranks 1.. spawned from this process."""
+    from cometserve.config import torchrun_env
+
+    env = torchrun_env()
+    if env is not None:
+        if env.world_size != world_size:
+            raise ValueError(f"torchrun started {env.world_size} processes but --tensor-parallel is {world_size}")
+        return run_under_torchrun(driver, device)
+    workers = start_workers(world_size, device)
+    try:
+        return driver(workers.tp)
+    finally:
+        workers.close()
