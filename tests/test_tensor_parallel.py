@@ -9,6 +9,10 @@ One worker process (rank 1) is spawned for the whole module; this process is ran
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,3 +345,34 @@ def test_a_model_that_does_not_split_fails_on_every_rank_and_workers_survive(wor
         assert len(_run(engine)["0"][0]) == GREEDY.max_tokens
     finally:
         free_engine(workers.tp)
+
+
+def _single_process_tokens(path, prompts, params) -> dict[str, list[int]]:
+    single = load_model(path, device="cpu", dtype=torch.float32)
+    engine = LLMEngine(single.model, single.scheme, _engine_config())
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params)
+    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    for d in engine.stream():
+        out[d.request_id].extend(d.new_token_ids)
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
+def test_launch_paths_give_the_one_process_tokens(launcher, quant_dir, tmp_path):
+    """launch_engine (ranks spawned from the caller: the server's way) and torchrun (env:// rendezvous),
+    each as its own program with its own process group, on the quantized model."""
+    root = Path(__file__).resolve().parents[1]
+    prompts = _prompts()[:3]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    script = [str(root / "tests" / "tp_script.py"), "--launcher", launcher, str(quant_dir),
+              str(tmp_path / "prompts.json"), str(tmp_path / "out.json")]
+    prefix = [sys.executable] if launcher == "spawn" else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(prefix + script, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    from tests.tp_script import PARAMS
+
+    assert got == _single_process_tokens(quant_dir, prompts, PARAMS)

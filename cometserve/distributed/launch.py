@@ -2,9 +2,10 @@
 
 - torchrun (`torchrun --nproc-per-node N script.py`): every process calls `run_under_torchrun`:
   rank 0 runs the caller's driver function, the others follow it in `worker_loop`.
-- spawned from this process (`start_workers(N)`): ranks 1..N-1 are spawned processes running
-  `worker_loop`, and this process becomes rank 0 (the server's and `cometserve bench`'s way: one
-  command, no launcher). The rendezvous is tcp://127.0.0.1 on a free port.
+- spawned from this process (`start_workers(N)`, or `launch_engine` which also builds the engine):
+  ranks 1..N-1 are spawned processes running `worker_loop`, and this process becomes rank 0 (the
+  server's and `cometserve bench`'s way: one command, no launcher). The rendezvous is
+  tcp://127.0.0.1 on a free port.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import TypeVar
 import torch
 
 from cometserve.distributed.context import ParallelContext, destroy_parallel, init_parallel
-from cometserve.distributed.engine import stop_workers, worker_loop
+from cometserve.distributed.engine import ModelSpec, create_engine, stop_workers, worker_loop
+from cometserve.engine.engine import EngineConfig, LLMEngine
 
 T = TypeVar("T")
 
@@ -72,6 +74,19 @@ def start_workers(world_size: int, device: str | None = None, num_threads: int |
             p.terminate()
         raise
     return Workers(tp, processes)
+
+
+def launch_engine(spec: ModelSpec, tensor_parallel: int, config: EngineConfig | None = None, tokenizer=None,
+                  device: str | None = None) -> tuple[LLMEngine, Workers]:
+    """The server's entry point: spawn ranks 1..N-1, build every rank's shard of `spec` and its engine,
+    and return rank 0's engine (used like any LLMEngine, e.g. inside AsyncEngine) with the workers.
+    Call `workers.close()` once the engine has stepped for the last time."""
+    workers = start_workers(tensor_parallel, device)
+    try:
+        return create_engine(workers.tp, spec, config, tokenizer), workers
+    except BaseException:
+        workers.close()
+        raise
 
 
 def _worker_main(rank: int, world_size: int, init_method: str, device: str | None, num_threads: int | None) -> None:
