@@ -186,6 +186,9 @@ class AsyncEngine:
         EngineShutdown, EngineDead, or RequestRejected (a ValueError: it can never fit)."""
         if len(prompts) != len(params) or not prompts:
             raise ValueError("add() needs one SamplingParams per prompt, and at least one prompt")
+        if len(prompts) > self.max_queue:
+            raise RequestRejected(f"{len(prompts)} sequences in one request can never fit the waiting queue "
+                                  f"of {self.max_queue}")
         if self._error is not None:
             raise EngineDead(f"the engine failed: {self._error!r}")
         if self._closing or self._thread is None:

@@ -190,7 +190,7 @@ class OpenAIRoutes:
         except (EngineShutdown, EngineDead) as e:
             raise APIError(503, str(e), code="unavailable") from None
         except RequestRejected as e:
-            raise APIError(400, str(e), "max_tokens", "context_length_exceeded") from None
+            raise APIError(400, str(e)) from None
 
     # ---- checks -------------------------------------------------------------------------------
 

@@ -89,9 +89,10 @@ class ChatRequest(_Common):
     top_logprobs: int | None = None
 
 
-_HINTS = {
+_HINTS = {  # fields that take one of several shapes: say which, not why the first shape failed
     "prompt": "must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
+    "content": 'must be a string or a list of {"type": "text", "text": ...} parts',
 }
 
 
@@ -101,23 +102,30 @@ def parse_body(raw: bytes, cls: type[_Strict]) -> _Strict:
         raise ValueError(f"{name} is not valid JSON")
 
     try:
-        body = json.loads(raw, parse_constant=no_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        body = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not UTF-8 text") from None
+    except (ValueError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    body = {k: v for k, v in body.items() if v is not None}  # clients send null for "the default"
     try:
         return cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = [str(p) for p in err["loc"]]
-        param = loc[0] if loc else None
-        if param in _HINTS and len(loc) > 1 or err["type"] == "union_tag_invalid":
-            raise APIError(400, f"'{param}' {_HINTS.get(param, 'has the wrong type')}", param) from None
+        # pydantic names the union member it tried ('str', 'list[int]'): not part of the field's path
+        loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
+        where, param = ".".join(loc), loc[0] if loc else None
         if err["type"] == "extra_forbidden":
-            raise APIError(400, f"unrecognized request argument: '{'.'.join(loc)}'", param) from None
-        where = ".".join(loc)
+            raise APIError(400, f"unrecognized request argument: '{where}'", param) from None
+        field = next((p for p in reversed(loc) if not p.isdigit()), None)
+        if field in _HINTS and len(err["loc"]) > len(loc):
+            raise APIError(400, f"'{where}' {_HINTS[field]}", param) from None
         raise APIError(400, f"invalid value for '{where}': {err['msg']}", param) from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool"}
 
 
 def check_unsupported(req: _Common) -> None:

@@ -154,3 +154,11 @@ def test_sse_wire_format(server):
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert len(chunks) == 4 and chunks[-1]["choices"][0]["finish_reason"] is not None
+
+
+def test_null_fields_mean_the_default(server):
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 3, "temperature": None, "top_p": None,
+            "n": None, "stop": None, "seed": None, "logprobs": None, "stream": None, "user": None}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["usage"]["completion_tokens"] >= 1
