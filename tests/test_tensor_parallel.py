@@ -322,6 +322,28 @@ def test_two_ranks_greedy_equals_one_process_16bit(workers, tiny_dir):
     assert model.model.embed_tokens.weight.shape[0] == 160 and model.lm_head.weight.shape[0] == 160
 
 
+@pytest.mark.parametrize("family, overrides", [
+    ("qwen2", {"vocab_size": 321}),  # tied embeddings, q/k/v bias; an odd vocabulary: padded shards
+    ("llama", {"attention_bias": True, "mlp_bias": True}),  # o_proj and down_proj bias (row-parallel)
+])
+def test_two_ranks_greedy_equals_one_process_other_layouts(workers, tmp_path, family, overrides):
+    path = write_tiny_model(family, tmp_path / family, **overrides)
+    with torch.no_grad():  # HF initializes biases to zero: give them values that matter
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(path / "model.safetensors"))
+        g = torch.Generator().manual_seed(5)
+        for k, v in t.items():
+            if k.endswith(".bias"):
+                v.copy_(torch.randn(v.shape, generator=g) * 0.3)
+        save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    engine = _compare(workers, path)
+    model = engine.loaded.model
+    assert (model.lm_head is None) == (family == "qwen2")
+    bias = model.model.layers[0].mlp.down_proj.bias if family == "llama" else model.model.layers[0].self_attn.qkv_proj.bias
+    assert bias is not None and bias.abs().sum() > 0
+
+
 def test_two_ranks_greedy_equals_one_process_w4axkv4(workers, quant_dir):
     engine = _compare(workers, quant_dir)
     layers = engine.loaded.model.model.layers

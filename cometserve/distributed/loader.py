@@ -167,14 +167,7 @@ def load_model_tp(path: str | Path, tp: ParallelContext, dtype: torch.dtype | No
     """This rank's shard of any supported model path, ready on `tp.device`."""
     dtype = dtype or default_dtype(tp.device)
     quantized = checkpoint.is_checkpoint(path)
-    if quantized:
-        path = Path(path)
-    else:  # a GGUF file is converted once: rank 0 converts, the others wait and find the cache
-        if not tp.is_driver:
-            tp.barrier()
-        path = resolve_model_path(path)
-        if tp.is_driver:
-            tp.barrier()
+    path = Path(path) if quantized else _resolve_once(path, tp)
     hf_config = load_hf_config(path)
     if quantized:
         qcfg, scheme = checkpoint.load_quant_config(path)
@@ -190,3 +183,15 @@ def load_model_tp(path: str | Path, tp: ParallelContext, dtype: torch.dtype | No
         reader.close()
     _to_device(model, tp.device, dtype)
     return LoadedModel(model.eval(), hf_config, scheme, path, qcfg)
+
+
+def _resolve_once(path: str | Path, tp: ParallelContext) -> Path:
+    """resolve_model_path on every rank, rank 0 first: it converts a GGUF file once, the others then
+    find the converted copy. Every rank passes the barrier exactly once, failing or not."""
+    if tp.is_driver:
+        try:
+            return resolve_model_path(path)
+        finally:
+            tp.barrier()
+    tp.barrier()
+    return resolve_model_path(path)
