@@ -16,7 +16,10 @@ weights and checkpoints are never pickled):
     ("exit",)                            leave `worker_loop`
 
 The KV cache of every rank holds its own KV heads; the number of pages is agreed (the minimum over
-ranks of what each GPU's free memory allows) so rank 0's block manager fits every rank.
+ranks of what each GPU's free memory allows) so rank 0's block manager fits every rank. Decode CUDA
+graphs are captured by every rank together (the all-reduces and all-gathers are inside them); if a
+capture fails cleanly on any rank, every rank runs eagerly. A capture that fails halfway on one rank
+only would leave the others waiting in a collective until DATA_TIMEOUT: not seen, not handled.
 """
 
 from __future__ import annotations
