@@ -176,11 +176,14 @@ def test_api_key_enforced(tiny_checkpoint):
 def test_overload_answers_429_and_serves_the_rest(tiny_checkpoint):
     with LiveServer(tiny_checkpoint, max_queue=2, max_num_seqs=1, num_pages=8) as s:
         results: list = [None] * 8
+        start = threading.Barrier(len(results))
 
         def one(i):
+            client = s.client()
+            start.wait()  # all at once: one runs, two wait, the rest find the queue full
             try:
-                out = s.client().completions.create(model=MODEL, prompt=f"Request {i}", max_tokens=40,
-                                                    extra_body={"ignore_eos": True})
+                out = client.completions.create(model=MODEL, prompt=f"Request {i}", max_tokens=160,
+                                                extra_body={"ignore_eos": True})
                 results[i] = out.usage.completion_tokens
             except openai.RateLimitError as e:
                 results[i] = e
@@ -192,7 +195,7 @@ def test_overload_answers_429_and_serves_the_rest(tiny_checkpoint):
             t.join()
         refused = [r for r in results if isinstance(r, openai.RateLimitError)]
         assert refused and all("overloaded" in str(r) for r in refused), results
-        assert all(r == 40 for r in results if not isinstance(r, Exception)), results
+        assert all(r == 160 for r in results if not isinstance(r, Exception)), results
         assert len(refused) < len(results), "the first requests are served"
         assert s.engine.stats().num_rejected_overload == len(refused)
         s.assert_idle_and_free()
