@@ -31,6 +31,7 @@ SHAPES = {  # name: (N, K)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 FRACTIONS = [0.84, 0.75, 1.0, 0.0]
 SUBSET_M = [1, 16, 256, 4096]  # where the non-default fractions are timed
+FP8_FROM_M = 128  # the FP8 path is timed from here (the layer uses it from gemm_fp8.MIN_M)
 BUCKETS = [("M<=16", 1, 16), ("M 32-256", 32, 256), ("M 512", 512, 512), ("M>=1024", 1024, 1 << 30)]
 
 
@@ -103,7 +104,7 @@ def _operands(m, n, k, frac, dev, copies=1):
         qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
         ws = (torch.rand(n, nb, device=dev) * 0.01 + 1e-3).half()
         weights.append(gemm_w4ax.prepare_weights(qw, ws))
-    return x, (codes, scales) + weights[0], weights
+    return x, (codes, scales) + weights[0], weights, bits
 
 
 def _peers(x, n, k, dev):
@@ -145,8 +146,9 @@ def _progress(it, total):
 def run_gemm(shapes, ms, fractions, dev, dump=None):
     import torch
 
-    from cometserve.kernels import gemm_w4ax
+    from cometserve.kernels import gemm_fp8, gemm_w4ax
 
+    fp8 = gemm_fp8.can_implement(4096, 4096, 4, torch.bfloat16, torch.device(dev))[0]
     rows = []
     pts = [(s, m) for s in shapes for m in ms]
     for name, m in _progress(pts, len(pts)):
@@ -156,15 +158,21 @@ def run_gemm(shapes, ms, fractions, dev, dump=None):
         for frac in fractions:
             if frac != fractions[0] and m not in SUBSET_M:
                 continue
-            x, ops, weights = _operands(m, n, k, frac, dev, _copies(n * k // 2))
+            x, ops, weights, bits = _operands(m, n, k, frac, dev, _copies(n * k // 2))
             if peers is None:
                 peers = _peers(x, n, k, dev)
             gemm_w4ax.w4ax_gemm(*ops, None, torch.bfloat16)  # first call of a bucket tunes it
-            us = _time_calls([lambda w=w, a=ops[:2]: gemm_w4ax.w4ax_gemm(*a, *w, None, torch.bfloat16)
-                              for w in weights])
+            us = {"w4ax_triton": _time_calls([lambda w=w, a=ops[:2]: gemm_w4ax.w4ax_gemm(*a, *w, None, torch.bfloat16)
+                                              for w in weights])}
+            if fp8 and m >= FP8_FROM_M:
+                plan = gemm_fp8.plan(bits)
+                us["w4ax_fp8"] = _time_calls([lambda w=w, a=ops[:2], p=plan: gemm_fp8.w4ax_gemm(
+                    *a, *w, None, torch.bfloat16, p) for w in weights])
+            # what a layer runs (model/layers/linear.py): the FP8 path from gemm_fp8.MIN_M rows
+            us["w4ax"] = us["w4ax_fp8"] if fp8 and m >= gemm_fp8.MIN_M else us["w4ax_triton"]
             cfg = gemm_w4ax._config_for(*ops, None, torch.empty(m, n, device=dev, dtype=torch.bfloat16))
             rows.append({"shape": name, "N": n, "K": k, "M": m, "int4_fraction": frac,
-                         "us": {**peers, "w4ax": us}, "config": cfg.__dict__})
+                         "us": {**peers, **us}, "config": cfg.__dict__})
         if dump is not None and m == ms[-1]:
             dump(rows)  # partial results survive a time limit
     return rows
@@ -204,7 +212,7 @@ def run_variants(dev):
     res = []
     for name, m in (("llama3-8b gate_up", 16), ("llama3-8b gate_up", 4096), ("llama3-8b qkv", 4096)):
         n, k = SHAPES[name]
-        _, ops, _w = _operands(m, n, k, 0.84, dev)
+        _, ops, _w, _bits = _operands(m, n, k, 0.84, dev)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         cfg = g._config_for(*ops, None, y)
         for asm in (True, False):
@@ -222,7 +230,7 @@ def run_diag(dev):
     out = []
     for name, m in (("llama3-8b gate_up", 16), ("llama3-8b gate_up", 256), ("llama3-8b gate_up", 4096)):
         n, k = SHAPES[name]
-        _, ops, _w = _operands(m, n, k, 0.84, dev)
+        _, ops, _w, _bits = _operands(m, n, k, 0.84, dev)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         for cfg in g.candidates(m, n, k // 128, dev):
             h = g._launch(cfg, *ops, None, y)
@@ -251,7 +259,7 @@ def run_sweep(dev):
                     ("llama3-8b gate_up", 4096), ("llama3-8b qkv", 4096), ("llama3-8b gate_up", 256),
                     ("llama3-8b o", 1024)):
         n, k = SHAPES[name]
-        _, ops, _w = _operands(m, n, k, 0.84, dev)
+        _, ops, _w, _bits = _operands(m, n, k, 0.84, dev)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         for cfg in small if m <= 16 else big:
             t = _bench(lambda cfg=cfg, ops=ops, y=y: g._launch(cfg, *ops, None, y))
@@ -291,8 +299,10 @@ def summarize(res) -> str:
         vf = [r["us"]["cublas_fp8"] / r["us"]["w4ax"] for r in sel if r["us"]["cublas_fp8"]]
         if vb:
             lines.append(f"| {label} | {_geo(vb):.2f}x | {_geo(vf) or 0:.2f}x | {min(vf or [0]):.2f}x |")
-    lines += ["", "| shape | M | bf16 us | fp8 us | int_mm us | W4Ax us | vs bf16 | vs fp8 | config |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", ("W4Ax = what a layer runs: the Triton kernel, or from gemm_fp8.MIN_M rows the cuBLAS "
+              "block-scaled FP8 path (both columns shown where timed)."), "",
+              ("| shape | M | bf16 us | fp8 us | int_mm us | W4Ax us | vs bf16 | vs fp8 | Triton us | FP8 path us "
+              "| config |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         u = r["us"]
         f = lambda v: f"{v:.1f}" if v else "-"
@@ -300,7 +310,8 @@ def summarize(res) -> str:
         cs = f"{c.get('block_n')}x{c.get('block_m')} s{c.get('split_k')} w{c.get('num_warps')}" if c else ""
         lines.append(f"| {r['shape']} | {r['M']} | {f(u['cublas_bf16'])} | {f(u['cublas_fp8'])} | "
                      f"{f(u['int_mm'])} | {f(u['w4ax'])} | {u['cublas_bf16'] / u['w4ax']:.2f}x | "
-                     f"{(u['cublas_fp8'] or 0) / u['w4ax']:.2f}x | {cs} |")
+                     f"{(u['cublas_fp8'] or 0) / u['w4ax']:.2f}x | {f(u.get('w4ax_triton'))} | "
+                     f"{f(u.get('w4ax_fp8'))} | {cs} |")
     other = [r for r in res["rows"] if r["int4_fraction"] != 0.84]
     if other:
         lines += ["", "Other INT4 fractions (W4Ax us): " + ", ".join(

@@ -83,7 +83,8 @@ class QuantLinear(nn.Module):
             w = w * self.w_scales.float().repeat_interleave(g, dim=1)
             self._dense = w[:, : self.in_features].to(dtype)
             return
-        self._ops = select_gemm_ops(self.out_features, self.in_features, self.w_bits, self.qweight.device)
+        self._ops = select_gemm_ops(self.out_features, self.in_features, self.w_bits, self.qweight.device,
+                                    self.block_bits, dtype)
         self._qweight, self._w_scales = self._ops.prepare_weights(self.qweight, self.w_scales)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
@@ -101,27 +102,39 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
-def select_gemm_ops(n: int, k: int, w_bits: int, device: torch.device):
-    """The Triton kernels where they can implement the shape on this device, else the reference.
+def select_gemm_ops(n: int, k: int, w_bits: int, device: torch.device, block_bits: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None):
+    """The Triton kernels where they can implement the shape on this device, else the reference;
+    with the layer's block map and output dtype, also the FP8 path for large M where it runs.
 
     A refusal is not an error: the reference computes the same function (slower)."""
     if device.type == "cuda":
         try:
-            from cometserve.kernels import gemm_w4ax, quant_act
+            from cometserve.kernels import gemm_fp8, gemm_w4ax, quant_act
         except ImportError:
             return ref
         ok, _reason = gemm_w4ax.can_implement(n, padded_k(k), w_bits, device)
         if ok:
             act_ok, _reason = quant_act.can_implement(k, device)
-            return _KernelOps(gemm_w4ax, quant_act.quant_act if act_ok else ref.quant_act)
+            fp8_ok = block_bits is not None and gemm_fp8.can_implement(n, padded_k(k), w_bits, dtype, device)[0]
+            return _KernelOps(gemm_w4ax, quant_act.quant_act if act_ok else ref.quant_act,
+                              (gemm_fp8, gemm_fp8.plan(block_bits)) if fp8_ok else None)
     return ref
 
 
 class _KernelOps:
-    """The Triton GEMM and the act-quant function chosen once for a layer, behind the reference's
-    three-function interface."""
+    """The kernels chosen once for a layer, behind the reference's three-function interface:
+    Triton act-quant and W4Ax GEMM, and from gemm_fp8.MIN_M rows the cuBLAS FP8 path where `fp8`
+    (the gemm_fp8 module and the layer's plan) is given."""
 
-    def __init__(self, gemm, quant_act) -> None:
+    def __init__(self, gemm, quant_act, fp8=None) -> None:
         self.prepare_weights = gemm.prepare_weights
-        self.w4ax_gemm = gemm.w4ax_gemm
         self.quant_act = quant_act
+        self._gemm = gemm.w4ax_gemm
+        self._fp8 = fp8
+
+    def w4ax_gemm(self, a_codes, a_scales, qweight, w_scales, bias, out_dtype) -> torch.Tensor:
+        if self._fp8 is not None and a_codes.shape[0] >= self._fp8[0].MIN_M:
+            module, plan = self._fp8
+            return module.w4ax_gemm(a_codes, a_scales, qweight, w_scales, bias, out_dtype, plan)
+        return self._gemm(a_codes, a_scales, qweight, w_scales, bias, out_dtype)
