@@ -124,4 +124,4 @@ def build_tp_model(hf_config, tp: ParallelContext, build: ShardedBuilder | None 
     check_splittable(cfg, tp.world_size, blocks)
     inv_freq, scaling = rope_inv_freq(hf_config, cfg.head_dim)
     make = tp_linear_factory(cfg, tp, build or plain_builder(), blocks)
-    return TPLlamaForCausalLM(cfg, RotaryEmbedding(inv_freq, scaling), make, tp)
+    return TPLlamaForCausalLM(cfg, RotaryEmbedding(inv_freq, scaling, cfg.max_model_len), make, tp)

@@ -33,7 +33,7 @@ class RotaryEmbedding(nn.Module):
     never on the engine's path, whose positions stay under the context). On CUDA one Triton launch
     rotates q and k in place (kernels/pointwise.py); elsewhere the reference."""
 
-    def __init__(self, inv_freq: torch.Tensor, scaling: float, max_positions: int = 4096) -> None:
+    def __init__(self, inv_freq: torch.Tensor, scaling: float, max_positions: int) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scaling = scaling
