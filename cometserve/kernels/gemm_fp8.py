@@ -17,7 +17,7 @@ rounding before the bf16 store.
 
 Weights stay INT4 in memory: each call expands the layer's weights to FP8 [N, K'] in a scratch
 buffer (one read of the INT4 bytes, one write of K' bytes per weight), about 5% of the GEMM's time at
-M = 4096. Below ~512 rows the Triton W4Ax kernel is faster (it reads 4-bit weights directly).
+M = 4096. Below ~1024 rows the Triton W4Ax kernel is faster (it reads 4-bit weights directly).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import triton.language as tl
 from cometserve.kernels.gemm_w4ax import HALF, W_TILE
 from cometserve.scheme import BLOCK_SIZE
 
-MIN_M = 512  # rows from which this path beats the Triton kernel (benchmarks/kernels/NOTES-gemm.md)
+MIN_M = 1024  # rows from which this path beats the Triton kernel (benchmarks/results/*-gemm.md)
 _BLK = tl.constexpr(BLOCK_SIZE)
 _HALF = tl.constexpr(HALF)
 _WT = tl.constexpr(W_TILE)
@@ -142,10 +142,8 @@ def w4ax_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, qweight: torch.Tens
     m = a_codes.shape[0]
     w8, ws = expand_weights(qweight, w_scales, p)
     a8, as_ = split_activations(a_codes, a_scales, p)
-    y = torch._scaled_mm(a8, w8.t(), scale_a=as_, scale_b=ws, out_dtype=torch.bfloat16)[:m]
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(out_dtype)
+    b = None if bias is None else bias.to(torch.bfloat16)  # added in cuBLAS's epilogue, before rounding
+    return torch._scaled_mm(a8, w8.t(), scale_a=as_, scale_b=ws, bias=b, out_dtype=torch.bfloat16)[:m].to(out_dtype)
 
 
 def can_implement(n: int, k_pad: int, w_bits: int, out_dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
@@ -173,8 +171,9 @@ def _cublas_block_scaling(device_index: int) -> tuple[bool, str]:
         b = torch.ones(16, 256, device=dev).to(torch.float8_e4m3fn)
         sa = torch.ones(2, 16, device=dev).t()  # [M, 2] column-major
         sb = torch.full((2, 16), 2.0, device=dev)
-        y = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-        ok = bool((y == 512).all())
+        bias = torch.ones(16, device=dev, dtype=torch.bfloat16)
+        y = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.bfloat16)
+        ok = bool((y == 513).all())
         return ok, "" if ok else "cuBLAS block-scaled FP8 gave a wrong result"
     except (RuntimeError, AttributeError, TypeError) as e:
         return False, f"cuBLAS block-scaled FP8 unavailable: {str(e)[:120]}"

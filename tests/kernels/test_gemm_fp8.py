@@ -94,7 +94,7 @@ def _gpu_case(m, n, k, frac8, bias=True) -> dict:
     bits = torch.full((nb,), 4, dtype=torch.uint8, device="cuda")
     bits[torch.randperm(nb, generator=torch.Generator().manual_seed(1))[: round(nb * frac8)].cuda()] = 8
     codes, scales = ref.quant_act(torch.randn(m, k, device="cuda") * 3, None, bits)
-    b = b if bias else None
+    b = b.to(torch.bfloat16).float() if bias else None  # a model's bias is 16-bit
     yr = ref.w4ax_gemm(codes, scales, qw, ws, b, torch.float32)
     pq, ps = gemm_w4ax.prepare_weights(qw, ws)
     y = gemm_fp8.w4ax_gemm(codes, scales, pq, ps, b, torch.bfloat16, gemm_fp8.plan(bits)).float()
@@ -103,7 +103,7 @@ def _gpu_case(m, n, k, frac8, bias=True) -> dict:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [512, 1000, 4096])
+@pytest.mark.parametrize("m", [1, 17, 1000, 4096])
 @pytest.mark.parametrize("n,k", LLAMA_SHAPES[:4] + LLAMA_SHAPES[8:])
 def test_gpu_llama_shapes(m, n, k):
     res = _gpu_case(m, n, k, 0.16)
