@@ -279,7 +279,7 @@ def _env(args):
     drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True, check=False).stdout
     return {"gpu": torch.cuda.get_device_name(), "driver": drv.strip(), "torch": torch.__version__,
-            "triton": triton.__version__, "commit": commit.strip() or os.environ.get("BENCH_COMMIT", ""),
+            "triton": triton.__version__, "commit": os.environ.get("BENCH_COMMIT") or commit.strip(),
             "command": "python " + " ".join(sys.argv), "date": str(date.today())}
 
 
