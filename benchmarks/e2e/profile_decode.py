@@ -124,14 +124,24 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--memory-fraction", type=float, default=0.5)
+    p.add_argument("--max-num-seqs", type=int, default=0, help="0: the largest --batch")
+    p.add_argument("--warm-prefill", type=int, default=0,
+                   help="first run 8 requests of this many prompt tokens (4 output tokens) through the engine")
     args = p.parse_args()
     summary = []
     for mode in args.modes.split(","):
         loaded = build_random_model(args.random_weights, mode, device="cuda")
         batches = [int(b) for b in args.batch.split(",")]
+        seqs = args.max_num_seqs or max(batches)
         engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
-            max_num_seqs=max(batches), memory_fraction=args.memory_fraction, max_graph_batch=max(batches)))
+            max_num_seqs=seqs, memory_fraction=args.memory_fraction, max_graph_batch=seqs))
         vocab = loaded.model.config.vocab_size
+        if args.warm_prefill:
+            for i in range(8):
+                engine.add_request(f"warm-{i}", torch.randint(0, vocab, (args.warm_prefill,)).tolist(),
+                                   SamplingParams(max_tokens=4, ignore_eos=True))
+            while engine.has_unfinished():
+                engine.step()
         for b in batches:
             params = SamplingParams(max_tokens=4096, ignore_eos=True)
             g = torch.Generator().manual_seed(0)

@@ -76,19 +76,24 @@ def run_case(engine: LLMEngine, input_len: int, output_len: int, num_requests: i
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     max_batch, out_tokens, steps = 0, 0, 0
+    step_ms = []
     t0 = time.perf_counter()
     while engine.has_unfinished():
+        ts = time.perf_counter()
         for d in engine.step():
             out_tokens += len(d.new_token_ids)
+        step_ms.append((time.perf_counter() - ts) * 1e3)
         steps += 1
         max_batch = max(max_batch, engine.scheduler.num_running)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    step_ms.sort()
     return {
         "input_len": input_len, "output_len": output_len, "num_requests": num_requests, "max_batch": max_batch,
         "output_tokens_per_s": out_tokens / dt, "total_tokens_per_s": (out_tokens + sum(i for i, _ in lens)) / dt,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "seconds": dt, "steps": steps,
-        "output_tokens": out_tokens,
+        "output_tokens": out_tokens, "step_ms_p50": step_ms[len(step_ms) // 2],
+        "step_ms_p99": step_ms[min(len(step_ms) - 1, int(0.99 * len(step_ms)))], "step_ms_max": step_ms[-1],
     }
 
 
@@ -125,7 +130,8 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
              "cuda_graphs": runner.graphs is not None, "tensor_parallel": args.tp.world_size if args.tp else 1, **r}
         rows.append(r)
         print(f"[{mode}] {label:>9} x{n:<4} max_batch {r['max_batch']:4d}  {r['output_tokens_per_s']:9.1f} out tok/s  "
-              f"{r['total_tokens_per_s']:9.1f} total tok/s  {r['seconds']:6.1f} s  peak {r['peak_mem_gib']:.1f} GiB",
+              f"{r['total_tokens_per_s']:9.1f} total tok/s  {r['seconds']:6.1f} s  peak {r['peak_mem_gib']:.1f} GiB  "
+              f"step ms p50 {r['step_ms_p50']:.2f} p99 {r['step_ms_p99']:.2f} max {r['step_ms_max']:.0f}",
               flush=True)
         write_results(args, rows, Path(args.out_dir))
     del engine, runner, loaded
