@@ -1,7 +1,8 @@
 """Paged INT4-KV attention against its peers (issue 5), Llama-3-8B heads: 32 q, 8 kv, dim 128.
 
-Decode, batch {1, 8, 32, 128} x context {512, 2048, 8192, 32768}: our KV4 kernel, PyTorch SDPA on
-contiguous bf16 K/V (enable_gqa), and the bf16 paged version of our own kernel. Prefill, prompt
+Decode, batch {1, 8, 32, 128} x context {512, 2048, 8192, 32768}: our KV4 kernel (CUDA on GPU,
+decode_cuda.py) and its portable Triton version, PyTorch SDPA on contiguous bf16 K/V (enable_gqa),
+and the bf16 paged version of our own (Triton) kernel. Prefill, prompt
 {512, 2048, 8192}, without and with a cached prefix of the same length: our KV4 prefill kernel
 (and, separately, the write of the prompt into the cache) vs SDPA bf16 causal.
 
@@ -121,13 +122,10 @@ def decode_row(batch: int, ctx: int, page: int = 64, splits=(None,), dtype=torch
     for ns in splits:
         us[f"kv4_s{ns}" if ns else "kv4"] = _bench(kv4(ns)) / rot
     for name, (ns, cfg) in (variants or {}).items():
-        if ns == "2x":  # twice the heuristic's split count
-            from cometserve.kernels.attention import _num_splits
-
-            ns = 2 * _num_splits(batch, HKV, ctx // G + 1)
         us[name] = _bench(kv4(ns, cfg)) / rot
     if not peers:
         return {**row, "us": us}
+    us["kv4_triton"] = _bench(kv4(None, {"impl": "triton"})) / rot  # the portable (previous) kernel
     us["bf16_paged"] = _bench(lambda: [attention.decode_attention_bf16(
         q_all[r], kp, vp, bts[r], ctx_t, scale, max_context_len=ctx) for r in range(rot)]) / rot
     kp = vp = None  # free the bf16 pages before SDPA runs
@@ -240,17 +238,17 @@ def render(res: dict) -> str:
               f"{res['kv_bytes_per_token']['bf16']:.0f}: {res['kv_bytes_per_token']['ratio']:.3f}x. The 16-bit "
               "window (64 tokens per sequence) is per-sequence overhead, excluded."), "",
              "## Decode (one query per sequence, CUDA-graph medians, us)", "",
-             ("| batch | context | SDPA bf16 | bf16 paged (ours) | KV4 (ours) | speedup vs SDPA | KV4 TB/s "
-              "| SDPA TB/s | rel err vs bf16 |"), "|---|---|---|---|---|---|---|---|---|"]
+             ("| batch | context | SDPA bf16 | bf16 paged (ours) | KV4 Triton | KV4 (ours) | speedup vs SDPA "
+              "| KV4 TB/s | SDPA TB/s | rel err vs bf16 |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r["kind"] != "decode":
             continue
         if "skipped" in r:
-            lines.append(f"| {r['batch']} | {r['context']} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['batch']} | {r['context']} | skipped: {r['skipped']} | | | | | | | |")
             continue
         u = r["us"]
         lines.append(f"| {r['batch']} | {r['context']} | {u['sdpa_bf16']:.1f} ({r['sdpa_backend']}) | "
-                     f"{u['bf16_paged']:.1f} | "
+                     f"{u['bf16_paged']:.1f} | {u.get('kv4_triton', float('nan')):.1f} | "
                      f"{u['kv4']:.1f} | {r['speedup_vs_sdpa']:.2f}x | {r['tbps_kv4']:.2f} | {r['tbps_sdpa']:.2f} | "
                      f"{r['rel_err_vs_bf16']:.3f} |")
     lines += ["", "## Prefill (batch 1, causal; the prefix is already in the KV4 cache)", "",
@@ -326,10 +324,11 @@ def main() -> None:
     if args.check:
         gpu_check()
     if args.sweep:
-        variants = {"st3": (None, {"num_stages": 3}), "w8": (None, {"num_warps": 8}),
-                    "noasm": (None, {"use_asm": False}), "s2x": ("2x", {})}
+        variants = {"triton": (None, {"impl": "triton"}), "ring2": (None, {"num_warps": 2, "stages": 2}),
+                    "direct4": (None, {"num_warps": 4, "stages": 0}), "ring1w": (None, {"num_warps": 1, "stages": 2}),
+                    "ring3w1": (None, {"num_warps": 1, "stages": 3}), "tpw2": (None, {"min_tiles_per_warp": 2})}
         for b, c in ((8, 2048), (8, 8192), (1, 32768), (128, 2048), (32, 8192)):
-            r = decode_row(b, c, 64, splits=(None, 16, 32), peers=False, variants=variants)
+            r = decode_row(b, c, 64, splits=(None, 16), peers=False, variants=variants)
             _log(args.out, f"sweep b={b} ctx={c}: " + ", ".join(f"{k}={v:.1f}" for k, v in r["us"].items()))
         pv = {"r128_w8": {"rows": 128, "num_warps": 8}, "st3": {"num_stages": 3}}
         for p, prefix in ((2048, 0), (8192, 0), (2048, 2048)):

@@ -2,15 +2,12 @@
 Every query reads the cache after the step's write: full groups from pages, the partial last group
 from the 16-bit window. Measurements behind each choice: benchmarks/kernels/NOTES-attention.md.
 
-Decode (one query per sequence) streams the cache; its floor is KV bytes over HBM bandwidth:
-- split-KV (flash-decoding): grid (sequence, KV head, split), partial (max, sum, output) per split,
-  merged by a second kernel, so small batches at long context still fill the 132 SMs;
-- GQA: one program serves the query heads sharing a KV head (rows padded to 16 for the dot), so
-  each byte of the cache is read once;
-- no per-element dequantization: scores = (q * k_scale) . codes + q . k_zero and p @ V =
-  (p @ codes) * v_scale + sum(p) * v_zero; codes are exact in float16;
-- widening: `prmt` + `lop3` + `hsub2` on 32-bit words turn 4 bytes into 8 float16 codes (1024 + c
-  and 64 + c by exponent tricks), instead of shift, mask and a quarter-rate int->float each.
+Decode streams the cache (floor: KV bytes over HBM bandwidth). On CUDA it runs decode_cuda.py's
+kernel (warp-owned tiles, MMA fragments built in registers); the Triton kernel here is the portable
+path (CPU interpreter, config impl="triton"): split-KV (flash-decoding) with a merge kernel, one
+program per KV head's query group (rows padded to 16), no per-element dequantization (scores =
+(q * k_scale) . codes + q . k_zero; p @ V = (p @ codes) * v_scale + sum(p) * v_zero), codes widened
+by `prmt` + `lop3` + `hsub2` exponent tricks.
 Prefill is tensor-core bound: the fast path dequantizes into contiguous 16-bit K/V
 (kv_cache.gather_kv, a few % of the time) and runs PyTorch's flash kernels; the fused Triton kernel
 (groups dequantized in registers) is the portable path, ~2x slower on H100."""
@@ -21,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cometserve.kernels import decode_cuda
 from cometserve.kernels.kv_cache import gather_kv
 from cometserve.kernels.ref import PagedKVCache
 
@@ -240,24 +238,20 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, H
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-# Decode launch parameters (benchmarks/kernels/NOTES-attention.md has the sweep behind them);
-# decode_attention(config=...) overrides them for tuning.
+# Launch parameters (sweeps: NOTES-attention.md); decode_attention(config=...) overrides them.
 DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "use_asm": True}
-
-
 PREFILL_CONFIG = {"rows": 64, "num_warps": 4, "num_stages": 2, "impl": "auto"}
 
 
 def _num_splits(batch: int, kv_heads: int, num_groups: int) -> int:
-    """Enough programs for ~8 per SM (132 SMs), at least 2 groups (128 tokens) per split (the sweep
-    in NOTES-attention.md: twice the splits of a 4-per-SM rule was 0-12% faster)."""
+    """~8 programs per SM (132 SMs), >= 2 groups per split (sweep: NOTES-attention.md)."""
     want = max(1, -(-8 * 132 // (batch * kv_heads)))
     return max(1, min(want, -(-num_groups // 2), 64))
 
 
 def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scale, max_context_len,
                    num_splits, num_kv_heads, page_size, group_size, head_dim, config):
-    cfg = {**DECODE_CONFIG, **(config or {})}
+    cfg = {**DECODE_CONFIG, **{k: v for k, v in (config or {}).items() if k in DECODE_CONFIG}}
     b, hq, d = q.shape
     assert d == head_dim, f"q head_dim {d} != cache {head_dim}"
     assert hq % num_kv_heads == 0, f"query heads {hq} not a multiple of KV heads {num_kv_heads}"
@@ -298,11 +292,18 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.T
 
     block_tables int32 [B, max_pages], context_lens int32 [B] (after the step's write), seq_slots
     int32 [B]. max_context_len: max(context_lens) if known on the host (saves a sync; CUDA graphs
-    need it, as it sets the grid). num_splits, config: override the split-KV heuristic and
-    DECODE_CONFIG (benchmarks only).
+    need it: it sets the grid). num_splits, config (benchmarks): the split count, DECODE_CONFIG or
+    decode_cuda.DECODE_CUDA_CONFIG entries, and "impl": "auto" (CUDA where it can), "cuda", "triton".
     """
     ok, reason = can_implement(q, cache)
     assert ok, reason
+    impl = (config or {}).get("impl", "auto")
+    if impl != "triton":
+        ok, reason = decode_cuda.can_implement(q, cache)
+        assert ok or impl == "auto", reason
+        if ok:
+            return decode_cuda.decode(q, cache, block_tables, context_lens, seq_slots, scale, max_context_len,
+                                      num_splits, config)
     return _launch_decode(q, False, cache.tensors(), block_tables, context_lens, seq_slots, scale,
                           max_context_len, num_splits, cache.num_kv_heads, cache.page_size,
                           cache.group_size, cache.head_dim, config)
@@ -417,8 +418,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.
     Two implementations (config["impl"]; "auto" takes "flash" on CUDA):
     - "flash": kv_cache.gather_kv dequantizes the sequences' pages and windows into contiguous
       16-bit K/V (one memory-bound pass, ~2-8% of the attention time at these lengths), then
-      FlashAttention-2 varlen (PyTorch's bundled kernel, GQA and bottom-right causal built in) runs
-      on them. Prefill is tensor-core bound, so the fast path is the best available flash kernel.
+      FlashAttention-2 varlen (GQA and bottom-right causal built in), or SDPA for one sequence, runs on them.
     - "fused": one Triton kernel that dequantizes each K/V group to float16 in registers (q is cast
       to float16 after the softmax scale: |q * scale| must stay under 65504). ~2x slower than
       flash on H100 (NOTES-attention.md); kept as the portable path (CPU interpreter, no flash).
@@ -461,14 +461,15 @@ def _prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots
     if max_context_len is None:
         max_context_len = int(context_lens.max())
     b = context_lens.shape[0]
-    cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum(context_lens, 0, out=cu_k[1:])
+    cu_k = cu_seqlens_q  # one sequence: the gather reads only cu_k[0] == 0 (saves two launches)
+    if b > 1:
+        cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+        torch.cumsum(context_lens, 0, out=cu_k[1:])
     # an upper bound on the rows (exact for one sequence) keeps the call free of device syncs
     k, v = gather_kv(cache, block_tables, context_lens, cu_k, seq_slots, q.dtype, max_context_len,
                      b * max_context_len, head_major=b == 1)
     if b == 1:
         from torch.nn.attention.bias import causal_lower_right
-
         t = q.shape[0]
         mask = {"is_causal": True} if t == max_context_len else {"attn_mask": causal_lower_right(t, max_context_len)}
         out = torch.nn.functional.scaled_dot_product_attention(

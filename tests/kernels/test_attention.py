@@ -8,7 +8,8 @@ Plus the quantization error itself: KV4 attention vs 16-bit attention on the sam
 and bounded loosely (relative error <= 0.25 on random Gaussian K/V, a hard case for 4 bits).
 
 CPU: the Triton kernels run under TRITON_INTERPRET=1 in one subprocess for the whole file (see
-test_kv_cache.py for why); GPU (`-m gpu`): compiled, larger shapes.
+test_kv_cache.py for why); GPU (`-m gpu`): compiled, larger shapes, decode through both the CUDA
+kernel (decode_cuda.py) and the Triton one.
 """
 
 from __future__ import annotations
@@ -72,9 +73,11 @@ def run_attention_case(kv_heads, rep, head_dim, group, page, steps, device="cpu"
         qd = (torch.randn(b, hq, head_dim, generator=gen) * 2).to(dtype).to(device)
         bt_d, _, ctx_d, slots_d = meta
         want = ref.decode_attention(qd, cache, bt_d, ctx_d, slots_d, scale)
-        for ns in splits:
-            out = attention.decode_attention(qd, cache, bt_d, ctx_d, slots_d, scale, num_splits=ns)
-            _check(f"decode splits={ns} step {step}", out, want)
+        for impl in ("cuda", "triton") if device == "cuda" else ("triton",):
+            for ns in splits:
+                out = attention.decode_attention(qd, cache, bt_d, ctx_d, slots_d, scale, num_splits=ns,
+                                                 config={"impl": impl})
+                _check(f"decode {impl} splits={ns} step {step}", out, want)
     kp = torch.randn(b * max_pages, kv_heads, page, head_dim, generator=gen).to(dtype).to(device)
     vp = torch.randn(b * max_pages, kv_heads, page, head_dim, generator=gen).to(dtype).to(device)
     want = ref.decode_attention_bf16(qd, kp, vp, bt_d, ctx_d, scale)
@@ -160,6 +163,15 @@ def test_attention_gpu_vs_ref(dtype, kv_heads, rep, head_dim, page):
     steps = [[1000, 1, 64, 300, 63], [1] * 5, [130, 64, 1, 2, 1], [1] * 5]
     run_attention_case(kv_heads, rep, head_dim, 64, page, steps, device="cuda", dtype=dtype,
                        splits=(None, 1, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_heads,rep,head_dim,group,page", [(2, 8, 64, 16, 32), (1, 16, 128, 32, 64),
+                                                              (2, 4, 128, 128, 128), (1, 12, 64, 64, 64)])
+def test_attention_gpu_groups_and_gqa(kv_heads, rep, head_dim, group, page):
+    """CUDA decode tiles of 16/32/64 tokens, two tiles per 128-token group, 8/12/16 query heads per KV head."""
+    steps = [[300, 1, 64, 130], [1] * 4, [70, 2, 1, 63]]
+    run_attention_case(kv_heads, rep, head_dim, group, page, steps, device="cuda", splits=(None, 1, 3))
 
 
 @pytest.mark.gpu
