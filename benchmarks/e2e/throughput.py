@@ -121,8 +121,8 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
           f"{'on' if runner.graphs else 'off: ' + str(runner.graphs_error)}, attention: {runner.attn.reason}) "
           f"in {t_engine:.1f} s", flush=True)
     vocab = loaded.model.config.vocab_size
-    for _label, i, o, _n in cases:  # warm-up: compiles and tunes every kernel at these shapes
-        run_case(engine, i or 1024, 4, min(8, args.max_num_seqs), vocab, 1, f"warm{i}")
+    for _label, i, o, n in cases:  # warm-up: compiles and tunes every kernel at these step shapes
+        run_case(engine, i or 1024, 4, min(8, n, args.max_num_seqs), vocab, 1, f"warm{i}-{n}")
     for label, i, o, n in cases:
         r = run_case(engine, i, o, n, vocab, 0, f"{label}")
         r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "case": label,
