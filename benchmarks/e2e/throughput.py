@@ -197,18 +197,21 @@ def write_plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys(r["case"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    label = (lambda r: f"{r['model']} {r['case']}") if len(models) > 1 else (lambda r: r["case"])
+    cases = list(dict.fromkeys(label(r) for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
-        vals = {r["case"]: r["output_tokens_per_s"] for r in rows if r["mode"] == mode}
+        vals = {label(r): r["output_tokens_per_s"] for r in rows if r["mode"] == mode}
         xs = [c + j * width for c, case in enumerate(cases) if case in vals]
         ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=mode)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], cases)
     ax.set_yscale("log")
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"{rows[0]['model']}: end-to-end throughput")
+    ax.set_title(f"{', '.join(models)}: end-to-end throughput")
+    ax.tick_params(axis="x", labelsize=7)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -225,30 +228,57 @@ def write_results(args, rows: list[dict], out_dir: Path) -> None:
                                              stderr=subprocess.DEVNULL).strip()
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
-    doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": commit, "command": " ".join(["benchmarks/e2e/throughput.py", *sys.argv[1:]]), "rows": rows}
+    command = " ".join(["benchmarks/e2e/throughput.py", *sys.argv[1:]])
+    write_doc({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "commit": commit, "command": command,
+               "rows": [{**r, "commit": commit, "command": command} for r in rows]}, out_dir)
+
+
+def merge(paths: list[str], out_dir: Path) -> None:
+    """One document from several runs' throughput.json (same GPU and versions): rows keep their own
+    commit and command; a later file's row replaces an earlier one of the same model, mode and case."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    rows: dict[tuple, dict] = {}
+    for d in docs:
+        for r in d["rows"]:
+            rows[(r["model"], r["mode"], r["case"])] = {**r, "commit": r.get("commit", d["commit"]),
+                                                       "command": r.get("command", d["command"])}
+    last = docs[-1]
+    commands = list(dict.fromkeys(r["command"] for r in rows.values()))
+    write_doc({**{k: last[k] for k in ("gpu", "torch", "triton", "commit")}, "command": " ; ".join(commands),
+               "rows": list(rows.values())}, out_dir)
+
+
+def write_doc(doc: dict, out_dir: Path) -> None:
+    """throughput.json, the dated markdown table and throughput.png."""
+    rows = doc["rows"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "throughput.json").write_text(json.dumps(doc, indent=1) + "\n")
+    commands = list(dict.fromkeys(r.get("command", doc["command"]) for r in rows))
     lines = [f"# End-to-end throughput ({datetime.date.today()})", "",
-             f"GPU {doc['gpu']}, torch {doc['torch']}, triton {doc['triton']}, commit {commit}.",
-             f"Command: `{doc['command']}`", "",
-             "| model | mode | case | requests | max batch | output tok/s | total tok/s | seconds | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             (f"GPU {doc['gpu']}, torch {doc['torch']}, triton {doc['triton']}. Commands (each row's commit in "
+             "throughput.json):"), "", *[f"- `{c}`" for c in commands], "",
+             ("| model | mode | case | requests | max batch | output tok/s | total tok/s | seconds | step ms p50 | "
+             "peak GiB | commit |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        p50 = f"{r['step_ms_p50']:.2f}" if "step_ms_p50" in r else "-"
         lines.append(f"| {r['model']} | {r['mode']} | {r['case']} | {r['num_requests']} | {r['max_batch']} | "
-                     f"{r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} | {r['seconds']:.1f} | "
-                     f"{r['peak_mem_gib']:.1f} |")
-    by = {(r["mode"], r["case"]): r["output_tokens_per_s"] for r in rows}
-    for (mode, case), v in sorted(by.items()):
-        if mode not in ("bf16", "hf_bf16") and ("bf16", case) in by:
-            lines.append(f"\n{mode} / bf16 at {case}: {v / by[('bf16', case)]:.2f}x output tokens/s")
+                     f"{r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} | {r['seconds']:.1f} | {p50} | "
+                     f"{r['peak_mem_gib']:.1f} | {r.get('commit', doc['commit'])} |")
+    lines.append("")
+    by = {(r["model"], r["mode"], r["case"]): r["output_tokens_per_s"] for r in rows}
+    for (model, mode, case), v in sorted(by.items()):
+        for base in ("bf16", "hf_bf16"):
+            if mode not in ("bf16", "hf_bf16") and (model, base, case) in by:
+                lines.append(f"- {model} {mode} / {base} at {case}: {v / by[(model, base, case)]:.2f}x output tokens/s")
     (out_dir / f"{datetime.date.today()}-throughput.md").write_text("\n".join(lines) + "\n")
     write_plot(rows, out_dir / "throughput.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--random-weights", required=True, help="llama-2-7b | llama-3-8b | llama-2-13b | llama-3-70b | config.json")
+    p.add_argument("--random-weights", help="llama-2-7b | llama-3-8b | llama-2-13b | llama-3-70b | config.json")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these runs' throughput.json into --out-dir")
     p.add_argument("--modes", default="bf16,w4axkv4", help="of bf16, w4a8kv4, w4axkv4, hf (transformers generate)")
     p.add_argument("--hf-max-batch", type=int, default=64, help="hf mode runs cases of at most this many requests")
     p.add_argument("--cases", default="1024x512:128,128x128:256,b1:128x256")
@@ -267,7 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, Path(args.out_dir))
+        return 0
+    if not args.random_weights:
+        parser.error("--random-weights is required")
     if not torch.cuda.is_available():
         print("throughput.py needs a CUDA GPU", file=sys.stderr)
         return 2
