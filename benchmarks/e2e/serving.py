@@ -36,7 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx2 as httpx
+try:
+    import httpx2 as httpx  # the openai client's transport
+except ImportError:  # the same API under its older name (GPU machine image)
+    import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
