@@ -113,6 +113,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._num_adding = 0  # sub-requests handed to the thread, not yet in its scheduler
+        self._adding_lock = threading.Lock()
         self._closing = False
         self._error: BaseException | None = None
         self._prompt_tokens = self._generated_tokens = self._overloaded = 0
@@ -205,7 +206,8 @@ class AsyncEngine:
         for rid in stream.request_ids:
             self._streams[rid] = stream
         done: Future = Future()
-        self._num_adding += len(prompts)
+        with self._adding_lock:  # the engine thread takes them off when it adds them (_apply)
+            self._num_adding += len(prompts)
         self._commands.put(("add", (stream.request_ids, prompts, params, done)))
         try:
             await asyncio.wrap_future(done)
@@ -214,8 +216,6 @@ class AsyncEngine:
                 self._streams.pop(rid, None)
             self._abort(stream.request_ids)  # after the add in the command queue; a no-op if rejected
             raise
-        finally:
-            self._num_adding -= len(prompts)
         self._prompt_tokens += sum(len(p) for p in prompts)
         return stream
 
@@ -295,4 +295,7 @@ class AsyncEngine:
             done.set_exception(e)
         else:
             done.set_result(None)
+        finally:  # in the scheduler (or rejected) now: never counted twice by add()'s bound
+            with self._adding_lock:
+                self._num_adding -= len(prompts)
         return True
