@@ -131,17 +131,38 @@ def cmd_serve(args) -> None:
 
     if (args.model is None) == (args.random_weights is None):
         raise ValueError("give a CHECKPOINT or --random-weights NAME (one of them)")
+    if args.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, num_pages=args.num_pages,
                        memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs)
-    if args.model is not None:
+    name = args.served_model_name or (Path(args.model).name if args.model is not None
+                                      else f"{Path(args.random_weights).stem}-{args.mode}")
+    workers = None
+    if args.tensor_parallel > 1:  # one process per rank; this one is rank 0 and schedules
+        from cometserve.distributed.engine import ModelSpec
+        from cometserve.distributed.launch import launch_engine
+
+        tokenizer = None
+        if args.model is not None:
+            from transformers import AutoTokenizer
+
+            from cometserve.model.loader import resolve_model_path
+
+            tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(args.model)))
+        spec = ModelSpec(path=args.model, random_weights=args.random_weights, mode=args.mode)
+        llm_engine, workers = launch_engine(spec, args.tensor_parallel, cfg, tokenizer, args.device)
+        engine = AsyncEngine(llm_engine, args.max_queue)
+    elif args.model is not None:
         engine = AsyncEngine.from_checkpoint(args.model, cfg, args.device, args.max_queue)
-        name = args.served_model_name or Path(args.model).name
     else:
         engine = AsyncEngine.from_random_weights(args.random_weights, args.mode, cfg, args.device, args.max_queue)
-        name = args.served_model_name or f"{Path(args.random_weights).stem}-{args.mode}"
-    serve(engine, name, host=args.host, port=args.port, api_key=args.api_key,
-          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    try:
+        serve(engine, name, host=args.host, port=args.port, api_key=args.api_key,
+              shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    finally:
+        if workers is not None:
+            workers.close()
 
 
 def _add_serve_parser(sub) -> None:
@@ -163,6 +184,7 @@ def _add_serve_parser(sub) -> None:
                    help="KV cache pages (default: from free GPU memory; on CPU, one full context)")
     s.add_argument("--memory-fraction", type=float, default=0.9)
     s.add_argument("--no-cuda-graphs", action="store_true")
+    s.add_argument("--tensor-parallel", type=int, default=1, help="GPUs (ranks) to split the model over")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

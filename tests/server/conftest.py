@@ -4,11 +4,17 @@ the whole serving path (HTTP, SSE, async engine, INT4 KV) at CPU speed."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import httpx2 as httpx
 import openai
 import pytest
 import torch
@@ -34,13 +40,18 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
+    return quantized_tiny(tmp_path_factory)
+
+
+def quantized_tiny(tmp_path_factory, **shape):
+    """A tiny random Llama (shape overrides) with the SmolLM2 tokenizer, quantized to fmpq_w4axkv4."""
     try:
         tokenizer_dir = assets.smollm2_dir()
     except RuntimeError as e:
         pytest.skip(f"shipped SmolLM2 tokenizer not installed: {e}")
     from cometserve.quant.quantize import quantize
 
-    src = write_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama", vocab_size=49152)
+    src = write_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama", vocab_size=49152, **shape)
     for f in tokenizer_dir.iterdir():
         if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
             shutil.copy(f, src / f.name)
@@ -88,6 +99,35 @@ class LiveServer:
         assert len(eng.storage.slots) == 0, "sequence slots leaked"
         assert not eng.runner.generators, "sampler state leaked"
         assert not eng._tracked, "engine still tracks requests"
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], log_path: Path, timeout: float = 120):
+    """`cometserve serve ARGS` in its own process on a free loopback port, up (/health 200) when the
+    block starts; yields (process, url); killed at the end if still running."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cometserve.cli", "serve", *args, "--port", str(port), "--log-level", "warning"]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) as proc:
+        try:
+            def healthy() -> bool:
+                assert proc.poll() is None, f"server exited early: {log_path.read_text()}"
+                try:
+                    return httpx.get(f"{url}/health").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_until(healthy, timeout, "cometserve serve to come up")
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def wait_until(cond, timeout: float, what: str) -> None:

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import httpx2 as httpx
 import openai
 import pytest
 
-from tests.server.conftest import MODEL, LiveServer, wait_until
+from tests.server.conftest import MODEL, LiveServer, serve_process, wait_until
 
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 LONG = "hello " * 1000  # ~1000 tokens: over the tiny model's 512-token context
@@ -207,46 +202,24 @@ def test_overload_answers_429_and_serves_the_rest(tiny_checkpoint):
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_checkpoint, tmp_path):
     """`cometserve serve` in its own process: SIGTERM lets a running stream finish, refuses new
     connections, and the process exits."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "cometserve.cli", "serve", str(tiny_checkpoint), "--port", str(port),
-           "--device", "cpu", "--num-pages", "16", "--served-model-name", MODEL, "--log-level", "warning"]
-    log_path = tmp_path / "serve.log"
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) as proc:
-        try:
-            def healthy() -> bool:
-                assert proc.poll() is None, f"server exited early: {log_path.read_text()}"
-                try:
-                    return httpx.get(f"{url}/health").status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            wait_until(healthy, 60, "cometserve serve to come up")
-            body = {"model": MODEL, "prompt": "Go on", "max_tokens": 300, "temperature": 0, "stream": True,
-                    "ignore_eos": True}
-            events = []
-            with httpx.stream("POST", f"{url}{CMPL}", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        if len(events) == 2:
-                            proc.send_signal(signal.SIGTERM)
-            assert events[-1] == "[DONE]"
-            chunks = [json.loads(e) for e in events[:-1]]
-            assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) == 300
-            proc.wait(timeout=30)
-            assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
-            with pytest.raises(httpx.TransportError):
-                httpx.get(f"{url}/health")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    args = [str(tiny_checkpoint), "--device", "cpu", "--num-pages", "16", "--served-model-name", MODEL]
+    with serve_process(args, tmp_path / "serve.log", timeout=60) as (proc, url):
+        body = {"model": MODEL, "prompt": "Go on", "max_tokens": 300, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        events = []
+        with httpx.stream("POST", f"{url}{CMPL}", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 2:
+                        proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) == 300
+        proc.wait(timeout=30)
+        assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health")
 
 
 def test_queue_bound_counts_each_waiting_request_once(tiny_checkpoint):
