@@ -41,12 +41,7 @@ GREEDY = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True)
 LENGTHS = (5, 17, 64, 70, 1, 130)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- sharding rules (no processes) ------------------------------------------------------------

@@ -21,13 +21,7 @@ from tests.tiny_models import write_tiny_model
 LENGTHS = (5, 17, 64, 70, 130, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny CPU ops are dominated by intra-op thread wake-ups on a busy machine: one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,9 @@ MODEL = "tiny-w4axkv4"
 MAX_MODEL_LEN = 512  # tiny_models' max_position_embeddings
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    """Tiny CPU ops are dominated by intra-op thread wake-ups on a busy machine: one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module", autouse=True)
+def _server_tests_one_thread(one_thread):
+    """Every server test module runs with one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
