@@ -32,10 +32,14 @@ METHODS = ("fp16", "w8a8", "w4a16_gptq", "w4a4_rtn", "w4a8kv4", "fmpq_w4ax", "fm
 RESULTS = Path(__file__).parent / "results"
 
 
-def evaluate(path, args, eval_source: str, eval_text: str, mmlu_rows) -> dict:
+def evaluate(path, args, eval_source: str, eval_text: str, mmlu_rows, kv=None) -> dict:
+    """Perplexity (and MMLU) of a model or checkpoint; `kv` = (bits, group size) overrides the
+    checkpoint's KV cache scheme (the KV cache is quantized at run time, so one checkpoint serves
+    every KV setting)."""
     llm = LLM(path, device=args.device)
+    scheme = llm.scheme if kv is None else dataclasses.replace(llm.scheme, kv_bits=kv[0], kv_group_size=kv[1])
     ids = torch.tensor(llm.tokenizer(eval_text, add_special_tokens=False)["input_ids"])
-    ppl = perplexity(llm.model, llm.scheme, ids, ctx=args.ctx, max_windows=args.max_windows)
+    ppl = perplexity(llm.model, scheme, ids, ctx=args.ctx, max_windows=args.max_windows)
     qcfg = llm.loaded.quant_config
     row = {
         "dataset": f"{eval_source}[{args.max_windows} windows]" if args.max_windows else eval_source,
@@ -61,6 +65,21 @@ def run_model(name: str, src: Path, methods, args, work: Path, mmlu_rows, comman
         row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, mmlu)}
         print(f"{name:14s} {label:28s} ppl {row['ppl']:9.3f}  int8 {row['int8_block_fraction']}  "
               f"mmlu {row['mmlu']}  ({time.time() - t0:.0f} s)", flush=True)
+        merge_results(row, command)
+
+
+def kv_sweep(name: str, src: Path, args, work: Path, command: str) -> None:
+    """One fmpq_w4ax checkpoint (16-bit KV) evaluated with the INT4 KV cache at several group sizes
+    (tokens per (scale, zero) of each head and channel) and with 16-bit KV."""
+    eval_source, eval_text = assets.default_eval_text()
+    calib = CalibSpec(assets.default_calibration_text()[0], args.samples, args.seq_len, 0)
+    path = quantize(src, work / "kv_sweep", scheme="fmpq_w4ax", calib=calib, device=args.device)
+    for group in [0, *args.kv_sweep]:
+        t0 = time.time()
+        kv = (16, 64) if group == 0 else (4, group)
+        label = "fmpq_w4ax@kv16" if group == 0 else f"fmpq_w4ax@kv4g{group}"
+        row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, None, kv)}
+        print(f"{name:14s} {label:28s} ppl {row['ppl']:9.3f}  ({time.time() - t0:.0f} s)", flush=True)
         merge_results(row, command)
 
 
@@ -108,6 +127,8 @@ def main() -> None:
     p.add_argument("--mmlu", type=int, default=200, help="MMLU questions for the 1.5B model")
     p.add_argument("--mmlu-methods", default="fp16,w4a8kv4,fmpq_w4axkv4", help="methods that get MMLU (1.5B)")
     p.add_argument("--no-smollm2", action="store_true", help="only the --qwen model")
+    p.add_argument("--kv-sweep", type=lambda v: [int(g) for g in v.split(",")], default=None, metavar="G,G,..",
+                   help="SmolLM2: the INT4 KV cache at these group sizes on one fmpq_w4ax checkpoint")
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
@@ -117,8 +138,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         methods = list(args.methods) + (sweep_methods((8, 6, 4, 3, 2.5, 2)) if args.sweep else [])
-        if not args.no_smollm2:
+        if not args.no_smollm2 and methods:
             run_model("smollm2-135m", assets.smollm2_dir(), methods, args, work / "smollm2", None, command)
+        if args.kv_sweep:
+            kv_sweep("smollm2-135m", assets.smollm2_dir(), args, work, command)
         if args.qwen:
             from cometserve.model.loader import resolve_model_path
 
