@@ -206,7 +206,7 @@ def test_rejects_a_request_that_never_fits(tiny16):
            "random 2-layer model. That is its noise floor: on CPU, the reference path itself with noise "
            "of 0.1% / 0.3% of mean |attention output| added keeps 5/6 / 3/6 first tokens and 28/144 "
            "tokens (INT4 activation codes flip and amplify; bf16 keeps 144/144), and the attention "
-           "kernels differ from their reference by 0.6-4.8e-3. Token agreement cannot tell a bug here",
+           "kernels differ from their reference by 0.6-4.8e-3 (scripts/noise_floor.py). Agreement cannot tell a bug here",
     strict=False))])
 def test_cuda_engine_with_kernels_and_graphs_tracks_reference(mode, tmp_path):
     """On CUDA: Triton attention + decode CUDA graphs against the plain reference path (same
