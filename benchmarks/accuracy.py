@@ -52,7 +52,7 @@ def evaluate(path, args, eval_source: str, eval_text: str, mmlu_rows, kv=None) -
     return row
 
 
-def run_model(name: str, src: Path, methods, args, work: Path, mmlu_rows, command: str) -> None:
+def run_model(name: str, src: Path, methods, args, work: Path, mmlu_rows, prov: dict) -> None:
     """Quantize and evaluate each method; each row is merged into the results as soon as it exists."""
     eval_source, eval_text = assets.default_eval_text()
     calib = CalibSpec(assets.default_calibration_text()[0], args.samples, args.seq_len, 0)
@@ -65,10 +65,10 @@ def run_model(name: str, src: Path, methods, args, work: Path, mmlu_rows, comman
         row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, mmlu)}
         print(f"{name:14s} {label:28s} ppl {row['ppl']:9.3f}  int8 {row['int8_block_fraction']}  "
               f"mmlu {row['mmlu']}  ({time.time() - t0:.0f} s)", flush=True)
-        merge_results(row, command)
+        merge_results(row, prov)
 
 
-def kv_sweep(name: str, src: Path, args, work: Path, command: str) -> None:
+def kv_sweep(name: str, src: Path, args, work: Path, prov: dict) -> None:
     """One fmpq_w4ax checkpoint (16-bit KV) evaluated with the INT4 KV cache at several group sizes
     (tokens per (scale, zero) of each head and channel) and with 16-bit KV."""
     eval_source, eval_text = assets.default_eval_text()
@@ -80,7 +80,7 @@ def kv_sweep(name: str, src: Path, args, work: Path, command: str) -> None:
         label = "fmpq_w4ax@kv16" if group == 0 else f"fmpq_w4ax@kv4g{group}"
         row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, None, kv)}
         print(f"{name:14s} {label:28s} ppl {row['ppl']:9.3f}  ({time.time() - t0:.0f} s)", flush=True)
-        merge_results(row, command)
+        merge_results(row, prov)
 
 
 def sweep_methods(thresholds) -> list[tuple[str, object]]:
@@ -88,15 +88,15 @@ def sweep_methods(thresholds) -> list[tuple[str, object]]:
     return [(f"fmpq_w4ax@t={t}", dataclasses.replace(base, outlier_threshold=t)) for t in thresholds]
 
 
-def merge_results(row: dict, command: str) -> None:
+def merge_results(row: dict, prov: dict) -> None:
     """Replace (or add) the row of the same model and method in accuracy.json, each row keeping the
-    commit and command that measured it, and rewrite the markdown table. Runs of one model do not
-    erase the other model's rows."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    commit and command that measured it (`prov`, taken when the run started), and rewrite the
+    markdown table. Runs of one model do not erase the other model's rows."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "accuracy.json"
     old = json.loads(path.read_text())["rows"] if path.exists() else []
-    row = {**row, "commit": commit, "command": command}
+    row = {**row, **prov}
+    commit = prov["commit"]
     key = (row["model"], row["method"])
     rows = [r for r in old if (r["model"], r["method"]) != key] + [row]
     order = {m: i for i, m in enumerate(METHODS)}
@@ -134,19 +134,20 @@ def main() -> None:
     args = p.parse_args()
     args.max_windows = args.max_windows or None
     args.mmlu_methods = set(args.mmlu_methods.split(","))
-    command = "python " + " ".join(sys.argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    prov = {"commit": commit, "command": "python " + " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         methods = list(args.methods) + (sweep_methods((8, 6, 4, 3, 2.5, 2)) if args.sweep else [])
         if not args.no_smollm2 and methods:
-            run_model("smollm2-135m", assets.smollm2_dir(), methods, args, work / "smollm2", None, command)
+            run_model("smollm2-135m", assets.smollm2_dir(), methods, args, work / "smollm2", None, prov)
         if args.kv_sweep:
-            kv_sweep("smollm2-135m", assets.smollm2_dir(), args, work, command)
+            kv_sweep("smollm2-135m", assets.smollm2_dir(), args, work, prov)
         if args.qwen:
             from cometserve.model.loader import resolve_model_path
 
             run_model("qwen2.5-1.5b", resolve_model_path(args.qwen), args.methods, args, work / "qwen",
-                      mmlu_questions(args.mmlu), command)
+                      mmlu_questions(args.mmlu), prov)
 
 
 if __name__ == "__main__":
