@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -100,7 +101,8 @@ def merge_results(row: dict, prov: dict) -> None:
     key = (row["model"], row["method"])
     rows = [r for r in old if (r["model"], r["method"]) != key] + [row]
     order = {m: i for i, m in enumerate(METHODS)}
-    rows.sort(key=lambda r: (r["model"] != "smollm2-135m", r["model"], order.get(r["method"], len(order)), r["method"]))
+    rows.sort(key=lambda r: (r["model"] != "smollm2-135m", r["model"], order.get(r["method"], len(order)),
+                             [int(t) if t.isdigit() else t for t in re.findall(r"\d+|\D+", r["method"])]))
     commands = sorted({r.get("command", "") for r in rows} - {""})
     out = {"commit": commit, "command": " ; ".join(commands), "torch": torch.__version__, "device": "cpu", "rows": rows}
     path.write_text(json.dumps(out, indent=1))
