@@ -32,7 +32,7 @@ from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.model.layers.linear import Linear, QuantLinear
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
-from tests.tiny_models import write_tiny_model
+from tests.tiny_models import engine_tokens, write_tiny_model
 
 # tp=2 needs whole heads and whole 128-channel blocks per rank: o_proj K = 4 x 64 = 2 blocks,
 # down_proj K = 512 = 4 blocks
@@ -366,13 +366,7 @@ def test_a_model_that_does_not_split_fails_on_every_rank_and_workers_survive(wor
 
 def _single_process_tokens(path, prompts, params) -> dict[str, list[int]]:
     single = load_model(path, device="cpu", dtype=torch.float32)
-    engine = LLMEngine(single.model, single.scheme, _engine_config())
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, params)
-    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    for d in engine.stream():
-        out[d.request_id].extend(d.new_token_ids)
-    return out
+    return engine_tokens(LLMEngine(single.model, single.scheme, _engine_config()), prompts, params)
 
 
 @pytest.mark.parametrize("launcher", ["spawn", "torchrun"])

@@ -13,6 +13,7 @@ from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
 from tests.test_tensor_parallel import _prompts, quant_dir, tiny_dir  # noqa: F401 - fixtures
+from tests.tiny_models import engine_tokens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -23,13 +24,7 @@ def _config() -> EngineConfig:
 
 
 def _run(engine) -> dict[str, list[int]]:
-    prompts = _prompts()
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, PARAMS)
-    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    for d in engine.stream():
-        out[d.request_id].extend(d.new_token_ids)
-    return out
+    return engine_tokens(engine, _prompts(), PARAMS)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

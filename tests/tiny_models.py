@@ -41,3 +41,13 @@ def write_tiny_model(family: str, out: Path, seed: int = 0, **overrides) -> Path
                 p.normal_(0, 0.08)
     model.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def engine_tokens(engine, prompts: list[list[int]], params) -> dict[str, list[int]]:
+    """Queue every prompt (request id = its index), run the engine to the end: {index: tokens}."""
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params)
+    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    for d in engine.stream():
+        out[d.request_id].extend(d.new_token_ids)
+    return out

@@ -19,18 +19,14 @@ from cometserve.distributed.engine import ModelSpec, create_engine
 from cometserve.distributed.launch import launch_engine, run_under_torchrun
 from cometserve.engine.engine import EngineConfig
 from cometserve.sampling_params import SamplingParams
+from tests.tiny_models import engine_tokens
 
 CONFIG = EngineConfig(num_pages=48, use_cuda_graphs=False, max_num_seqs=8)
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
 def generate(engine, prompts: list[list[int]]) -> dict[str, list[int]]:
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, PARAMS)
-    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    for d in engine.stream():
-        out[d.request_id].extend(d.new_token_ids)
-    return out
+    return engine_tokens(engine, prompts, PARAMS)
 
 
 def main(argv: list[str] | None = None) -> int:

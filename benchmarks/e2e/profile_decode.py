@@ -30,15 +30,6 @@ from cometserve.engine.random_model import build_random_model
 from cometserve.sampling_params import SamplingParams
 
 
-def forward_and_logits(runner, inputs):
-    """(logits, greedy (tokens, logprobs) or None) as `runner.execute` gets them."""
-    res = runner.graphs.run(inputs) if runner.graphs is not None else None
-    if res is not None:
-        return res[0], res[1:]
-    hidden = runner.forward(inputs.input_ids, inputs.positions, inputs.meta)
-    return runner.model.compute_logits(hidden[torch.tensor(inputs.sample_rows, device=runner.device)]), None
-
-
 def sample(runner, out, inputs, logits, greedy) -> StepOutput:
     params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
     return StepOutput(runner.sample(logits, greedy, inputs.sample_ids, params))
@@ -56,7 +47,7 @@ def timed_steps(engine: LLMEngine, n: int) -> dict[str, float]:
         inputs = runner.prepare(out)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        logits, greedy = forward_and_logits(runner, inputs)
+        logits, greedy = runner.logits(inputs)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
         step_out = sample(runner, out, inputs, logits, greedy)
@@ -100,7 +91,7 @@ def forward_ms(engine: LLMEngine, n: int):
 
     eager = time_it(lambda: runner.forward(inputs.input_ids, inputs.positions, inputs.meta))
     graph = time_it(lambda: runner.graphs.run(inputs)) if runner.graphs is not None else None
-    engine.scheduler.update(sample(runner, out, inputs, *forward_and_logits(runner, inputs)))
+    engine.scheduler.update(sample(runner, out, inputs, *runner.logits(inputs)))
     return eager, graph, inputs
 
 

@@ -279,17 +279,24 @@ class ModelRunner:
             self.release(out.finished_ids)
             return StepOutput({})
         inputs = self.prepare(out)
+        res = self.logits(inputs)
+        if res is None:
+            return StepOutput({})
         params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
+        return StepOutput(self.sample(*res, inputs.sample_ids, params))
+
+    def logits(self, inputs: StepInputs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None:
+        """Run the step's forward: (float32 logits of the sampled rows, their greedy (tokens,
+        logprobs) when a decode graph computed them, else None), or None when nothing is sampled."""
         if self.graphs is not None and inputs.meta.is_decode:
             res = self.graphs.run(inputs)
             if res is not None:
-                return StepOutput(self.sample(res[0], res[1:], inputs.sample_ids, params) if inputs.sample_rows else {})
+                return (res[0], res[1:]) if inputs.sample_rows else None
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         if not inputs.sample_rows:
-            return StepOutput({})
+            return None
         rows = torch.tensor(inputs.sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        return StepOutput(self.sample(logits, None, inputs.sample_ids, params))
+        return self.model.compute_logits(hidden[rows]), None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, StepCache(self.storage, meta, self.attn))

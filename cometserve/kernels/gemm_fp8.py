@@ -156,8 +156,7 @@ def can_implement(n: int, k_pad: int, w_bits: int, out_dtype: torch.dtype, devic
         return False, "cuBLAS block-scaled FP8 writes bfloat16 only"
     if n % W_TILE or k_pad % BLOCK_SIZE:
         return False, f"N={n} must be a multiple of {W_TILE}"
-    ok, why = _cublas_block_scaling(device.index if device.index is not None else torch.cuda.current_device())
-    return ok, why
+    return _cublas_block_scaling(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @cache

@@ -30,8 +30,8 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     """Tables of cos/sin (float32 [positions, D/2], scaling folded in) built once per device for
     `max_positions` (the model's context), grown on demand where positions exceed them (a host sync:
-    never on the engine's path, whose positions stay under the context). On CUDA one Triton launch
-    rotates q and k in place (kernels/pointwise.py); elsewhere the reference."""
+    never on the engine's path, whose positions stay under the context). On CUDA (power-of-two head
+    dims) one Triton launch rotates q and k in place (kernels/pointwise.py); elsewhere the reference."""
 
     def __init__(self, inv_freq: torch.Tensor, scaling: float, max_positions: int) -> None:
         super().__init__()
@@ -50,7 +50,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (same dtypes; on CUDA in place)."""
-        if positions.is_cuda:
+        d = q.shape[-1]
+        if positions.is_cuda and d & (d - 1) == 0:  # the kernel's head dims; any other runs the reference
             from cometserve.kernels import pointwise
 
             return pointwise.rotary_embedding(q, k, positions, *self.tables(positions.device))
