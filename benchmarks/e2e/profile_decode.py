@@ -95,6 +95,35 @@ def forward_ms(engine: LLMEngine, n: int):
     return eager, graph, inputs
 
 
+def prefill_ms(engine: LLMEngine, n_req: int, length: int, reps: int, vocab: int, top: int) -> float:
+    """Median ms of one engine step that prefills n_req fresh prompts of `length` tokens (one chunk
+    of n_req * length tokens when the token budget allows); prints the kernel table of one more."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ts = []
+    for rep in range(reps + 2):
+        prof = profile(activities=[ProfilerActivity.CUDA]) if rep == reps + 1 else None
+        ids = [f"prefill-{rep}-{i}" for i in range(n_req)]
+        for rid in ids:
+            engine.add_request(rid, torch.randint(0, vocab, (length,)).tolist(),
+                               SamplingParams(max_tokens=2, ignore_eos=True))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if prof is not None:
+            with prof:
+                engine.step()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
+        else:
+            engine.step()
+            torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        for rid in ids:
+            engine.abort(rid)
+        engine.step()
+    return statistics.median(ts[1:])
+
+
 def kernel_table(engine: LLMEngine, inputs, top: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -116,6 +145,7 @@ def main() -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--memory-fraction", type=float, default=0.5)
     p.add_argument("--max-num-seqs", type=int, default=0, help="0: the largest --batch")
+    p.add_argument("--prefill", default="", help="N:L: also time one step prefilling N prompts of L tokens")
     p.add_argument("--warm-prefill", type=int, default=0,
                    help="first run 8 requests of this many prompt tokens (4 output tokens) through the engine")
     args = p.parse_args()
@@ -133,6 +163,11 @@ def main() -> int:
                                    SamplingParams(max_tokens=4, ignore_eos=True))
             while engine.has_unfinished():
                 engine.step()
+        if args.prefill:
+            n_req, length = (int(x) for x in args.prefill.split(":"))
+            ms = prefill_ms(engine, n_req, length, 5, vocab, args.top)
+            print(f"\n=== {mode} prefill step {n_req} x {length} tokens: {ms:.1f} ms "
+                  f"({n_req * length / ms:.0f} k tok/s)", flush=True)
         for b in batches:
             params = SamplingParams(max_tokens=4096, ignore_eos=True)
             g = torch.Generator().manual_seed(0)

@@ -56,8 +56,13 @@ def block_map(in_features: int, a_mode: str, int8_fraction: float = INT8_FRACTIO
 
 def _random_quant_factory(scheme, int8_fraction: float, rotate: bool):
     def make(name: str, in_features: int, out_features: int, bias: bool):
-        layer = QuantLinear(in_features, out_features, bias, scheme.w_bits, scheme.w_group_size, True, False, rotate)
+        # FMPQ checkpoints permute every layer's input channels except down_proj's (folded into
+        # gate_up's rows): the random model pays the same gather
+        has_perm = scheme.a_mode == "fmpq" and not name.endswith("down_proj")
+        layer = QuantLinear(in_features, out_features, bias, scheme.w_bits, scheme.w_group_size, True, has_perm, rotate)
         with torch.no_grad():
+            if has_perm:
+                layer.perm.copy_(torch.randperm(in_features, device=layer.perm.device).to(torch.int32))
             layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8,
                                               device=layer.qweight.device).to(layer.qweight.dtype))
             # weights of std ~0.5/sqrt(K): INT4 scale ~ 2.5 std / 7, jittered +-50%

@@ -40,15 +40,11 @@ def _row_rstd(x_row, K, stride_xk, eps, NORM_BLOCK: tl.constexpr):
 
 @triton.jit
 def _butterfly(v, T: tl.constexpr, H: tl.constexpr):
-    """One FWHT stage on v [T, 128]: pairs H apart become (a + b, a - b). Written with a reshape,
-    a sum over the pair axis (a + 0 * b is exactly a) and a broadcast sign, so no permute, split or
-    join is needed."""
-    x = tl.reshape(v, [T, 64 // H, 2, H])
-    first = tl.arange(0, 2)[None, None, :, None] == 0
-    a = tl.sum(tl.where(first, x, 0.0), axis=2)  # [T, A, H]
-    b = tl.sum(tl.where(first, 0.0, x), axis=2)
-    sign = tl.where(first, 1.0, -1.0)  # a + (-b) rounds exactly like a - b
-    return tl.reshape(a[:, :, None, :] + sign * b[:, :, None, :], [T, 128])
+    """One FWHT stage on v [T, 128]: pairs H apart become (a + b, a - b). The pair axis is moved
+    last and split (measured 1.2-3x faster than masked sums over it; same roundings)."""
+    x = tl.permute(tl.reshape(v, [T, 64 // H, 2, H]), (0, 1, 3, 2))
+    a, b = tl.split(x)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [T, 128])
 
 
 @triton.jit
@@ -144,12 +140,14 @@ _SM_COUNT = _SmCount()
 
 
 MAX_ROW = 16384  # widest row held in registers for the gather path (64 fp32 per thread)
+MAX_TILE = 64  # most blocks one program quantizes at once (a gather or FWHT tile of 8192 floats)
 
 
-def _grid_shape(m: int, nb: int, sms: int) -> tuple[int, int, int]:
-    """(NB_TILE, blocks per program, chunks per row): enough programs for ~4 per SM."""
-    nb_tile = min(8, triton.next_power_of_2(nb))
-    chunks = max(1, min(triton.cdiv(4 * sms, m), triton.cdiv(nb, nb_tile)))
+def _grid_shape(m: int, nb: int, sms: int, max_tile: int) -> tuple[int, int, int]:
+    """(NB_TILE, blocks per program, chunks per row): enough programs for ~4 per SM, each program's
+    blocks in as few tiles as `max_tile` allows (the gather path re-stages the row per tile)."""
+    chunks = max(1, min(triton.cdiv(4 * sms, m), triton.cdiv(nb, 8)))
+    nb_tile = min(max_tile, triton.next_power_of_2(triton.cdiv(nb, chunks)))
     per = triton.cdiv(triton.cdiv(nb, chunks), nb_tile) * nb_tile
     return nb_tile, per, triton.cdiv(nb, per)
 
@@ -157,9 +155,9 @@ def _grid_shape(m: int, nb: int, sms: int) -> tuple[int, int, int]:
 def _launch(x, perm, block_bits, norm_weight, eps, rotate, codes, scales) -> None:
     m, k = x.shape
     nb = block_bits.numel()
-    nb_tile, per, chunks = _grid_shape(m, nb, _SM_COUNT(x.device))
-    gather = perm is not None or norm_weight is not None
-    row = triton.next_power_of_2(k) if gather and triton.next_power_of_2(k) <= MAX_ROW else 0
+    # without a permutation the blocks are read in place (RMSNorm's statistic in a first pass)
+    row = triton.next_power_of_2(k) if perm is not None and triton.next_power_of_2(k) <= MAX_ROW else 0
+    nb_tile, per, chunks = _grid_shape(m, nb, _SM_COUNT(x.device), MAX_TILE if row else 8)
     _quant_act_kernel[(m, chunks)](
         x, perm if perm is not None else codes, block_bits,
         norm_weight if norm_weight is not None else x, codes, scales,
@@ -168,7 +166,7 @@ def _launch(x, perm, block_bits, norm_weight, eps, rotate, codes, scales) -> Non
         float(eps),
         HAS_PERM=perm is not None, HAS_NORM=norm_weight is not None, ROTATE=rotate,
         NB_TILE=nb_tile, NORM_BLOCK=min(4096, triton.next_power_of_2(k)), ROW=row,
-        num_warps=8 if row or nb_tile * BLOCK_SIZE > 512 else 4,
+        num_warps=16 if max(row, nb_tile * BLOCK_SIZE) >= 8192 else 8 if row or nb_tile * BLOCK_SIZE > 512 else 4,
         enable_fp_fusion=False,  # v * inv must round before + 0.5, as in the reference
     )
 
