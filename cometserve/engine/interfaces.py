@@ -8,12 +8,13 @@ Request objects or the block manager, and a step can be logged, replayed or fake
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, fields
 
 from cometserve.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ScheduledChunk:
     """Tokens [start_pos, start_pos + len(token_ids)) of one request, run in this step.
 
@@ -39,15 +40,31 @@ class ScheduledChunk:
     needs_sample: bool
     sampling_params: SamplingParams
 
-    def __post_init__(self) -> None:
-        if not self.token_ids:
-            raise ValueError(f"chunk of {self.request_id} has no tokens")
-        if len(self.slot_mapping) != len(self.token_ids):
-            raise ValueError(
-                f"chunk of {self.request_id}: {len(self.slot_mapping)} slots for {len(self.token_ids)} tokens"
-            )
-        if self.start_pos < 0:
-            raise ValueError(f"chunk of {self.request_id}: negative start_pos {self.start_pos}")
+    def __init__(
+        self,
+        request_id: str,
+        token_ids: tuple[int, ...],
+        start_pos: int,
+        block_table: tuple[int, ...],
+        slot_mapping: tuple[int, ...],
+        is_prefill: bool,
+        needs_sample: bool,
+        sampling_params: SamplingParams,
+    ) -> None:
+        # One __dict__ update instead of the generated frozen __init__'s object.__setattr__ per field:
+        # a decode step builds one chunk per running sequence, and that was half of its scheduling
+        # cost. Still frozen afterwards (assignment raises); the fields are checked below.
+        self.__dict__.update({
+            "request_id": request_id, "token_ids": token_ids, "start_pos": start_pos,
+            "block_table": block_table, "slot_mapping": slot_mapping, "is_prefill": is_prefill,
+            "needs_sample": needs_sample, "sampling_params": sampling_params,
+        })
+        if not token_ids:
+            raise ValueError(f"chunk of {request_id} has no tokens")
+        if len(slot_mapping) != len(token_ids):
+            raise ValueError(f"chunk of {request_id}: {len(slot_mapping)} slots for {len(token_ids)} tokens")
+        if start_pos < 0:
+            raise ValueError(f"chunk of {request_id}: negative start_pos {start_pos}")
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +74,10 @@ class ScheduledChunk:
     def end_pos(self) -> int:
         """Context length after this chunk: the sequence length attention sees for its last token."""
         return self.start_pos + len(self.token_ids)
+
+
+if [f.name for f in fields(ScheduledChunk)] != list(inspect.signature(ScheduledChunk.__init__).parameters)[1:]:
+    raise TypeError("ScheduledChunk.__init__ must take exactly the dataclass fields, in order")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,9 @@ class KVBlockManager:
         self._owner: list[str | None] = [None] * num_blocks
         self._tables: dict[str, list[int]] = {}
         self._num_tokens: dict[str, int] = {}
+        # immutable copies of _tables, made on first ask after a change: a decode step hands every
+        # running request's table to the runner, and a table changes once per block_size tokens
+        self._table_tuples: dict[str, tuple[int, ...]] = {}
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -59,6 +62,13 @@ class KVBlockManager:
     def block_table(self, request_id: str) -> list[int]:
         """A copy of the request's block ids, in position order."""
         return list(self._table(request_id))
+
+    def table_tuple(self, request_id: str) -> tuple[int, ...]:
+        """The request's block ids as a tuple, the same object until its table next changes."""
+        table = self._table_tuples.get(request_id)
+        if table is None:
+            table = self._table_tuples[request_id] = tuple(self._table(request_id))
+        return table
 
     def num_tokens(self, request_id: str) -> int:
         """Token slots the request's table covers (0 for a request holding nothing)."""
@@ -94,17 +104,26 @@ class KVBlockManager:
         nothing, when the free list is too short: all or nothing, so a failed attempt never leaves
         a half-grown table for the scheduler to undo.
         """
-        need = self.num_new_blocks(request_id, num_new_tokens)
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        # num_new_blocks inlined: a decode step calls this once per running request
+        have_tokens = self._num_tokens.get(request_id, 0)
+        table = self._tables.get(request_id)
+        need = -(-(have_tokens + num_new_tokens) // self.block_size) - (len(table) if table is not None else 0)
         if need > len(self._free):
             return None
-        table = self._tables.setdefault(request_id, [])
-        new = [heapq.heappop(self._free) for _ in range(need)]
-        for block in new:
-            if self._owner[block] is not None:
-                raise RuntimeError(f"block {block} handed to {request_id} is owned by {self._owner[block]}")
-            self._owner[block] = request_id
-        table.extend(new)
-        self._num_tokens[request_id] = self._num_tokens.get(request_id, 0) + num_new_tokens
+        if table is None:
+            table = self._tables[request_id] = []
+        new = [heapq.heappop(self._free) for _ in range(need)] if need > 0 else []
+        if new:
+            owner = self._owner
+            for block in new:
+                if owner[block] is not None:
+                    raise RuntimeError(f"block {block} handed to {request_id} is owned by {owner[block]}")
+                owner[block] = request_id
+            table.extend(new)
+            self._table_tuples.pop(request_id, None)
+        self._num_tokens[request_id] = have_tokens + num_new_tokens
         return new
 
     def free(self, request_id: str) -> list[int]:
@@ -117,6 +136,7 @@ class KVBlockManager:
             raise ValueError(f"request {request_id} holds no KV blocks (double free?)")
         table = self._tables.pop(request_id)
         del self._num_tokens[request_id]
+        self._table_tuples.pop(request_id, None)
         for block in table:
             if self._owner[block] != request_id:
                 raise RuntimeError(f"block {block} in {request_id}'s table is owned by {self._owner[block]}")

@@ -161,7 +161,8 @@ class Request:
     @property
     def is_decoding(self) -> bool:
         """Past its prefill: every known token computed but the newest sampled one."""
-        return self.num_output_tokens > 0 and self.num_computed_tokens == self.num_tokens - 1
+        num_outputs = len(self.output_token_ids)  # properties inlined: the scheduler asks every step
+        return num_outputs > 0 and self.num_computed_tokens == len(self.prompt_token_ids) + num_outputs - 1
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """all_token_ids[start:end] without building the whole list (a decode reads one token)."""

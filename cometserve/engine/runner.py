@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -175,6 +176,65 @@ def _flash_varlen_works(q_heads: int, kv_heads: int, head_dim: int, dtype, devic
         return False
 
 
+_ALIGN = 32  # elements: each field packed by _to_device starts 128-byte aligned, as its own tensor would
+
+
+def _to_device(dtype, device: torch.device, *fields) -> list[torch.Tensor]:
+    """Fields (lists, or arrays of any shape) as `dtype` tensors on `device`, through one host buffer
+    and one host-to-device copy: a decode step's metadata is several tiny arrays, each of which would
+    otherwise pay a tensor construction and a copy. The results are views of one device buffer."""
+    sizes = [len(f) if isinstance(f, list) else f.size for f in fields]
+    offsets = [0, *itertools.accumulate(-(-n // _ALIGN) * _ALIGN for n in sizes)]
+    buf = np.empty(offsets[-1], dtype)
+    for f, o, n in zip(fields, offsets, sizes):
+        buf[o : o + n] = f if isinstance(f, list) else f.reshape(-1)
+    packed = torch.from_numpy(buf).to(device, non_blocking=True)
+    return [packed[o : o + n].view(getattr(f, "shape", (n,))) for f, o, n in zip(fields, offsets, sizes)]
+
+
+def _context_slots(chunks, page_size: int) -> np.ndarray:
+    """int64 [sum(end_pos)]: the flat cache slot of every context position of every chunk, in order."""
+    offsets = np.arange(page_size)
+    return np.concatenate([
+        (np.asarray(c.block_table, np.int64)[:, None] * page_size + offsets).reshape(-1)[: c.end_pos]
+        for c in chunks
+    ])
+
+
+class HostBlockTables:
+    """The host side of the block tables: row s holds the table of the request in sequence slot s,
+    padded with the dummy page. A request's table changes once per page of tokens, so a decode step
+    rewrites almost no row and gathers the batch's rows in one indexing op instead of padding and
+    converting every table. A row is reused only while its last writer (request id, table) matches
+    the chunk: correct whoever assigns or releases slots, and for tables that arrive as copies
+    (a tensor-parallel worker's unpickled SchedulerOutput) at the cost of a tuple comparison."""
+
+    def __init__(self, num_rows: int, width: int, pad: int) -> None:
+        self.pad = pad
+        self.rows = np.full((num_rows, max(width, 1)), pad, np.int32)
+        self._written: list[tuple[str, tuple[int, ...]] | None] = [None] * num_rows
+
+    def write(self, request_ids: list[str], slots: list[int], tables: list[tuple[int, ...]]) -> None:
+        written = self._written
+        for rid, slot, table in zip(request_ids, slots, tables):
+            last = written[slot]
+            if last is not None and last[0] == rid and (last[1] is table or last[1] == table):
+                continue
+            n = len(table)
+            if n > self.rows.shape[1]:  # longer than max_model_len foresaw: widen, never truncate
+                grown = np.full((self.rows.shape[0], n), self.pad, np.int32)
+                grown[:, : self.rows.shape[1]] = self.rows
+                self.rows = grown
+            row = self.rows[slot]
+            row[:n] = table
+            row[n:] = self.pad
+            written[slot] = (rid, table)
+
+    def gather(self, slots: list[int], width: int) -> np.ndarray:
+        """int32 [len(slots), width]: the rows of `slots`, cut to the batch's longest table."""
+        return self.rows[slots, :width]
+
+
 class LayerView:
     """What the model's attention layer sees as its cache for this step."""
 
@@ -215,6 +275,8 @@ class ModelRunner:
         cls = Int4Attention if storage.kv_bits == 4 else Bf16Attention
         self.attn = cls(storage, cfg.num_heads, self.dtype, self.device)
         self.generators: dict[str, torch.Generator | None] = {}
+        self.block_tables = HostBlockTables(storage.max_seqs + 1, -(-max_model_len // storage.page_size),
+                                            storage.dummy_page)
         self.graphs: DecodeGraphs | None = None
         self.graphs_error: str | None = None
         if use_cuda_graphs and self.device.type == "cuda" and self.attn.graph_safe:
@@ -229,38 +291,38 @@ class ModelRunner:
         st = self.storage
         self.release(out.preempted_ids, keep_generators=True)  # a recompute rewrites the window
         self.release(out.finished_ids)
-        ids, pos, slot_map, cu, starts, ctxs, slots = [], [], [], [0], [], [], []
-        rows, sample_ids = [], []
-        max_pages = max(len(c.block_table) for c in out.chunks)
-        tables = []
-        for c in out.chunks:
-            ids.extend(c.token_ids)
-            pos.extend(range(c.start_pos, c.end_pos))
-            slot_map.extend(c.slot_mapping)
-            cu.append(cu[-1] + c.num_tokens)
-            starts.append(c.start_pos)
-            ctxs.append(c.end_pos)
-            slots.append(st.slots.get_or_assign(c.request_id))
-            tables.append(list(c.block_table) + [st.dummy_page] * (max_pages - len(c.block_table)))
-            if c.needs_sample:
-                rows.append(cu[-1] - 1)
-                sample_ids.append(c.request_id)
+        chunks = out.chunks
+        b, num_tokens = len(chunks), out.num_batched_tokens
+        assign = st.slots.get_or_assign
+        slots = [assign(c.request_id) for c in chunks]
+        tables = [c.block_table for c in chunks]
+        self.block_tables.write([c.request_id for c in chunks], slots, tables)
+        starts = [c.start_pos for c in chunks]
+        if num_tokens == b:  # one token per chunk (every decode step): no per-token work
+            cu, ctxs, max_seqlen_q = list(range(b + 1)), [s + 1 for s in starts], 1
+            ids, pos, slot_map = [c.token_ids[0] for c in chunks], starts, [c.slot_mapping[0] for c in chunks]
+        else:
+            lens = [len(c.token_ids) for c in chunks]
+            cu, max_seqlen_q = [0, *itertools.accumulate(lens)], max(lens)
+            ctxs = [s + n for s, n in zip(starts, lens)]
+            ids = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int64, num_tokens)
+            pos = np.repeat(np.subtract(starts, cu[:-1]), lens) + np.arange(num_tokens)  # start + (t - cu)
+            slot_map = np.fromiter(itertools.chain.from_iterable(c.slot_mapping for c in chunks), np.int64,
+                                   num_tokens)
         dev = self.device
-
-        def t(x, dtype=torch.int32):
-            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
-
+        block_tables = self.block_tables.gather(slots, max(map(len, tables)))
+        bt, cu_t, ctx_t, slots_t = _to_device(np.int32, dev, block_tables, cu, ctxs, slots)
+        ids_t, pos_t, slot_map_t = _to_device(np.int64, dev, ids, pos, slot_map)
         meta = AttentionMetadata(
-            block_tables=t(tables), cu_seqlens_q=t(cu), context_lens=t(ctxs), seq_slots=t(slots),
-            slot_mapping=t(slot_map, torch.int64), max_seqlen_q=max(c.num_tokens for c in out.chunks),
-            max_context_len=max(ctxs), start_pos_host=starts, context_lens_host=ctxs, cu_seqlens_host=cu,
+            block_tables=bt, cu_seqlens_q=cu_t, context_lens=ctx_t, seq_slots=slots_t, slot_mapping=slot_map_t,
+            max_seqlen_q=max_seqlen_q, max_context_len=max(ctxs), start_pos_host=starts, context_lens_host=ctxs,
+            cu_seqlens_host=cu,
         )
-        if st.kv_bits == 16 and meta.max_seqlen_q > 1 and any(starts):
-            psz = st.page_size
-            kv_slots = [c.block_table[p // psz] * psz + p % psz for c in out.chunks for p in range(c.end_pos)]
-            meta.kv_slots = t(kv_slots, torch.int64)
-            meta.cu_seqlens_k = t([0, *itertools.accumulate(ctxs)])
-        return StepInputs(t(ids, torch.int64), t(pos, torch.int64), meta, rows, sample_ids)
+        if st.kv_bits == 16 and max_seqlen_q > 1 and any(starts):
+            (meta.kv_slots,) = _to_device(np.int64, dev, _context_slots(chunks, st.page_size))
+            (meta.cu_seqlens_k,) = _to_device(np.int32, dev, [0, *itertools.accumulate(ctxs)])
+        sampled = [i for i, c in enumerate(chunks) if c.needs_sample]
+        return StepInputs(ids_t, pos_t, meta, [cu[i + 1] - 1 for i in sampled], [chunks[i].request_id for i in sampled])
 
     def release(self, request_ids, keep_generators: bool = False) -> None:
         """Drop per-request state: the window slot, and (finished requests) the seeded generator.

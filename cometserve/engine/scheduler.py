@@ -114,15 +114,22 @@ class Scheduler:
         if not status.is_finished or status is RequestStatus.REJECTED:
             raise ValueError(f"finish_request needs a FINISHED_* status, got {status.name}")
         request = self.requests[request_id]
-        request.transition(status)  # raises before any queue is touched if illegal
-        if request in self.running:
+        if self._end(request, status):
             self.running.remove(request)
-            self.kv.free(request_id)
+        return request
+
+    def _end(self, request: Request, status: RequestStatus) -> bool:
+        """Everything of finishing but the removal from `running`; whether it was running (the
+        caller removes it: update() finishing many at once filters the list in one pass)."""
+        was_running = request.status is _RUNNING
+        request.transition(status)  # raises before any queue is touched if illegal
+        if was_running:
+            self.kv.free(request.request_id)
         else:
             self.waiting.remove(request)
-        del self.requests[request_id]
-        self._finished_ids.append(request_id)
-        return request
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+        return was_running
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -163,19 +170,30 @@ class Scheduler:
 
     def _schedule_running(self, budget: int, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
         """Decodes, then mid-prefill continuations; preempt the newest when blocks run out."""
-        order = sorted(self.running, key=lambda r: (not r.is_decoding, r.arrival))
+        # `running` is sorted by arrival, so a stable split gives the (not decoding, arrival) order
+        decoding, others = [], []
+        for r in self.running:
+            (decoding if r.is_decoding else others).append(r)
         scheduled: set[str] = set()
-        for request in order:
+        for request in decoding:
             if budget == 0:
-                break
+                return 0
             if request.status is not _RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, scheduled, preempted):
+            if self._allocate_or_preempt(request, 1, scheduled, preempted):
+                chunks.append(self._decode_chunk(request))
+                scheduled.add(request.request_id)
+                budget -= 1
+        for request in others:
+            if budget == 0:
+                break
+            if request.status is not _RUNNING:
                 continue
-            chunks.append(self._make_chunk(request, num_new))
-            scheduled.add(request.request_id)
-            budget -= num_new
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._allocate_or_preempt(request, num_new, scheduled, preempted):
+                chunks.append(self._make_chunk(request, num_new))
+                scheduled.add(request.request_id)
+                budget -= num_new
         return budget
 
     def _allocate_or_preempt(
@@ -183,7 +201,8 @@ class Scheduler:
     ) -> bool:
         """Take blocks for `num_new` tokens, preempting newest-first; False if `request` itself went."""
         while self.kv.allocate(request.request_id, num_new) is None:
-            victim = max((r for r in self.running if r.request_id not in scheduled), key=lambda r: r.arrival)
+            # the newest not yet scheduled: `running` is sorted by arrival
+            victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is request:
@@ -220,7 +239,7 @@ class Scheduler:
             request_id=rid,
             token_ids=tuple(request.token_slice(start, end)),
             start_pos=start,
-            block_table=tuple(self.kv.block_table(rid)),
+            block_table=self.kv.table_tuple(rid),
             slot_mapping=tuple(self.kv.slots(rid, start, end)),
             is_prefill=not request.is_decoding,
             needs_sample=end == request.num_tokens,
@@ -228,6 +247,15 @@ class Scheduler:
         )
         request.num_computed_tokens = end
         return chunk
+
+    def _decode_chunk(self, request: Request) -> ScheduledChunk:
+        """`_make_chunk(request, 1)` for a decoding request (its one uncomputed token is its newest
+        output), without the general path's lists: a decode step makes one per running request."""
+        rid, pos = request.request_id, request.num_computed_tokens
+        table, bs = self.kv.table_tuple(rid), self.kv.block_size
+        request.num_computed_tokens = pos + 1
+        return ScheduledChunk(rid, (request.output_token_ids[-1],), pos, table, (table[pos // bs] * bs + pos % bs,),
+                              False, True, request.sampling_params)
 
     def update(self, step_output: StepOutput) -> list[Request]:
         """Fold the step's samples into requests; returns the requests this step finished.
@@ -238,23 +266,27 @@ class Scheduler:
         """
         if self._pending is None:
             raise RuntimeError("update() without a preceding schedule()")
+        sampled = step_output.sampled
         expected = [c.request_id for c in self._pending.chunks if c.needs_sample]
-        unexpected = set(step_output.sampled) - set(expected)
+        unexpected = sampled.keys() - set(expected)
         if unexpected:
             raise ValueError(f"runner sampled for requests that needed no sample: {sorted(unexpected)}")
         # aborted since schedule() (its id possibly reused by a new, waiting request): skip
-        live = [rid for rid in expected if rid in self.requests and self.requests[rid].status is _RUNNING]
-        missing = [rid for rid in live if rid not in step_output.sampled]
+        requests = self.requests
+        live = [r for r in map(requests.get, expected) if r is not None and r.status is _RUNNING]
+        missing = [r.request_id for r in live if r.request_id not in sampled]
         if missing:
             raise ValueError(f"runner returned no sample for requests {missing}")
         self._pending = None
         finished = []
-        for rid in live:
-            token_id, logprob = step_output.sampled[rid]
-            request = self.requests[rid]
+        for request in live:
+            token_id, logprob = sampled[request.request_id]
             status = self._append_sample(request, token_id, logprob)
             if status is not None:
-                finished.append(self.finish_request(rid, status))
+                self._end(request, status)
+                finished.append(request)
+        if finished:  # one pass, not a list.remove per request: a whole batch may end together
+            self.running[:] = [r for r in self.running if r.status is _RUNNING]
         return finished
 
     def _append_sample(self, request: Request, token_id: int, logprob: float) -> RequestStatus | None:
