@@ -85,14 +85,15 @@ def _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, tok0, pos, l0, ctx, h, slot, p
 
 
 @triton.jit
-def _copy_tail(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H: tl.constexpr,
+def _copy_tail(x_ptr, w_ptr, tok0, start, l0, ctx, h, slot, stride_xt, stride_xh, H: tl.constexpr,
                G: tl.constexpr, D: tl.constexpr):
-    """New tokens of the partial last group (rows `pos`, those >= l0 and < ctx) into the window."""
+    """New tokens of the partial last group (positions max(start, l0) .. ctx - 1) into the window,
+    one row at a time: a decode step copies one row, not a masked G-row tile (measured 25 us per
+    layer at 256 sequences that way)."""
     d = tl.arange(0, D)
-    m = ((pos >= l0) & (pos < ctx))[:, None]
-    x = tl.load(x_ptr + (tok0 + pos - l0).to(tl.int64)[:, None] * stride_xt + h * stride_xh + d[None, :], mask=m)
-    w_off = ((slot * H + h) * G + (pos % G)).to(tl.int64)[:, None] * D + d[None, :]
-    tl.store(w_ptr + w_off, x.to(w_ptr.dtype.element_ty), mask=m)
+    for p in range(tl.maximum(start, l0), ctx):
+        x = tl.load(x_ptr + (tok0 + p - l0).to(tl.int64) * stride_xt + h * stride_xh + d)
+        tl.store(w_ptr + ((slot * H + h) * G + p % G).to(tl.int64) * D + d, x.to(w_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -125,9 +126,9 @@ def _write_kv_kernel(
                    stride_vt, stride_vh, H, P, G, D, D // 2)
     if (i == 0) & (n_new > 0) & (ctx % G != 0):
         tl.debug_barrier()
-        tail = ((ctx - 1) // G) * G + tl.arange(0, G)
-        _copy_tail(k_ptr, kw_ptr, tok0, tail, l0, ctx, h, slot, stride_kt, stride_kh, H, G, D)
-        _copy_tail(v_ptr, vw_ptr, tok0, tail, l0, ctx, h, slot, stride_vt, stride_vh, H, G, D)
+        start = ((ctx - 1) // G) * G
+        _copy_tail(k_ptr, kw_ptr, tok0, start, l0, ctx, h, slot, stride_kt, stride_kh, H, G, D)
+        _copy_tail(v_ptr, vw_ptr, tok0, start, l0, ctx, h, slot, stride_vt, stride_vh, H, G, D)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
