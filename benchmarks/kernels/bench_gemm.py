@@ -13,6 +13,7 @@ depend on the INT4 fraction; the other fractions are timed at a subset of M to s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ SHAPES = {  # name: (N, K)
     "llama2-7b qkv": (12288, 4096), "llama2-7b gate_up": (22016, 4096), "llama2-7b down": (4096, 11008),
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+MS_ACT = [1, 16, 256, 4096, 8192]
 FRACTIONS = [0.84, 0.75, 1.0, 0.0]
 SUBSET_M = [1, 16, 256, 4096]  # where the non-default fractions are timed
 FP8_FROM_M = 128  # the FP8 path is timed from here (the layer uses it from gemm_fp8.MIN_M)
@@ -187,7 +189,9 @@ def run_act(ms, dev):
     big = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
     copy_gbs = 2 * big.numel() / _time_calls([lambda: big.clone()]) / 1e3
     out = {"copy_GBps": copy_gbs, "rows": []}
-    for k, norm in ((4096, True), (8192, True), (14336, False)):
+    # qkv / gate_up inputs: RMSNorm + permutation; down_proj's: neither (its permutation is folded
+    # into gate_up's rows); each with and without the Hadamard rotation of INT4 blocks (FMPQ default)
+    for (k, norm), rot in itertools.product(((4096, True), (8192, True), (14336, False)), (False, True)):
         nb = k // 128
         bits = (torch.rand(nb, device=dev) < 0.16).to(torch.uint8) * 4 + 4
         perm = torch.randperm(k, device=dev).int() if norm else None
@@ -195,10 +199,10 @@ def run_act(ms, dev):
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             xs = [x] + [torch.randn_like(x) for _ in range(_copies(m * k * 3) - 1)]
-            us = _time_calls([lambda x=x, perm=perm, bits=bits, nw=nw: quant_act.quant_act(x, perm, bits, nw)
-                              for x in xs])
+            us = _time_calls([lambda x=x, perm=perm, bits=bits, nw=nw, rot=rot:
+                              quant_act.quant_act(x, perm, bits, nw, 1e-6, rot) for x in xs])
             moved = m * k * 2 + m * k + m * nb * 4
-            out["rows"].append({"M": m, "K": k, "norm_perm": norm, "us": us,
+            out["rows"].append({"M": m, "K": k, "norm_perm": norm, "rotate": rot, "us": us,
                                 "GBps": moved / us / 1e3, "of_copy": moved / us / 1e3 / copy_gbs})
     return out
 
@@ -318,10 +322,11 @@ def summarize(res) -> str:
             f"{r['shape']} M={r['M']} f={r['int4_fraction']}: {r['us']['w4ax']:.1f}" for r in other)]
     if res.get("act"):
         a = res["act"]
-        lines += ["", f"Fused act-quant (copy ceiling {a['copy_GBps']:.0f} GB/s):", "",
-                  "| K | norm+perm | M | us | GB/s | of copy |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['K']} | {r['norm_perm']} | {r['M']} | {r['us']:.1f} | {r['GBps']:.0f} | "
-                  f"{r['of_copy']:.0%} |" for r in a["rows"]]
+        when = f", commit {a['commit']}, `{a['command']}`" if a.get("commit") else ""
+        lines += ["", f"Fused act-quant (copy ceiling {a['copy_GBps']:.0f} GB/s{when}):", "",
+                  "| K | norm+perm | rotate | M | us | GB/s | of copy |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['K']} | {r['norm_perm']} | {r.get('rotate', False)} | {r['M']} | {r['us']:.1f} | "
+                  f"{r['GBps']:.0f} | {r['of_copy']:.0%} |" for r in a["rows"]]
     if res.get("variants"):
         lines += ["", "| variant shape | M | asm masks | us |", "|---|---|---|---|"]
         lines += [f"| {v['shape']} | {v['M']} | {v['asm_masks']} | {v['us']:.1f} |"
@@ -363,8 +368,20 @@ def main() -> None:
     p.add_argument("--diag", action="store_true", help="also print the compiler report per config")
     p.add_argument("--out", default="benchmarks/results", help="folder for gemm.json / md / png")
     p.add_argument("--render", help="only render md + png from this gemm.json")
+    p.add_argument("--act-only", action="store_true",
+                   help="only re-time the fused act-quant and replace that part of an existing gemm.json")
     args = p.parse_args()
     out = Path(args.out)
+    if args.act_only:
+        import torch
+
+        res = json.loads((out / "gemm.json").read_text())
+        env = _env(args)
+        res["act"] = {**run_act(MS_ACT, torch.device("cuda")), "commit": env["commit"], "command": env["command"]}
+        (out / "gemm.json").write_text(json.dumps(res, indent=1))
+        render(res, out / f"{res['date']}-gemm.md", out / "gemm.png")
+        print(summarize(res))
+        return
     if args.render:
         res = json.loads(Path(args.render).read_text())
         render(res, out / f"{res.get('date', date.today())}-gemm.md", out / "gemm.png")
@@ -384,7 +401,7 @@ def main() -> None:
     if args.diag:
         res["diag"] = run_diag(dev)
     out.mkdir(parents=True, exist_ok=True)
-    res["act"] = run_act([1, 16, 256, 4096] if args.quick else [1, 16, 256, 4096, 8192], dev)
+    res["act"] = run_act([1, 16, 256, 4096] if args.quick else MS_ACT, dev)
 
     def dump(rows):
         (out / "gemm.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
