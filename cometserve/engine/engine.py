@@ -155,7 +155,7 @@ class LLMEngine:
         params = r.sampling_params
         if params.stop and not t.stop_hit and self.tokenizer is not None:
             self._check_stop_strings(t)
-        new = r.output_token_ids[t.num_sent:]
+        new = r.output_token_ids[t.num_sent:]  # a new list: the delta owns it
         lps = r.output_logprobs[t.num_sent:] if params.logprobs else None
         t.num_sent = r.num_output_tokens
         reason = None
@@ -164,7 +164,7 @@ class LLMEngine:
         text_delta = self._text_delta(t, final=reason is not None)
         if reason is not None:
             self._tracked.pop(r.request_id)
-        return RequestDelta(r.request_id, list(new), text_delta, lps, reason)
+        return RequestDelta(r.request_id, new, text_delta, lps, reason)
 
     def _check_stop_strings(self, t: _Tracked) -> None:
         """Finish the request (status STOPPED) once its text contains a stop string; cut the text."""

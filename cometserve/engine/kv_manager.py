@@ -106,23 +106,23 @@ class KVBlockManager:
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
-        # num_new_blocks inlined: a decode step calls this once per running request
         have_tokens = self._num_tokens.get(request_id, 0)
         table = self._tables.get(request_id)
-        need = -(-(have_tokens + num_new_tokens) // self.block_size) - (len(table) if table is not None else 0)
+        if table is not None and have_tokens + num_new_tokens <= len(table) * self.block_size:
+            # the blocks it holds have room: almost every decode of every running request
+            self._num_tokens[request_id] = have_tokens + num_new_tokens
+            return []
+        need = self.num_new_blocks(request_id, num_new_tokens)
         if need > len(self._free):
             return None
-        if table is None:
-            table = self._tables[request_id] = []
-        new = [heapq.heappop(self._free) for _ in range(need)] if need > 0 else []
-        if new:
-            owner = self._owner
-            for block in new:
-                if owner[block] is not None:
-                    raise RuntimeError(f"block {block} handed to {request_id} is owned by {owner[block]}")
-                owner[block] = request_id
-            table.extend(new)
-            self._table_tuples.pop(request_id, None)
+        table = self._tables.setdefault(request_id, [])
+        new = [heapq.heappop(self._free) for _ in range(need)]
+        for block in new:
+            if self._owner[block] is not None:
+                raise RuntimeError(f"block {block} handed to {request_id} is owned by {self._owner[block]}")
+            self._owner[block] = request_id
+        table.extend(new)
+        self._table_tuples.pop(request_id, None)
         self._num_tokens[request_id] = have_tokens + num_new_tokens
         return new
 

@@ -35,7 +35,7 @@ class RequestStatus(enum.Enum):
     @property
     def is_finished(self) -> bool:
         """Terminal: the request holds no blocks and will never be scheduled again."""
-        return self in _TERMINAL
+        return self._value_ in _TERMINAL_VALUES  # a str lookup: Enum.__hash__ runs Python code
 
 
 _TERMINAL = frozenset(
@@ -61,6 +61,8 @@ _LEGAL: dict[RequestStatus, frozenset[RequestStatus]] = {
     ),
     RequestStatus.PREEMPTED: frozenset({RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED}),
 }
+
+_TERMINAL_VALUES = frozenset(s.value for s in _TERMINAL)
 
 # OpenAI's finish_reason strings, matching CompletionOutput in engine/llm.py
 _FINISH_REASON = {

@@ -183,13 +183,17 @@ def _to_device(dtype, device: torch.device, *fields) -> list[torch.Tensor]:
     """Fields (lists, or arrays of any shape) as `dtype` tensors on `device`, through one host buffer
     and one host-to-device copy: a decode step's metadata is several tiny arrays, each of which would
     otherwise pay a tensor construction and a copy. The results are views of one device buffer."""
-    sizes = [len(f) if isinstance(f, list) else f.size for f in fields]
-    offsets = [0, *itertools.accumulate(-(-n // _ALIGN) * _ALIGN for n in sizes)]
-    buf = np.empty(offsets[-1], dtype)
-    for f, o, n in zip(fields, offsets, sizes):
+    pieces = []  # [field 0, its padding, field 1, its padding, ...]
+    for f in fields:
+        n = len(f) if isinstance(f, list) else f.size
+        pieces += (n, -n % _ALIGN)
+    buf = np.empty(sum(pieces), dtype)
+    o = 0
+    for f, n, pad in zip(fields, pieces[::2], pieces[1::2]):
         buf[o : o + n] = f if isinstance(f, list) else f.reshape(-1)
-    packed = torch.from_numpy(buf).to(device, non_blocking=True)
-    return [packed[o : o + n].view(getattr(f, "shape", (n,))) for f, o, n in zip(fields, offsets, sizes)]
+        o += n + pad
+    views = torch.from_numpy(buf).to(device, non_blocking=True).split(pieces)[::2]
+    return [v if isinstance(f, list) or f.ndim == 1 else v.view(f.shape) for f, v in zip(fields, views)]
 
 
 def _context_slots(chunks, page_size: int) -> np.ndarray:
@@ -377,6 +381,8 @@ class ModelRunner:
             tokens, lps = (t[greedy] if sel else t for t in greedy_out)
             for i, tok, lp in zip(greedy, tokens.tolist(), lps.tolist()):
                 result[request_ids[i]] = (tok, lp)
+            if not sel:
+                return result
         for i, rid in enumerate(request_ids):
             if rid in result:
                 continue

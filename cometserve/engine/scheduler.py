@@ -157,12 +157,12 @@ class Scheduler:
         preempted: list[str] = []
         budget = self._schedule_running(self.max_num_batched_tokens, chunks, preempted)
         if not preempted:
-            self._schedule_waiting(budget, chunks)
+            budget = self._schedule_waiting(budget, chunks)
         output = SchedulerOutput(
             chunks=tuple(chunks),
             preempted_ids=tuple(preempted),
             finished_ids=tuple(self._finished_ids),
-            num_batched_tokens=sum(len(c.token_ids) for c in chunks),
+            num_batched_tokens=self.max_num_batched_tokens - budget,
         )
         self._finished_ids.clear()
         self._pending = output
@@ -174,15 +174,13 @@ class Scheduler:
         decoding, others = [], []
         for r in self.running:
             (decoding if r.is_decoding else others).append(r)
-        scheduled: set[str] = set()
         for request in decoding:
             if budget == 0:
                 return 0
             if request.status is not _RUNNING:  # preempted earlier in this loop
                 continue
-            if self._allocate_or_preempt(request, 1, scheduled, preempted):
+            if self._allocate_or_preempt(request, 1, chunks, preempted):
                 chunks.append(self._decode_chunk(request))
-                scheduled.add(request.request_id)
                 budget -= 1
         for request in others:
             if budget == 0:
@@ -190,18 +188,19 @@ class Scheduler:
             if request.status is not _RUNNING:
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._allocate_or_preempt(request, num_new, scheduled, preempted):
+            if self._allocate_or_preempt(request, num_new, chunks, preempted):
                 chunks.append(self._make_chunk(request, num_new))
-                scheduled.add(request.request_id)
                 budget -= num_new
         return budget
 
     def _allocate_or_preempt(
-        self, request: Request, num_new: int, scheduled: set[str], preempted: list[str]
+        self, request: Request, num_new: int, chunks: list[ScheduledChunk], preempted: list[str]
     ) -> bool:
-        """Take blocks for `num_new` tokens, preempting newest-first; False if `request` itself went."""
+        """Take blocks for `num_new` tokens, preempting newest-first; False if `request` itself went.
+        `chunks`: this step's so far, whose requests are not preemptable."""
         while self.kv.allocate(request.request_id, num_new) is None:
             # the newest not yet scheduled: `running` is sorted by arrival
+            scheduled = {c.request_id for c in chunks}
             victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -218,8 +217,8 @@ class Scheduler:
         request.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _schedule_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
-        """Admit waiting requests FIFO while budget, sequence slots and blocks last."""
+    def _schedule_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        """Admit waiting requests FIFO while budget, sequence slots and blocks last; the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -230,6 +229,7 @@ class Scheduler:
             self.running.append(request)  # arrived after every running request: order kept
             chunks.append(self._make_chunk(request, num_new))
             budget -= num_new
+        return budget
 
     def _make_chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         """Describe tokens [computed, computed + num_new) and mark them computed."""
