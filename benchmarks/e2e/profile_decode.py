@@ -155,7 +155,7 @@ def main() -> int:
         batches = [int(b) for b in args.batch.split(",")]
         seqs = args.max_num_seqs or max(batches)
         engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
-            max_num_seqs=seqs, memory_fraction=args.memory_fraction, max_graph_batch=seqs))
+            max_num_seqs=seqs, memory_fraction=args.memory_fraction))
         vocab = loaded.model.config.vocab_size
         if args.warm_prefill:
             for i in range(8):

@@ -24,6 +24,7 @@ from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.request import Request, RequestStatus
 from cometserve.engine.runner import ModelRunner
 from cometserve.engine.scheduler import Scheduler
+from cometserve.model.layers.linear import tune_gemms
 from cometserve.sampling_params import SamplingParams
 
 
@@ -39,7 +40,7 @@ class EngineConfig:
     page_size: int | None = None  # None: the KV group size (INT4) or 64 (16-bit)
     memory_fraction: float = 0.9
     use_cuda_graphs: bool = True
-    max_graph_batch: int = 256
+    max_graph_batch: int | None = None  # decode CUDA graphs up to this batch; None: max_num_seqs
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_fraction <= 1.0:
@@ -93,9 +94,12 @@ class LLMEngine:
             model, scheme.kv_bits, scheme.kv_group_size, cfg.max_num_seqs, cfg.num_pages, cfg.page_size,
             cfg.memory_fraction, _reserve_bytes(model, cfg),
         )
+        if next(model.parameters()).is_cuda:  # every GEMM shape tuned now, not in a served step
+            tune_gemms(model, cfg.max_num_batched_tokens)
         kv = KVBlockManager(self.storage.num_pages, self.storage.page_size)
         self.scheduler = Scheduler(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
-        self.runner = ModelRunner(model, self.storage, max_len, cfg.use_cuda_graphs, cfg.max_graph_batch)
+        self.runner = ModelRunner(model, self.storage, max_len, cfg.use_cuda_graphs,
+                                  cfg.max_graph_batch or cfg.max_num_seqs)
         self._tracked: dict[str, _Tracked] = {}
         self._aborted: list[str] = []
         self.num_steps = 0

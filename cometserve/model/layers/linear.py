@@ -138,3 +138,28 @@ class _KernelOps:
             module, plan = self._fp8
             return module.w4ax_gemm(a_codes, a_scales, qweight, w_scales, bias, out_dtype, plan)
         return self._gemm(a_codes, a_scales, qweight, w_scales, bias, out_dtype)
+
+
+@torch.no_grad()
+def tune_gemms(model: nn.Module, max_m: int) -> int:
+    """Run every distinct W4Ax layer shape once per M bucket the Triton kernel serves (up to
+    `max_m` rows), so its per-bucket tuning happens here rather than as a 1-2 s stall in the
+    first served step of a new batch size. Returns the number of (shape, M) pairs run."""
+    seen, done = set(), 0
+    dtype = next(model.parameters()).dtype
+    for module in model.modules():
+        if not isinstance(module, QuantLinear) or not isinstance(module._ops, _KernelOps):
+            continue
+        key = (module.out_features, module.in_features, module.w_bits)
+        if key in seen:
+            continue
+        seen.add(key)
+        fp8_from = module._ops._fp8[0].MIN_M if module._ops._fp8 is not None else None
+        dev = module._qweight.device
+        for m in (1, 16, 32, 64, 128, 256, 512, 1023, 2048, 4096):
+            if m > max_m or (fp8_from is not None and m >= fp8_from):
+                break
+            x = torch.randn(m, module.in_features, device=dev, dtype=dtype)
+            module(x)
+            done += 1
+    return done
