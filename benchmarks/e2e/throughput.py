@@ -108,6 +108,7 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
         t_build = time.perf_counter() - t0
         t0 = time.perf_counter()
         engine = LLMEngine(loaded.model, loaded.scheme, cfg)
+        engine.warm_up()
     else:  # every rank builds its shard and its engine; rank 0 (this process) schedules
         from cometserve.distributed.engine import ModelSpec, create_engine
 

@@ -107,6 +107,7 @@ class LLM:
         if self.device.type == "cuda":
             if self._engine is None:
                 self._engine = LLMEngine(self.model, self.scheme, self.engine_config, self.tokenizer)
+                self._engine.warm_up()
             return self._engine
         cfg = self.engine_config or EngineConfig(max_num_seqs=64, use_cuda_graphs=False)
         page = cfg.page_size or (self.scheme.kv_group_size if self.scheme.kv_bits == 4 else 64)

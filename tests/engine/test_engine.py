@@ -144,6 +144,17 @@ def test_chunked_int4_completes_and_frees(tiny_w4axkv4):
     assert all(len(g[0]) == 6 and g[3] == "length" for g in got.values())
 
 
+def test_warm_up_chunks_a_long_prompt_and_leaves_the_engine_empty(tiny_w4axkv4):
+    engine = make_engine(tiny_w4axkv4, max_num_batched_tokens=48)
+    steps = []
+    engine.scheduler.schedule = (lambda f: lambda: steps.append(f()) or steps[-1])(engine.scheduler.schedule)
+    engine.warm_up()
+    assert not engine.has_unfinished() and engine.scheduler.kv.num_free_blocks == 64
+    chunked = [c for out in steps for c in out.chunks if c.start_pos > 0 and c.num_tokens > 1]
+    assert chunked, "no prefill continued over a cached prefix"
+    assert engine.step() == []
+
+
 def test_seeded_sampling_reproducible_and_equal_to_reference(tiny16):
     batch = prompts((9, 30, 3))
     params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=s, ignore_eos=True,
