@@ -75,6 +75,7 @@ def run_case(engine: LLMEngine, input_len: int, output_len: int, num_requests: i
                            SamplingParams(max_tokens=n_out, ignore_eos=True))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     max_batch, out_tokens, steps = 0, 0, 0
     step_ms = []
     t0 = time.perf_counter()
@@ -87,6 +88,7 @@ def run_case(engine: LLMEngine, input_len: int, output_len: int, num_requests: i
         max_batch = max(max_batch, engine.scheduler.num_running)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    slowest = max(range(len(step_ms)), key=step_ms.__getitem__)
     step_ms.sort()
     return {
         "input_len": input_len, "output_len": output_len, "num_requests": num_requests, "max_batch": max_batch,
@@ -94,6 +96,7 @@ def run_case(engine: LLMEngine, input_len: int, output_len: int, num_requests: i
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "seconds": dt, "steps": steps,
         "output_tokens": out_tokens, "step_ms_p50": step_ms[len(step_ms) // 2],
         "step_ms_p99": step_ms[min(len(step_ms) - 1, int(0.99 * len(step_ms)))], "step_ms_max": step_ms[-1],
+        "slowest_step": slowest, "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries,
     }
 
 
@@ -132,7 +135,7 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
         rows.append(r)
         print(f"[{mode}] {label:>9} x{n:<4} max_batch {r['max_batch']:4d}  {r['output_tokens_per_s']:9.1f} out tok/s  "
               f"{r['total_tokens_per_s']:9.1f} total tok/s  {r['seconds']:6.1f} s  peak {r['peak_mem_gib']:.1f} GiB  "
-              f"step ms p50 {r['step_ms_p50']:.2f} p99 {r['step_ms_p99']:.2f} max {r['step_ms_max']:.0f}",
+              f"step ms p50 {r['step_ms_p50']:.2f} p99 {r['step_ms_p99']:.2f} max {r['step_ms_max']:.0f} (step {r['slowest_step']}, alloc retries {r['alloc_retries']})",
               flush=True)
         write_results(args, rows, Path(args.out_dir))
     del engine, runner, loaded
