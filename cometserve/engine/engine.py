@@ -109,8 +109,8 @@ class LLMEngine:
     def warm_up(self) -> None:
         """Run the step shapes serving meets first (a full prefill chunk, a prefill continuing over
         its cached prefix beside a fresh one, decodes), so that kernel compilation and tuning happen
-        here and not in a user's first such step (measured: a 1.9 s stall on the H100). Leaves the
-        engine empty. Single-process engines only (a tensor-parallel driver steps its workers)."""
+        here and not in a user's first such step (measured: a 1.9 s stall on the H100). Ordinary
+        requests and steps (a tensor-parallel driver steps its workers as usual); leaves the engine empty."""
         vocab, page = self.model.config.vocab_size, self.storage.page_size
         long = min(self.config.max_num_batched_tokens + 64, self.max_model_len - 4,
                    self.storage.num_pages * page // 2)
