@@ -115,7 +115,9 @@ def merge_results(row: dict, prov: dict) -> None:
         frac = "-" if r["int8_block_fraction"] is None else f"{100 * r['int8_block_fraction']:.1f}%"
         lines.append(f"| {r['model']} | {r['method']} | {r['dataset']} | {r['ctx']} | {r['ppl']:.3f} | {rel} | "
                      f"{frac} | {'-' if r['mmlu'] is None else r['mmlu']} |")
-    (RESULTS / f"{time.strftime('%Y-%m-%d')}-accuracy.md").write_text("\n".join(lines) + "\n")
+    md = RESULTS / f"{time.strftime('%Y-%m-%d')}-accuracy.md"
+    notes = md.read_text().partition("\n## Notes")[2] if md.is_file() else ""  # hand-written: kept
+    md.write_text("\n".join(lines) + "\n" + ("\n## Notes" + notes if notes else ""))
 
 
 def main() -> None:
