@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,9 +29,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cometserve.engine.engine import EngineConfig, LLMEngine
-from cometserve.engine.interfaces import StepOutput
 from cometserve.engine.random_model import build_random_model, load_config
 from cometserve.sampling_params import SamplingParams
+from profile_decode import engine_step_ms, timed_steps  # this script's folder is sys.path[0]
 
 PHASES = ("schedule", "prepare", "sample", "update", "host total")
 
@@ -66,36 +64,11 @@ class FakeForward:
         return self.logits[:n], (self.tokens[:n], self.logprobs[:n])
 
 
-def timed_steps(engine: LLMEngine, fake: FakeForward, n: int) -> dict[str, float]:
-    """Median ms per host phase over n decode steps: profile_decode.timed_steps minus the forward."""
-    sched, runner = engine.scheduler, engine.runner
-    times: dict[str, list[float]] = {k: [] for k in PHASES}
-    for _ in range(n):
-        t0 = time.perf_counter()
-        out = sched.schedule()
-        t1 = time.perf_counter()
-        inputs = runner.prepare(out)
-        t2 = time.perf_counter()
-        logits, greedy = fake(inputs)
-        t3 = time.perf_counter()
-        params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
-        step_out = StepOutput(runner.sample(logits, greedy, inputs.sample_ids, params))
-        t4 = time.perf_counter()
-        sched.update(step_out)
-        t5 = time.perf_counter()
-        for k, v in zip(PHASES, (t1 - t0, t2 - t1, t4 - t3, t5 - t4, t5 - t0 - (t3 - t2))):
-            times[k].append(v * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def engine_step_ms(engine: LLMEngine, n: int) -> float:
-    """Median ms of a whole `engine.step()` (its runner's forward already fabricated)."""
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        engine.step()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+def host_steps(engine: LLMEngine, n: int) -> dict[str, float]:
+    """profile_decode.timed_steps with the fabricated forward; "host total" leaves it out."""
+    res = timed_steps(engine, n)
+    res["host total"] = res["total"] - res["forward"]
+    return res
 
 
 def run_batch(loaded, args, b: int, profile: bool) -> dict[str, float]:
@@ -103,8 +76,7 @@ def run_batch(loaded, args, b: int, profile: bool) -> dict[str, float]:
     engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
         max_num_seqs=b, num_pages=b * pages_per_seq + 16, page_size=args.page_size,
         max_model_len=args.max_model_len, use_cuda_graphs=False))
-    fake = FakeForward(b, loaded.model.config.vocab_size)
-    engine.runner.logits = fake
+    engine.runner.logits = FakeForward(b, loaded.model.config.vocab_size)
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=args.max_model_len - args.prompt, ignore_eos=True)
     for i in range(b):
@@ -113,7 +85,7 @@ def run_batch(loaded, args, b: int, profile: bool) -> dict[str, float]:
         engine.step()
     for _ in range(args.warm_steps):
         engine.step()
-    res = timed_steps(engine, fake, args.steps)
+    res = host_steps(engine, args.steps)
     res["engine.step"] = engine_step_ms(engine, args.steps)
     ctx = engine.scheduler.running[0].num_tokens
     res["context"] = ctx
@@ -123,7 +95,7 @@ def run_batch(loaded, args, b: int, profile: bool) -> dict[str, float]:
 
         prof = cProfile.Profile()
         prof.enable()
-        timed_steps(engine, fake, args.steps)
+        host_steps(engine, args.steps)
         prof.disable()
         print(f"\n--- cProfile, batch {b}, {args.steps} steps ---")
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)

@@ -37,18 +37,20 @@ def sample(runner, out, inputs, logits, greedy) -> StepOutput:
 
 def timed_steps(engine: LLMEngine, n: int) -> dict[str, float]:
     """Median ms per phase over n decode steps (each phase synchronised). "forward" includes the
-    LM head (and the greedy pick, inside the decode graph)."""
+    LM head (and the greedy pick, inside the decode graph). On CPU (host_overhead.py, with a
+    fabricated `runner.logits`) there is nothing to sync."""
     sched, runner = engine.scheduler, engine.runner
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     phases: dict[str, list[float]] = {k: [] for k in ("schedule", "prepare", "forward", "sample", "update", "total")}
     for _ in range(n):
         t0 = time.perf_counter()
         out = sched.schedule()
         t1 = time.perf_counter()
         inputs = runner.prepare(out)
-        torch.cuda.synchronize()
+        sync()
         t2 = time.perf_counter()
         logits, greedy = runner.logits(inputs)
-        torch.cuda.synchronize()
+        sync()
         t3 = time.perf_counter()
         step_out = sample(runner, out, inputs, logits, greedy)
         t4 = time.perf_counter()

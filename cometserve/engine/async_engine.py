@@ -102,7 +102,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queue: int = 256) -> None:
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
-        if next(engine.model.parameters()).is_cuda:
+        if engine.runner.device.type == "cuda":
             engine.warm_up()  # kernel compilation and tuning before the first request, not in it
         self.engine = engine
         self.max_queue = max_queue
