@@ -74,7 +74,7 @@ def host_steps(engine: LLMEngine, n: int) -> dict[str, float]:
 def run_batch(loaded, args, b: int, profile: bool) -> dict[str, float]:
     pages_per_seq = -(-(args.prompt + args.warm_steps + 2 * args.steps + 8) // args.page_size)
     engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
-        max_num_seqs=b, num_pages=b * pages_per_seq + 16, page_size=args.page_size,
+        max_num_seqs=b, num_pages=max(b * pages_per_seq, -(-args.max_model_len // args.page_size)) + 16, page_size=args.page_size,
         max_model_len=args.max_model_len, use_cuda_graphs=False))
     engine.runner.logits = FakeForward(b, loaded.model.config.vocab_size)
     g = torch.Generator().manual_seed(0)
