@@ -294,7 +294,7 @@ def _engine_config(**kw) -> EngineConfig:
     return EngineConfig(**{"num_pages": 48, "use_cuda_graphs": False, "max_num_seqs": 8, **kw})
 
 
-def _compare(workers, path, **engine_kw):
+def _compare(workers, path, logprob_atol=1e-4, **engine_kw):
     from cometserve.distributed.engine import ModelSpec, create_engine, free_engine
 
     single = load_model(path, device="cpu", dtype=torch.float32)
@@ -306,7 +306,7 @@ def _compare(workers, path, **engine_kw):
         free_engine(workers.tp)
     assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
     for i in want:
-        torch.testing.assert_close(torch.tensor(got[i][1]), torch.tensor(want[i][1]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(got[i][1]), torch.tensor(want[i][1]), rtol=1e-4, atol=logprob_atol)
     return engine
 
 
@@ -340,7 +340,11 @@ def test_two_ranks_greedy_equals_one_process_other_layouts(workers, tmp_path, fa
 
 
 def test_two_ranks_greedy_equals_one_process_w4axkv4(workers, quant_dir):
-    engine = _compare(workers, quant_dir)
+    # Row-parallel layers sum per-rank partial products: another float32 rounding than one process.
+    # In a W4AxKV4 model such a 1e-7 difference can land on a rounding boundary of an activation or
+    # KV code and move later logprobs by a quantization step (measured 0.08 on one of the 15
+    # streams; 1e-6 on the others): tokens must match, logprobs within 0.2.
+    engine = _compare(workers, quant_dir, logprob_atol=0.2)
     layers = engine.loaded.model.model.layers
     assert engine.storage.kv_bits == 4 and engine.storage.layers[0].num_kv_heads == 1
     o0, o1 = layers[0].self_attn.o_proj, layers[1].self_attn.o_proj

@@ -41,6 +41,31 @@ def test_w4ax_reference_equals_float64(w_bits, group, m):
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
 
 
+@pytest.mark.parametrize("w_bits,group", [(4, 128), (4, 0), (8, 0)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_float_ops_equal_reference(w_bits, group, out_dtype):
+    """The CPU/fallback path (one float32 matmul of scaled codes) against float64 and against
+    ref.w4ax_gemm: the same function up to float32 summation order."""
+    from cometserve.model.layers.linear import FloatOps
+
+    torch.manual_seed(w_bits + group)
+    m, k, n = 19, 640, 80
+    x = torch.randn(m, k) * (1 + 30 * (torch.rand(k) > 0.95))
+    codes, a_scales = ref.quant_act(x, torch.randperm(k), torch.tensor([8, 4, 4, 8, 4], dtype=torch.uint8))
+    w = torch.randn(n, k)
+    w_scales = weight_scales(w, w_bits, group)
+    w_codes = quantize_weight(w, w_scales, w_bits)
+    qweight = pack_int4(w_codes) if w_bits == 4 else w_codes
+    bias = torch.randn(n).to(out_dtype)
+    got = FloatOps.w4ax_gemm(codes, a_scales, *FloatOps.prepare_weights(qweight, w_scales), bias, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    want = _float64_w4ax(codes, a_scales, w_codes, w_scales, bias.float())
+    rtol = 1e-5 if out_dtype == torch.float32 else 2.0**-8
+    assert torch.allclose(got.double(), want, rtol=rtol, atol=1e-5 * want.abs().max())
+    same = ref.w4ax_gemm(codes, a_scales, qweight, w_scales, bias, out_dtype)
+    assert torch.allclose(got.float(), same.float(), rtol=rtol, atol=1e-5 * same.float().abs().max())
+
+
 def test_integer_accumulation_is_exact():
     """With unit scales the output is the integer dot product itself, at the extremes of the grid."""
     codes = torch.full((2, 256), 127, dtype=torch.int8)

@@ -104,22 +104,48 @@ class QuantLinear(nn.Module):
 
 def select_gemm_ops(n: int, k: int, w_bits: int, device: torch.device, block_bits: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None):
-    """The Triton kernels where they can implement the shape on this device, else the reference;
-    with the layer's block map and output dtype, also the FP8 path for large M where it runs.
+    """The Triton kernels where they can implement the shape on this device, else `FloatOps`; with
+    the layer's block map and output dtype, also the FP8 path for large M where it runs.
 
-    A refusal is not an error: the reference computes the same function (slower)."""
+    A refusal is not an error: FloatOps computes the same function (slower)."""
     if device.type == "cuda":
         try:
             from cometserve.kernels import gemm_fp8, gemm_w4ax, quant_act
         except ImportError:
-            return ref
+            return FloatOps
         ok, _reason = gemm_w4ax.can_implement(n, padded_k(k), w_bits, device)
         if ok:
             act_ok, _reason = quant_act.can_implement(k, device)
             fp8_ok = block_bits is not None and gemm_fp8.can_implement(n, padded_k(k), w_bits, dtype, device)[0]
             return _KernelOps(gemm_w4ax, quant_act.quant_act if act_ok else ref.quant_act,
                               (gemm_fp8, gemm_fp8.plan(block_bits)) if fp8_ok else None)
-    return ref
+    return FloatOps
+
+
+class FloatOps:
+    """Where no kernel runs (CPU, or a shape the kernels refuse): the reference's act-quant, and the
+    W4Ax product as ONE float32 matmul of scaled codes. sum_b (a_b * a_scale_b) . (w_b * w_scale_b)^T
+    is ref.w4ax_gemm's sum of exact per-block integer products times their scales, up to float32
+    rounding (another summation order; tested against it). ref.w4ax_gemm's batched per-block products
+    write an [nb, M, N] buffer: 2.7-8x slower on a CPU (SmolLM2 / Qwen2.5-1.5B MMLU prompts)."""
+
+    quant_act = staticmethod(ref.quant_act)
+
+    @staticmethod
+    def prepare_weights(qweight: torch.Tensor, w_scales: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """-> float32 [N, K_pad] codes times their group's scale (w_scales [N, G], G = nb or 1)."""
+        w = ref.weight_codes(qweight).float()
+        n, k_pad = w.shape
+        groups = w_scales.shape[1]
+        return (w.view(n, groups, k_pad // groups) * w_scales.float()[:, :, None]).view(n, k_pad), None
+
+    @staticmethod
+    def w4ax_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_scaled: torch.Tensor, _unused,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """a_codes int8 [M, K_pad], a_scales float32 [M, nb], w_scaled from prepare_weights -> [M, N]."""
+        m, k_pad = a_codes.shape
+        a = (a_codes.float().view(m, a_scales.shape[1], -1) * a_scales[:, :, None]).view(m, k_pad)
+        return nn.functional.linear(a, w_scaled, None if bias is None else bias.float()).to(out_dtype)
 
 
 class _KernelOps:
