@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cometserve.engine.detokenizer import IncrementalDetokenizer
 from cometserve.engine.kv_manager import KVBlockManager
 from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.request import Request, RequestStatus
@@ -70,6 +71,7 @@ class RequestDelta:
 @dataclass
 class _Tracked:
     request: Request
+    detok: IncrementalDetokenizer | None  # None without a tokenizer
     num_sent: int = 0  # output tokens already reported
     text: str = ""  # detokenized output, cut at a stop string once one is found
     text_sent: int = 0
@@ -129,7 +131,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id} is already in use")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_id)
         self.scheduler.add(request)
-        self._tracked[request_id] = _Tracked(request)
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self._tracked[request_id] = _Tracked(request, detok)
         return request
 
     def abort(self, request_id: str) -> bool:
@@ -174,8 +177,12 @@ class LLMEngine:
     def _delta(self, t: _Tracked) -> RequestDelta:
         r = t.request
         params = r.sampling_params
-        if params.stop and not t.stop_hit and self.tokenizer is not None:
-            self._check_stop_strings(t)
+        if t.detok is not None and not t.stop_hit:
+            before = len(t.text)
+            t.detok.update(r.output_token_ids, final=r.is_finished)
+            t.text = t.detok.text
+            if params.stop:
+                self._check_stop_strings(t, before)
         new = r.output_token_ids[t.num_sent:]  # a new list: the delta owns it
         lps = r.output_logprobs[t.num_sent:] if params.logprobs else None
         t.num_sent = r.num_output_tokens
@@ -187,13 +194,14 @@ class LLMEngine:
             self._tracked.pop(r.request_id)
         return RequestDelta(r.request_id, new, text_delta, lps, reason)
 
-    def _check_stop_strings(self, t: _Tracked) -> None:
-        """Finish the request (status STOPPED) once its text contains a stop string; cut the text."""
+    def _check_stop_strings(self, t: _Tracked, checked: int) -> None:
+        """Finish the request (status STOPPED) once its text contains a stop string; cut the text.
+        t.text[:checked] held none, so a new hit ends after `checked`: only the tail is searched."""
         r = t.request
-        text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True)
-        hits = [text.index(s) for s in r.sampling_params.stop if s in text]
-        t.text = text[: min(hits)] if hits else text
+        hits = [i for s in r.sampling_params.stop
+                if (i := t.text.find(s, max(0, checked - len(s) + 1))) >= 0]
         if hits:
+            t.text = t.text[: min(hits)]
             t.stop_hit = True
             if not r.is_finished:
                 self.scheduler.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED)
@@ -202,11 +210,9 @@ class LLMEngine:
     def _text_delta(self, t: _Tracked, final: bool) -> str:
         """Text added since the last delta (no tokenizer: ""). Held back while it may still be the
         start of a stop string or ends in an incomplete character."""
-        if self.tokenizer is None:
+        if t.detok is None:
             return ""
         r = t.request
-        if not t.stop_hit:
-            t.text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True)
         end = len(t.text)
         if not final:
             if t.text.endswith("\ufffd"):
