@@ -61,12 +61,27 @@ def run_model(name: str, src: Path, methods, args, work: Path, mmlu_rows, prov: 
         t0 = time.time()
         scheme = method if isinstance(method, str) else method[1]
         label = method if isinstance(method, str) else method[0]
-        path = src if label == "fp16" else quantize(src, work / label, scheme=scheme, calib=calib, device=args.device)
+        path = src if label == "fp16" else _quantized(src, work / label, scheme, calib, args.device)
         mmlu = mmlu_rows if label in args.mmlu_methods else None
         row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, mmlu)}
         print(f"{name:14s} {label:28s} ppl {row['ppl']:9.3f}  int8 {row['int8_block_fraction']}  "
               f"mmlu {row['mmlu']}  ({time.time() - t0:.0f} s)", flush=True)
         merge_results(row, prov)
+
+
+def _quantized(src: Path, out: Path, scheme, calib: CalibSpec, device: str) -> Path:
+    """Quantize `src` into `out`, or reuse a checkpoint already there (--keep) whose scheme, source
+    model and calibration are the ones asked for (GPTQ on the 1.5B model takes ~30 min on a CPU)."""
+    cfg_path = out / "quant_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        want = get_scheme(scheme) if isinstance(scheme, str) else scheme
+        prov = cfg.get("provenance", {})
+        same_calib = {k: v for k, v in (prov.get("calibration") or {}).items() if k != "tokens"} == calib.to_dict()
+        if cfg.get("scheme") == dataclasses.asdict(want) and prov.get("source_model") == str(src) and same_calib:
+            print(f"reusing {out}", flush=True)
+            return out
+    return quantize(src, out, scheme=scheme, calib=calib, device=device)
 
 
 def kv_sweep(name: str, src: Path, args, work: Path, prov: dict) -> None:
@@ -135,13 +150,15 @@ def main() -> None:
                    help="SmolLM2: the INT4 KV cache at these group sizes on one fmpq_w4ax checkpoint")
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="write quantized checkpoints under DIR (kept) and reuse matching ones found there")
     args = p.parse_args()
     args.max_windows = args.max_windows or None
     args.mmlu_methods = set(args.mmlu_methods.split(","))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     prov = {"commit": commit, "command": "python " + " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.keep or Path(tmp)
         methods = list(args.methods) + (sweep_methods((8, 6, 4, 3, 2.5, 2)) if args.sweep else [])
         if not args.no_smollm2 and methods:
             run_model("smollm2-135m", assets.smollm2_dir(), methods, args, work / "smollm2", None, prov)
