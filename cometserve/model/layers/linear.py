@@ -127,7 +127,8 @@ class FloatOps:
     W4Ax product as ONE float32 matmul of scaled codes. sum_b (a_b * a_scale_b) . (w_b * w_scale_b)^T
     is ref.w4ax_gemm's sum of exact per-block integer products times their scales, up to float32
     rounding (another summation order; tested against it). ref.w4ax_gemm's batched per-block products
-    write an [nb, M, N] buffer: 2.7-8x slower on a CPU (SmolLM2 / Qwen2.5-1.5B MMLU prompts)."""
+    write an [nb, M, N] buffer per call: SmolLM2 W4AxKV4 MMLU took 0.82 s/question with it, 0.54 here
+    (one CPU thread; the 16-bit model 0.26)."""
 
     quant_act = staticmethod(ref.quant_act)
 
