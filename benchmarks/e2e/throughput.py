@@ -111,13 +111,13 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
         t_build = time.perf_counter() - t0
         t0 = time.perf_counter()
         engine = LLMEngine(loaded.model, loaded.scheme, cfg)
-        engine.warm_up()
     else:  # every rank builds its shard and its engine; rank 0 (this process) schedules
         from cometserve.distributed.engine import ModelSpec, create_engine
 
         spec = ModelSpec(random_weights=str(args.random_weights), mode=mode, rotate=False if args.no_rotation else None)
         engine, t_build = create_engine(args.tp, spec, cfg), 0.0
         loaded = engine.loaded
+    engine.warm_up()  # one process or a tensor-parallel driver alike
     t_engine = time.perf_counter() - t0
     runner = engine.runner
     print(f"[{mode}] built in {t_build:.1f} s; engine (KV {engine.storage.num_pages} pages of "

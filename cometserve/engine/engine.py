@@ -219,7 +219,7 @@ class LLMEngine:
                 end -= 1
             for s in r.sampling_params.stop:
                 for k in range(min(len(s) - 1, end), 0, -1):
-                    if t.text[:end].endswith(s[:k]):
+                    if t.text.endswith(s[:k], 0, end):  # no copy of the text
                         end -= k
                         break
         end = max(end, t.text_sent)
