@@ -204,11 +204,15 @@ def write_plot(rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     label = (lambda r: f"{r['model']} {r['case']}") if len(models) > 1 else (lambda r: r["case"])
     cases = list(dict.fromkeys(label(r) for r in rows))
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    def series(r: dict) -> str:
+        tp = r.get("tensor_parallel", 1)
+        return r["mode"] + (f" on {tp} GPUs" if tp > 1 else "")
+
+    modes = list(dict.fromkeys(series(r) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
-        vals = {label(r): r["output_tokens_per_s"] for r in rows if r["mode"] == mode}
+        vals = {label(r): r["output_tokens_per_s"] for r in rows if series(r) == mode}
         xs = [c + j * width for c, case in enumerate(cases) if case in vals]
         ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=mode)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], cases)
@@ -235,48 +239,53 @@ def write_results(args, rows: list[dict], out_dir: Path) -> None:
     command = " ".join(["benchmarks/e2e/throughput.py", *sys.argv[1:]])
     write_doc({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "commit": commit, "command": command,
-               "rows": [{**r, "commit": commit, "command": command} for r in rows]}, out_dir)
+               "rows": [{**r, "commit": commit, "command": command} for r in rows]}, out_dir, args.name)
 
 
-def merge(paths: list[str], out_dir: Path) -> None:
+def merge(paths: list[str], out_dir: Path, name: str) -> None:
     """One document from several runs' throughput.json (same GPU and versions): rows keep their own
-    commit and command; a later file's row replaces an earlier one of the same model, mode and case."""
+    commit and command; a later file's row replaces an earlier one of the same model, mode, case and
+    tensor-parallel size."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
     rows: dict[tuple, dict] = {}
     for d in docs:
         for r in d["rows"]:
-            rows[(r["model"], r["mode"], r["case"])] = {**r, "commit": r.get("commit", d["commit"]),
-                                                       "command": r.get("command", d["command"])}
+            key = (r["model"], r["mode"], r["case"], r.get("tensor_parallel", 1))
+            rows[key] = {**r, "commit": r.get("commit", d["commit"]), "command": r.get("command", d["command"])}
     last = docs[-1]
     commands = list(dict.fromkeys(r["command"] for r in rows.values()))
     write_doc({**{k: last[k] for k in ("gpu", "torch", "triton", "commit")}, "command": " ; ".join(commands),
-               "rows": list(rows.values())}, out_dir)
+               "rows": list(rows.values())}, out_dir, name)
 
 
-def write_doc(doc: dict, out_dir: Path) -> None:
-    """throughput.json, the dated markdown table and throughput.png."""
+def write_doc(doc: dict, out_dir: Path, name: str) -> None:
+    """NAME.json, the dated markdown table and NAME.png."""
     rows = doc["rows"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "throughput.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     commands = list(dict.fromkeys(r.get("command", doc["command"]) for r in rows))
-    lines = [f"# End-to-end throughput ({datetime.date.today()})", "",
+    lines = [f"# End-to-end throughput{'' if name == 'throughput' else ', ' + name} ({datetime.date.today()})", "",
              (f"GPU {doc['gpu']}, torch {doc['torch']}, triton {doc['triton']}. Commands (each row's commit in "
-             "throughput.json):"), "", *[f"- `{c}`" for c in commands], "",
-             ("| model | mode | case | requests | max batch | output tok/s | total tok/s | seconds | step ms p50 | "
-             "peak GiB | commit |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{name}.json):"), "", *[f"- `{c}`" for c in commands], "",
+             ("| model | mode | GPUs | case | requests | max batch | output tok/s | total tok/s | seconds | "
+             "step ms p50 | peak GiB | commit |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p50 = f"{r['step_ms_p50']:.2f}" if "step_ms_p50" in r else "-"
-        lines.append(f"| {r['model']} | {r['mode']} | {r['case']} | {r['num_requests']} | {r['max_batch']} | "
-                     f"{r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} | {r['seconds']:.1f} | {p50} | "
+        lines.append(f"| {r['model']} | {r['mode']} | {r.get('tensor_parallel', 1)} | {r['case']} | "
+                     f"{r['num_requests']} | {r['max_batch']} | {r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} | {r['seconds']:.1f} | {p50} | "
                      f"{r['peak_mem_gib']:.1f} | {r.get('commit', doc['commit'])} |")
     lines.append("")
-    by = {(r["model"], r["mode"], r["case"]): r["output_tokens_per_s"] for r in rows}
-    for (model, mode, case), v in sorted(by.items()):
+    by = {(r["model"], r["mode"], r["case"], r.get("tensor_parallel", 1)): r["output_tokens_per_s"] for r in rows}
+    for (model, mode, case, tp), v in sorted(by.items()):
         for base in ("bf16", "hf_bf16"):
-            if mode not in ("bf16", "hf_bf16") and (model, base, case) in by:
-                lines.append(f"- {model} {mode} / {base} at {case}: {v / by[(model, base, case)]:.2f}x output tokens/s")
-    (out_dir / f"{datetime.date.today()}-throughput.md").write_text("\n".join(lines) + "\n")
-    write_plot(rows, out_dir / "throughput.png")
+            if mode not in ("bf16", "hf_bf16") and (model, base, case, tp) in by:
+                lines.append(f"- {model} {mode} / {base} at {case}{f' on {tp} GPUs' if tp > 1 else ''}: "
+                             f"{v / by[(model, base, case, tp)]:.2f}x output tokens/s")
+        if tp > 1 and (model, mode, case, 1) in by:
+            lines.append(f"- {model} {mode} at {case}: {tp} GPUs / 1 GPU {v / by[(model, mode, case, 1)]:.2f}x "
+                         "output tokens/s")
+    (out_dir / f"{datetime.date.today()}-{name}.md").write_text("\n".join(lines) + "\n")
+    write_plot(rows, out_dir / f"{name}.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rotation", action="store_true", help="w4axkv4 without the Hadamard rotation of INT4 blocks")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse; copies without .git)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default="throughput", help="result files: NAME.json, DATE-NAME.md, NAME.png")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N GPUs (one process each, spawned here or started by torchrun)")
     p.add_argument("--distributed", action="store_true",
@@ -304,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.merge:
-        merge(args.merge, Path(args.out_dir))
+        merge(args.merge, Path(args.out_dir), args.name)
         return 0
     if not args.random_weights:
         parser.error("--random-weights is required")
