@@ -16,6 +16,7 @@ explicit `tcp://host:port` when `launch.py` spawns the ranks itself.
 from __future__ import annotations
 
 import datetime
+import gc
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,4 +112,5 @@ def init_parallel(world_size: int | None = None, rank: int | None = None, init_m
 def destroy_parallel() -> None:
     """Leave the process group (all groups of this process)."""
     if dist.is_initialized():
+        gc.collect()  # engines in reference cycles: their CUDA graphs must not outlive the communicator
         dist.destroy_process_group()

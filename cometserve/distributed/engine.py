@@ -181,7 +181,9 @@ def worker_loop(tp: ParallelContext) -> None:
         elif kind == "free":
             engine = None
             _collect()
-        elif kind == "exit":
+        elif kind == "exit":  # the engine (its CUDA graphs) goes before the process group does
+            engine = None
+            _collect()
             return
         else:
             raise RuntimeError(f"unknown control message {kind!r}")

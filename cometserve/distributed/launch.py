@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from cometserve.distributed.context import ParallelContext, destroy_parallel, init_parallel
-from cometserve.distributed.engine import ModelSpec, create_engine, stop_workers, worker_loop
+from cometserve.distributed.engine import ModelSpec, create_engine, free_engine, stop_workers, worker_loop
 from cometserve.engine.engine import EngineConfig, LLMEngine
 
 T = TypeVar("T")
@@ -37,21 +37,30 @@ class Workers:
 
     tp: ParallelContext
     processes: list = field(default_factory=list)
+    engine: LLMEngine | None = None  # rank 0's, when launch_engine built it
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.processes)
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stop the workers, wait for them, leave the process group."""
+        """Stop the workers and leave the process group with them, then wait for them. Every rank drops
+        its engine first (decode CUDA graphs hold NCCL work), and rank 0 leaves the group before it
+        joins the workers: NCCL's teardown waits for every rank."""
+        if self.engine is not None:
+            self.engine.runner.graphs = None
+            self.engine = None
         try:
             if self.alive():
+                free_engine(self.tp)
                 stop_workers(self.tp)
         finally:
-            for p in self.processes:
-                p.join(timeout)
-                if p.is_alive():
-                    p.terminate()
-            destroy_parallel()
+            try:
+                destroy_parallel()
+            finally:
+                for p in self.processes:
+                    p.join(timeout)
+                    if p.is_alive():
+                        p.terminate()
 
 
 def start_workers(world_size: int, device: str | None = None, num_threads: int | None = None) -> Workers:
@@ -83,7 +92,8 @@ def launch_engine(spec: ModelSpec, tensor_parallel: int, config: EngineConfig | 
     Call `workers.close()` once the engine has stepped for the last time."""
     workers = start_workers(tensor_parallel, device)
     try:
-        return create_engine(workers.tp, spec, config, tokenizer), workers
+        workers.engine = create_engine(workers.tp, spec, config, tokenizer)
+        return workers.engine, workers
     except BaseException:
         workers.close()
         raise
