@@ -43,11 +43,11 @@ def test_gpu_ranks_track_one_process(world, which, tiny_dir, quant_dir):  # noqa
     try:
         assert engine.runner.graphs is not None, engine.runner.graphs_error
         got = _run(engine)
+        same = sum(a == b for i in want for a, b in zip(got[i], want[i]))
+        total = sum(len(t) for t in want.values())
+        print(f"{which} world {world}: {same}/{total} tokens agree", flush=True)  # before a hang in close
     finally:
         workers.close()
-    same = sum(a == b for i in want for a, b in zip(got[i], want[i]))
-    total = sum(len(t) for t in want.values())
-    print(f"{which} world {world}: {same}/{total} tokens agree")
     if world == 1:
         assert got == want
     else:
