@@ -15,6 +15,7 @@ from torch import nn
 
 from cometserve.distributed.context import ParallelContext
 from cometserve.distributed.sharding import LinearShard, VocabShard
+from cometserve.model.layers.activation import silu_and_mul
 
 
 class RowParallel(nn.Module):
@@ -38,13 +39,16 @@ class RowParallel(nn.Module):
         index = None if input_index is None else torch.tensor(input_index, dtype=torch.int32)
         self.register_buffer("input_index", index, persistent=False)
 
-    def forward(self, x: torch.Tensor, norm=None) -> torch.Tensor:
-        """x [T, k1 - k0] (this rank's channels) -> [T, out_features], the same on every rank."""
+    def forward(self, x: torch.Tensor, norm=None, gated: bool = False) -> torch.Tensor:
+        """x [T, k1 - k0] (this rank's channels; [T, 2 (k1 - k0)] = [gate | up] if `gated`) ->
+        [T, out_features], the same on every rank."""
         if norm is not None:
             raise ValueError("a row-parallel layer's input is split over ranks: it cannot fuse an RMSNorm")
         if self.input_index is not None:
+            if gated:  # the gather mixes channels of other ranks: SiLU first
+                x, gated = silu_and_mul(x), False
             x = self.tp.all_gather(x, dim=-1).index_select(-1, self.input_index)  # [T, K] -> [T, k1 - k0]
-        y = self.tp.all_reduce(self.linear(x))
+        y = self.tp.all_reduce(self.linear(x, gated=gated))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -1,6 +1,9 @@
 """Fused activation quantization (FMPQ, COMET section 3): [RMSNorm ->] gather by the layer's channel
 permutation -> per-token, per-128-channel-block symmetric scale -> INT4- or INT8-grid codes, in one
 pass over x. Codes go to int8 containers [M, K_pad] (zero padded), scales to float32 [M, nb].
+For down_proj (its permutation folded into gate_up's rows) the MLP's SiLU-and-multiply is fused
+instead: x is [gate | up] and the kernel quantizes silu(gate) * up, computed and rounded to x's
+dtype exactly as kernels/pointwise.silu_and_mul does, so the codes equal that op's followed by this one.
 
 Why one pass: this op is a pure byte stream (read 2 bytes, write ~1 byte per channel); every extra
 pass over x would cost as much as the whole op. The permutation gather reads x at random channel
@@ -68,7 +71,7 @@ def _quant_act_kernel(
     stride_xm, stride_xk, stride_cm, stride_sm,  # strides
     eps,
     HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr, ROTATE: tl.constexpr,  # meta
-    NB_TILE: tl.constexpr, NORM_BLOCK: tl.constexpr, ROW: tl.constexpr,
+    NB_TILE: tl.constexpr, NORM_BLOCK: tl.constexpr, ROW: tl.constexpr, GATED: tl.constexpr,
 ):
     # program = (token row, chunk of blocks): small M splits a row over several programs so that
     # all SMs have loads in flight (each re-reads the row statistic's input from L2).
@@ -103,6 +106,10 @@ def _quant_act_kernel(
         if ROW > 0:
             v = tl.gather(xr, tl.reshape(tl.where(kmask, src, 0), [NB_TILE * _BLK]), 0)
             v = tl.where(kmask, tl.reshape(v, [NB_TILE, _BLK]), 0.0)
+        elif GATED:  # x row = [gate | up], K wide each; pointwise._silu_and_mul_kernel's arithmetic
+            g = tl.load(x_row + src * stride_xk, mask=kmask, other=0.0).to(tl.float32)
+            u = tl.load(x_row + (src + K) * stride_xk, mask=kmask, other=0.0).to(tl.float32)
+            v = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
         else:
             v = tl.load(x_row + src * stride_xk, mask=kmask, other=0.0).to(tl.float32)
             if HAS_NORM:
@@ -152,8 +159,8 @@ def _grid_shape(m: int, nb: int, sms: int, max_tile: int) -> tuple[int, int, int
     return nb_tile, per, triton.cdiv(nb, per)
 
 
-def _launch(x, perm, block_bits, norm_weight, eps, rotate, codes, scales) -> None:
-    m, k = x.shape
+def _launch(x, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales) -> None:
+    m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     nb = block_bits.numel()
     # without a permutation the blocks are read in place (RMSNorm's statistic in a first pass)
     row = triton.next_power_of_2(k) if perm is not None and triton.next_power_of_2(k) <= MAX_ROW else 0
@@ -165,7 +172,7 @@ def _launch(x, perm, block_bits, norm_weight, eps, rotate, codes, scales) -> Non
         x.stride(0), x.stride(1), codes.stride(0), scales.stride(0),
         float(eps),
         HAS_PERM=perm is not None, HAS_NORM=norm_weight is not None, ROTATE=rotate,
-        NB_TILE=nb_tile, NORM_BLOCK=min(4096, triton.next_power_of_2(k)), ROW=row,
+        NB_TILE=nb_tile, NORM_BLOCK=min(4096, triton.next_power_of_2(k)), ROW=row, GATED=gated,
         num_warps=16 if max(row, nb_tile * BLOCK_SIZE) >= 8192 else 8 if row or nb_tile * BLOCK_SIZE > 512 else 4,
         enable_fp_fusion=False,  # v * inv must round before + 0.5, as in the reference
     )
@@ -188,15 +195,19 @@ def quant_act(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     rotate: bool = False,
+    gated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float (any strides) -> (a_codes int8 [M, K_pad], a_scales float32 [M, nb]).
 
     perm: [K] int (slot j reads channel perm[j]) or None; block_bits: [nb] int, 4 or 8;
     norm_weight: [K] in the original channel order (fuses RMSNorm) or None; rotate: Hadamard-rotate
-    the INT4 blocks before quantizing them."""
+    the INT4 blocks before quantizing them; gated: x is [M, 2K] = [gate | up] and silu(gate) * up is
+    quantized (fuses the MLP's SiLU-and-multiply; no perm, no norm)."""
     assert x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16, torch.float32), (
         f"x must be a 2-D float tensor [M, K], got {x.dtype} {tuple(x.shape)}")
-    m, k = x.shape
+    assert not gated or (perm is None and norm_weight is None and x.shape[1] % 2 == 0), (
+        "a gated input [M, 2K] takes no permutation and no RMSNorm")
+    m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     k_pad = padded_k(k)
     nb = block_bits.numel()
     assert nb * BLOCK_SIZE == k_pad, f"block_bits has {nb} blocks, K={k} needs {k_pad // BLOCK_SIZE}"
@@ -210,5 +221,5 @@ def quant_act(
     codes = torch.empty((m, k_pad), dtype=torch.int8, device=x.device)
     scales = torch.empty((m, nb), dtype=torch.float32, device=x.device)
     if m > 0:
-        _launch(x, perm, block_bits, norm_weight, eps, rotate, codes, scales)
+        _launch(x, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales)
     return codes, scales

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from cometserve.config import ModelConfig
-from cometserve.model.layers.activation import silu_and_mul
 from cometserve.model.layers.attention import Attention
 from cometserve.model.layers.linear import Linear
 from cometserve.model.layers.norm import RMSNorm
@@ -38,7 +37,7 @@ class MLP(nn.Module):
         self.down_proj = make(f"{prefix}.down_proj", i, h, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x, norm)))
+        return self.down_proj(self.gate_up_proj(x, norm), gated=True)  # silu(gate) * up, fused where it can be
 
 
 class DecoderLayer(nn.Module):

@@ -1,8 +1,10 @@
 """Linear layers: 16-bit, and quantized (W4Ax / W8A8 / weight-only) over the same call.
 
-Every linear takes `forward(x, norm=None)`: the RMSNorm that precedes it, if any, is handed over so
+Every linear takes `forward(x, norm=None, gated=False)`: the op that precedes it is handed over so
 a quantized layer can fuse it into the activation quantization (one pass over x: normalize, gather
-by the FMPQ permutation, quantize per token and 128-channel block). A 16-bit layer just applies it.
+by the FMPQ permutation, quantize per token and 128-channel block). `norm`: the RMSNorm before
+qkv and gate_up; `gated`: x is [gate | up] and the layer's input is silu(gate) * up (down_proj).
+A 16-bit layer just applies them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from cometserve.kernels import ref
+from cometserve.model.layers.activation import silu_and_mul
 from cometserve.model.layers.norm import RMSNorm
 from cometserve.scheme import num_blocks, padded_k
 
@@ -27,9 +30,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.observer: Callable[[Linear, torch.Tensor], None] | None = None
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
-        if norm is not None:
-            x = norm(x)
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, gated: bool = False) -> torch.Tensor:
+        x = _prologue(x, norm, gated)
         if self.observer is not None:
             self.observer(self, x)
         return nn.functional.linear(x, self.weight, self.bias)
@@ -87,19 +89,26 @@ class QuantLinear(nn.Module):
                                     self.block_bits, dtype)
         self._qweight, self._w_scales = self._ops.prepare_weights(self.qweight, self.w_scales)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, gated: bool = False) -> torch.Tensor:
         if self._dense is not None:
-            if norm is not None:
-                x = norm(x)
-            return nn.functional.linear(x, self._dense, self.bias)
+            return nn.functional.linear(_prologue(x, norm, gated), self._dense, self.bias)
         if self._ops is None:
             raise RuntimeError("QuantLinear.prepare() must run after the weights are loaded")
+        if gated and self.perm is not None:  # the fused SiLU reads channels in place: no gather
+            x, gated = silu_and_mul(x), False
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         norm_w, eps = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
-        codes, scales = self._ops.quant_act(x2, self.perm, self.block_bits, norm_w, eps, self.rotate)
+        codes, scales = self._ops.quant_act(x2, self.perm, self.block_bits, norm_w, eps, self.rotate, gated)
         y = self._ops.w4ax_gemm(codes, scales, self._qweight, self._w_scales, self.bias, x.dtype)
         return y.reshape(*lead, self.out_features)
+
+
+def _prologue(x: torch.Tensor, norm: RMSNorm | None, gated: bool) -> torch.Tensor:
+    """What a 16-bit layer applies itself: the handed-over RMSNorm or SiLU-and-multiply."""
+    if norm is not None:
+        x = norm(x)
+    return silu_and_mul(x) if gated else x
 
 
 def select_gemm_ops(n: int, k: int, w_bits: int, device: torch.device, block_bits: torch.Tensor | None = None,
