@@ -47,7 +47,7 @@ def evaluate(path, args, eval_source: str, eval_text: str, mmlu_rows, kv=None) -
         "ctx": args.ctx,
         "ppl": round(ppl, 4),
         "int8_block_fraction": round(qcfg["int8_block_fraction"], 4) if qcfg else None,
-        "mmlu": round(100 * mmlu_accuracy(llm.model, llm.scheme, llm.tokenizer, mmlu_rows), 2) if mmlu_rows else None,
+        "mmlu": round(100 * mmlu_accuracy(llm.model, scheme, llm.tokenizer, mmlu_rows), 2) if mmlu_rows else None,
     }
     del llm
     return row
