@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from profile_decode import engine_step_ms, timed_steps  # this script's folder is sys.path[0]
+
 from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.random_model import build_random_model, load_config
 from cometserve.sampling_params import SamplingParams
-from profile_decode import engine_step_ms, timed_steps  # this script's folder is sys.path[0]
 
 PHASES = ("schedule", "prepare", "sample", "update", "host total")
 

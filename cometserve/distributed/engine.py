@@ -181,9 +181,7 @@ def worker_loop(tp: ParallelContext) -> None:
         elif kind == "free":
             engine = None
             _collect()
-        elif kind == "exit":  # the engine (its CUDA graphs) goes before the process group does
-            engine = None
-            _collect()
+        elif kind == "exit":  # destroy_parallel collects the engine before leaving the group
             return
         else:
             raise RuntimeError(f"unknown control message {kind!r}")

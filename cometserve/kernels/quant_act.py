@@ -159,8 +159,8 @@ def _grid_shape(m: int, nb: int, sms: int, max_tile: int) -> tuple[int, int, int
     return nb_tile, per, triton.cdiv(nb, per)
 
 
-def _launch(x, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales) -> None:
-    m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
+def _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales) -> None:
+    m = x.shape[0]
     nb = block_bits.numel()
     # without a permutation the blocks are read in place (RMSNorm's statistic in a first pass)
     row = triton.next_power_of_2(k) if perm is not None and triton.next_power_of_2(k) <= MAX_ROW else 0
@@ -202,11 +202,14 @@ def quant_act(
     perm: [K] int (slot j reads channel perm[j]) or None; block_bits: [nb] int, 4 or 8;
     norm_weight: [K] in the original channel order (fuses RMSNorm) or None; rotate: Hadamard-rotate
     the INT4 blocks before quantizing them; gated: x is [M, 2K] = [gate | up] and silu(gate) * up is
-    quantized (fuses the MLP's SiLU-and-multiply; no perm, no norm)."""
+    quantized (fused where there is no perm; with one, pointwise.silu_and_mul runs first; no norm)."""
     assert x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16, torch.float32), (
         f"x must be a 2-D float tensor [M, K], got {x.dtype} {tuple(x.shape)}")
-    assert not gated or (perm is None and norm_weight is None and x.shape[1] % 2 == 0), (
-        "a gated input [M, 2K] takes no permutation and no RMSNorm")
+    assert not gated or (norm_weight is None and x.shape[1] % 2 == 0), "a gated input [M, 2K] takes no RMSNorm"
+    if gated and perm is not None:  # the fused SiLU reads its channels in place, not through a gather
+        from cometserve.kernels.pointwise import silu_and_mul
+
+        x, gated = silu_and_mul(x), False
     m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     k_pad = padded_k(k)
     nb = block_bits.numel()
@@ -221,5 +224,5 @@ def quant_act(
     codes = torch.empty((m, k_pad), dtype=torch.int8, device=x.device)
     scales = torch.empty((m, nb), dtype=torch.float32, device=x.device)
     if m > 0:
-        _launch(x, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales)
+        _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales)
     return codes, scales

@@ -146,8 +146,13 @@ def test_chunked_int4_completes_and_frees(tiny_w4axkv4):
 
 def test_warm_up_chunks_a_long_prompt_and_leaves_the_engine_empty(tiny_w4axkv4):
     engine = make_engine(tiny_w4axkv4, max_num_batched_tokens=48)
-    steps = []
-    engine.scheduler.schedule = (lambda f: lambda: steps.append(f()) or steps[-1])(engine.scheduler.schedule)
+    steps, schedule = [], engine.scheduler.schedule
+
+    def recording_schedule():
+        steps.append(schedule())
+        return steps[-1]
+
+    engine.scheduler.schedule = recording_schedule
     engine.warm_up()
     assert not engine.has_unfinished() and engine.scheduler.kv.num_free_blocks == 64
     chunked = [c for out in steps for c in out.chunks if c.start_pos > 0 and c.num_tokens > 1]

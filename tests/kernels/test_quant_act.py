@@ -22,14 +22,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_FLIP_FRACTION = 2e-3
 
 
-def check_case(m, k, frac8, dtype, norm, perm, strided, device, seed=0, rotate=False) -> dict:
-    from cometserve.kernels import quant_act, ref
+def _block_bits(k: int, frac8: float, g: torch.Generator) -> torch.Tensor:
+    """A block map of K's blocks with round(nb * frac8) INT8 blocks at random places."""
     from cometserve.scheme import num_blocks
 
-    g = torch.Generator().manual_seed(seed)
     nb = num_blocks(k)
     bits = torch.full((nb,), 4, dtype=torch.uint8)
     bits[torch.randperm(nb, generator=g)[: round(nb * frac8)]] = 8
+    return bits
+
+
+def check_case(m, k, frac8, dtype, norm, perm, strided, device, seed=0, rotate=False) -> dict:
+    from cometserve.kernels import quant_act, ref
+
+    g = torch.Generator().manual_seed(seed)
+    bits = _block_bits(k, frac8, g)
     x = torch.randn(m, 2 * k if strided else k, generator=g) * 3
     x[:, torch.rand(x.shape[1], generator=g) > 0.98] *= 30  # outlier channels
     x = x.to(dtype)
@@ -55,12 +62,9 @@ def check_gated(m, k, frac8, dtype, rotate, device, seed=0) -> dict:
     (torch's silu: an element may round to the neighbouring 16-bit value, so a code may move by one
     and a block's scale by one 16-bit step)."""
     from cometserve.kernels import pointwise, quant_act, ref
-    from cometserve.scheme import num_blocks
 
     g = torch.Generator().manual_seed(seed)
-    nb = num_blocks(k)
-    bits = torch.full((nb,), 4, dtype=torch.uint8)
-    bits[torch.randperm(nb, generator=g)[: round(nb * frac8)]] = 8
+    bits = _block_bits(k, frac8, g)
     x = (torch.randn(m, 2 * k, generator=g) * 3).to(dtype).to(device)
     bits = bits.to(device)
     c, s = quant_act.quant_act(x, None, bits, None, 1e-6, rotate, gated=True)

@@ -94,8 +94,6 @@ class QuantLinear(nn.Module):
             return nn.functional.linear(_prologue(x, norm, gated), self._dense, self.bias)
         if self._ops is None:
             raise RuntimeError("QuantLinear.prepare() must run after the weights are loaded")
-        if gated and self.perm is not None:  # the fused SiLU reads channels in place: no gather
-            x, gated = silu_and_mul(x), False
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         norm_w, eps = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
