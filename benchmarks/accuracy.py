@@ -3,6 +3,7 @@ the same model's 16-bit weights, on text the calibration never saw.
 
     python benchmarks/accuracy.py                     # SmolLM2-135M, all methods
     python benchmarks/accuracy.py --sweep             # + outlier-threshold sweep (ppl vs INT8 blocks)
+    python benchmarks/accuracy.py --methods --sweep 3,2 --no-smollm2 --qwen GGUF --mmlu-methods fmpq_w4ax@t=2
     python benchmarks/accuracy.py --qwen GGUF_FILE    # + Qwen2.5-Coder-1.5B (opt-in: ~7 GB RAM, slow)
 
 Writes benchmarks/results/accuracy.json and benchmarks/results/<date>-accuracy.md.
@@ -101,7 +102,7 @@ def kv_sweep(name: str, src: Path, args, work: Path, prov: dict) -> None:
 
 def sweep_methods(thresholds) -> list[tuple[str, object]]:
     base = get_scheme("fmpq_w4ax")
-    return [(f"fmpq_w4ax@t={t}", dataclasses.replace(base, outlier_threshold=t)) for t in thresholds]
+    return [(f"fmpq_w4ax@t={t:g}", dataclasses.replace(base, outlier_threshold=t)) for t in thresholds]
 
 
 def merge_results(row: dict, prov: dict) -> None:
@@ -141,7 +142,8 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=40, help="windows per model (stride ctx/2); 0 = whole text")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--sweep", action="store_true", help="also sweep FMPQ's outlier threshold")
+    p.add_argument("--sweep", nargs="?", const="8,6,4,3,2.5,2", type=lambda v: [float(t) for t in v.split(",")],
+                   metavar="T,T,..", help="also sweep FMPQ's outlier threshold (fmpq_w4ax@t=T rows), every model")
     p.add_argument("--qwen", metavar="GGUF", help="also run Qwen2.5-Coder-1.5B from this GGUF file")
     p.add_argument("--mmlu", type=int, default=200, help="MMLU questions for the 1.5B model")
     p.add_argument("--mmlu-methods", default="fp16,w4a8kv4,fmpq_w4axkv4", help="methods that get MMLU (1.5B)")
@@ -159,7 +161,7 @@ def main() -> None:
     prov = {"commit": commit, "command": "python " + " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
-        methods = list(args.methods) + (sweep_methods((8, 6, 4, 3, 2.5, 2)) if args.sweep else [])
+        methods = list(args.methods) + (sweep_methods(args.sweep) if args.sweep else [])
         if not args.no_smollm2 and methods:
             run_model("smollm2-135m", assets.smollm2_dir(), methods, args, work / "smollm2", None, prov)
         if args.kv_sweep:
@@ -167,7 +169,7 @@ def main() -> None:
         if args.qwen:
             from cometserve.model.loader import resolve_model_path
 
-            run_model("qwen2.5-1.5b", resolve_model_path(args.qwen), args.methods, args, work / "qwen",
+            run_model("qwen2.5-1.5b", resolve_model_path(args.qwen), methods, args, work / "qwen",
                       mmlu_questions(args.mmlu), prov)
 
 
