@@ -105,6 +105,40 @@ def sweep_methods(thresholds) -> list[tuple[str, object]]:
     return [(f"fmpq_w4ax@t={t:g}", dataclasses.replace(base, outlier_threshold=t)) for t in thresholds]
 
 
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    """Perplexity against the fraction of INT8 activation blocks: the outlier-threshold sweep
+    (fmpq_w4ax@t=T, 16-bit KV) of each model, with its fp16, w4a16_gptq and w4a8kv4 levels as lines."""
+    swept = {}
+    for r in rows:
+        if r["method"].startswith("fmpq_w4ax@t=") or r["method"] == "fmpq_w4ax":
+            t = r["method"].partition("@t=")[2] or f"{get_scheme('fmpq_w4ax').outlier_threshold:g}"
+            swept.setdefault(r["model"], {})[t] = (100 * r["int8_block_fraction"], r["ppl"])
+    swept = {m: pts for m, pts in swept.items() if len(pts) > 2}
+    if not swept:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(swept), figsize=(6 * len(swept), 4.2), squeeze=False)
+    for ax, (model, pts) in zip(axes[0], sorted(swept.items())):
+        xy = sorted(pts.values())
+        ax.plot([x for x, _ in xy], [y for _, y in xy], "o-", label="fmpq_w4ax (16-bit KV)")
+        for t, (x, y) in pts.items():
+            ax.annotate(f"t={t}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for r in rows:
+            if r["model"] == model and r["method"] in ("fp16", "w4a16_gptq", "w4a8kv4"):
+                ax.axhline(r["ppl"], ls="--", lw=1, color={"fp16": "k", "w4a16_gptq": "g", "w4a8kv4": "r"}[r["method"]],
+                           label=r["method"])
+        ax.set(title=model, xlabel="INT8 activation blocks (%)", ylabel="perplexity (held-out Austen)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def merge_results(row: dict, prov: dict) -> None:
     """Replace (or add) the row of the same model and method in accuracy.json, each row keeping the
     commit and command that measured it (`prov`, taken when the run started), and rewrite the
@@ -131,6 +165,7 @@ def merge_results(row: dict, prov: dict) -> None:
         frac = "-" if r["int8_block_fraction"] is None else f"{100 * r['int8_block_fraction']:.1f}%"
         lines.append(f"| {r['model']} | {r['method']} | {r['dataset']} | {r['ctx']} | {r['ppl']:.3f} | {rel} | "
                      f"{frac} | {'-' if r['mmlu'] is None else r['mmlu']} |")
+    plot_sweep(rows, RESULTS / "accuracy.png")
     md = RESULTS / f"{time.strftime('%Y-%m-%d')}-accuracy.md"
     notes = md.read_text().partition("\n## Notes")[2] if md.is_file() else ""  # hand-written: kept
     md.write_text("\n".join(lines) + "\n" + ("\n## Notes" + notes if notes else ""))
