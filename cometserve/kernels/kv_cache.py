@@ -173,37 +173,50 @@ def _dequant_store(c_ptr, s_ptr, z_ptr, o_ptr, c_off, m_off, o_off, HALF: tl.con
 
 
 @triton.jit
-def _gather_kv_kernel(
-    kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr, bt_ptr, ctx_ptr, cu_k_ptr, slot_ptr,
-    k_out_ptr, v_out_ptr, stride_bt, stride_ot, stride_oh,
-    H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-):
-    """Grid (B, groups, Hkv): group g of sequence b, head h -> rows cu_k[b] + g*G .. of the outputs."""
+def _gather_one(c_ptr, s_ptr, z_ptr, w_ptr, o_ptr, bt_ptr, b, g, h, ctx, rows, slot_ptr, stride_bt, stride_ot,
+                stride_oh, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """Group g of sequence b, head h, of K or V -> output rows `rows`: a full group dequantized, the
+    partial last group copied from the window."""
     HALF: tl.constexpr = D // 2
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    h = tl.program_id(2)
-    ctx = tl.load(ctx_ptr + b)
     n_full = ctx // G
     t = tl.arange(0, G)
-    j = tl.arange(0, HALF)
-    d = tl.arange(0, D)
-    rows = (tl.load(cu_k_ptr + b) + g * G + t).to(tl.int64)
     if g < n_full:
+        j = tl.arange(0, HALF)
         page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
         c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
         m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
         o_off = (rows * stride_ot + h * stride_oh)[:, None] + j[None, :]
-        _dequant_store(kc_ptr, ks_ptr, kz_ptr, k_out_ptr, c_off, m_off, o_off, HALF)
-        _dequant_store(vc_ptr, vs_ptr, vz_ptr, v_out_ptr, c_off, m_off, o_off, HALF)
+        _dequant_store(c_ptr, s_ptr, z_ptr, o_ptr, c_off, m_off, o_off, HALF)
     elif g == n_full:
+        d = tl.arange(0, D)
         m = (t < ctx - n_full * G)[:, None]
         slot = tl.load(slot_ptr + b)
         w_off = ((slot * H + h) * G + t).to(tl.int64)[:, None] * D + d[None, :]
         o_off = (rows * stride_ot + h * stride_oh)[:, None] + d[None, :]
-        tl.store(k_out_ptr + o_off, tl.load(kw_ptr + w_off, mask=m).to(k_out_ptr.dtype.element_ty), mask=m)
-        tl.store(v_out_ptr + o_off, tl.load(vw_ptr + w_off, mask=m).to(v_out_ptr.dtype.element_ty), mask=m)
+        tl.store(o_ptr + o_off, tl.load(w_ptr + w_off, mask=m).to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gather_kv_kernel(
+    kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr, bt_ptr, ctx_ptr, cu_k_ptr, slot_ptr,
+    k_out_ptr, v_out_ptr, stride_bt, stride_ot, stride_oh,
+    H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+):
+    """Grid (B, groups, 2 Hkv): group g of sequence b, head h, K (even z) or V (odd z) -> rows
+    cu_k[b] + g*G .. of the output. K and V in separate programs: a short prefill's gather has few
+    groups, and twice the programs halve its latency-bound tail."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    h = tl.program_id(2) // 2
+    ctx = tl.load(ctx_ptr + b)
+    rows = (tl.load(cu_k_ptr + b) + g * G + tl.arange(0, G)).to(tl.int64)
+    if tl.program_id(2) % 2 == 0:
+        _gather_one(kc_ptr, ks_ptr, kz_ptr, kw_ptr, k_out_ptr, bt_ptr, b, g, h, ctx, rows, slot_ptr, stride_bt,
+                    stride_ot, stride_oh, H, P, G, D)
+    else:
+        _gather_one(vc_ptr, vs_ptr, vz_ptr, vw_ptr, v_out_ptr, bt_ptr, b, g, h, ctx, rows, slot_ptr, stride_bt,
+                    stride_ot, stride_oh, H, P, G, D)
 
 
 def gather_kv(cache: PagedKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -233,7 +246,7 @@ def gather_kv(cache: PagedKVCache, block_tables: torch.Tensor, context_lens: tor
     if total_tokens == 0:
         return k, v
     groups = max_context_len // cache.group_size + 1
-    _gather_kv_kernel[(b, groups, h)](
+    _gather_kv_kernel[(b, groups, 2 * h)](
         *cache.tensors(), block_tables, context_lens, cu_seqlens_k, seq_slots, k, v, block_tables.stride(0),
         k.stride(0), k.stride(1),
         H=h, P=cache.page_size, G=cache.group_size, D=d, num_warps=4,
