@@ -33,7 +33,6 @@ import torch
 HQ, HKV, D, G = 32, 8, 128, 64
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-MD_NAME = "2026-11-24-attention.md"
 
 
 def _bench(fn) -> float:
@@ -229,6 +228,11 @@ def _driver() -> str:
     return out or "unknown"
 
 
+def md_name(res: dict) -> str:
+    """The dated table of a run: <date of the run>-attention.md."""
+    return f"{res['date'][:10]}-attention.md"
+
+
 def render(res: dict) -> str:
     lines = [f"# Paged INT4-KV attention vs bf16 ({res['gpu']})", "",
              (f"torch {res['torch']}, triton {res['triton']}, driver {res['driver']}, commit {res['commit']}, "
@@ -315,7 +319,7 @@ def main() -> None:
     if args.render:
         with open(json_path) as f:
             res = json.load(f)
-        with open(os.path.join(args.out, MD_NAME), "w") as f:
+        with open(os.path.join(args.out, md_name(res)), "w") as f:
             f.write(render(res))
         plot(res, os.path.join(args.out, "attention.png"))
         return
@@ -357,7 +361,7 @@ def main() -> None:
     with open(json_path, "w") as f:
         json.dump(res, f, indent=1)
     md = render(res)
-    with open(os.path.join(args.out, MD_NAME), "w") as f:
+    with open(os.path.join(args.out, md_name(res)), "w") as f:
         f.write(md)
     try:
         plot(res, os.path.join(args.out, "attention.png"))
