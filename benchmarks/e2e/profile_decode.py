@@ -39,6 +39,7 @@ def timed_steps(engine: LLMEngine, n: int) -> dict[str, float]:
     """Median ms per phase over n decode steps (each phase synchronised). "forward" includes the
     LM head (and the greedy pick, inside the decode graph). On CPU (host_overhead.py, with a
     fabricated `runner.logits`) there is nothing to sync."""
+    engine.sync()  # no step in flight (async scheduling): the phases below drive the scheduler directly
     sched, runner = engine.scheduler, engine.runner
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     phases: dict[str, list[float]] = {k: [] for k in ("schedule", "prepare", "forward", "sample", "update", "total")}
@@ -62,7 +63,8 @@ def timed_steps(engine: LLMEngine, n: int) -> dict[str, float]:
 
 
 def engine_step_ms(engine: LLMEngine, n: int) -> float:
-    """Median ms of the real `engine.step()` (no extra syncs)."""
+    """Median ms of the real `engine.step()` (no extra syncs; with async scheduling each call
+    launches the next step and waits for the previous one)."""
     ts = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -75,6 +77,7 @@ def forward_ms(engine: LLMEngine, n: int):
     """(eager forward ms without the LM head, graph replay ms with it, the step's inputs) of one
     decode step, CUDA events; the step is then sampled and updated like a real one."""
     runner = engine.runner
+    engine.sync()
     out = engine.scheduler.schedule()
     inputs = runner.prepare(out)
 

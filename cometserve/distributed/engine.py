@@ -75,6 +75,8 @@ class DriverRunner:
     """Rank 0's runner: broadcasts each step to the workers, then runs its own shard. Any other
     attribute (graphs, attn, generators, storage, ...) is the wrapped ModelRunner's."""
 
+    async_ok = False  # every step is broadcast, then run: no launch() / collect() split
+
     def __init__(self, runner, tp: ParallelContext) -> None:
         self.inner = runner
         self.tp = tp

@@ -9,7 +9,11 @@ while engine.has_unfinished():
 ```
 
 `stream()` runs steps until every request is done and yields the deltas: the server issue wraps
-it. Stop tokens, EOS and max_tokens are the scheduler's (`Scheduler.update`); stop strings are
+it. Async scheduling (on by default for a single-GPU CUDA engine): while a step runs on the device,
+the next one is scheduled and launched, so the host's scheduling, metadata and output handling
+hide behind the GPU (Scheduler.hold, ModelRunner.launch / collect). A request that stops on a token
+was then scheduled for one more step, whose sample is dropped; outputs are those of the synchronous
+engine. Stop tokens, EOS and max_tokens are the scheduler's (`Scheduler.update`); stop strings are
 checked here, on detokenized text, and end the request through `Scheduler.finish_request` with the
 completion text cut before the stop string (the one-sequence reference engine's semantics).
 """
@@ -44,6 +48,7 @@ class EngineConfig:
     memory_fraction: float = 0.9
     use_cuda_graphs: bool = True
     max_graph_batch: int | None = None  # decode CUDA graphs up to this batch; None: max_num_seqs
+    async_scheduling: bool | None = None  # None: where the runner allows it, on CUDA
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_fraction <= 1.0:
@@ -106,6 +111,8 @@ class LLMEngine:
                                   cfg.max_graph_batch or cfg.max_num_seqs)
         self._tracked: dict[str, _Tracked] = {}
         self._aborted: list[str] = []
+        self._in_flight = False  # a step is launched and held (async scheduling), not yet updated
+        self._flight = None  # its ModelRunner.launch() result
         self.num_steps = 0
 
     def warm_up(self) -> None:
@@ -144,7 +151,14 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._in_flight
+
+    @property
+    def async_scheduling(self) -> bool:
+        """Whether step() overlaps the next step's host work with this one's device work."""
+        runner = self.runner  # a tensor-parallel driver's runner steps its workers synchronously
+        want = self.config.async_scheduling
+        return getattr(runner, "async_ok", False) and (runner.device.type == "cuda" if want is None else want)
 
     def get_request(self, request_id: str) -> Request | None:
         t = self._tracked.get(request_id)
@@ -153,11 +167,36 @@ class LLMEngine:
     # ---- stepping ------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:
-        """One scheduler step; a delta for every request that got a token or finished."""
+        """One scheduler step; a delta for every request that got a token or finished. With async
+        scheduling, the step whose samples this returns was launched by the previous call (or now),
+        and the next one is launched before waiting for them."""
         deltas = [self._final_delta(rid, "abort") for rid in self._aborted]
         self._aborted.clear()
-        out = self.scheduler.schedule()
-        step_out = self.runner.execute(out)
+        sched, runner = self.scheduler, self.runner
+        if not self._in_flight:
+            out = sched.schedule()
+            if not self.async_scheduling:
+                return self._updated(runner.execute(out), deltas)
+            self._flight, self._in_flight = runner.launch(out), True
+            sched.hold()
+        ahead = sched.has_unfinished() and sched.can_schedule_ahead()
+        nxt = runner.launch(sched.schedule()) if ahead else None
+        deltas += self.sync()
+        if ahead:
+            self._flight, self._in_flight = nxt, True
+            sched.hold()
+        return deltas
+
+    def sync(self) -> list[RequestDelta]:
+        """Collect and fold the step in flight (async scheduling) without launching another: the
+        scheduler is then between steps, as after a synchronous step(). Its deltas."""
+        if not self._in_flight:
+            return []
+        flight, self._flight, self._in_flight = self._flight, None, False
+        return self._updated(self.runner.collect(flight), [])
+
+    def _updated(self, step_out, deltas: list[RequestDelta]) -> list[RequestDelta]:
+        """Fold a step's samples into the requests; their deltas appended to `deltas`."""
         finished = self.scheduler.update(step_out)
         self.runner.release([r.request_id for r in finished])
         self.num_steps += 1

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 
 from cometserve.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # a decode chunk's token while the step that sampled it is still on the device (async scheduling)
+
 
 @dataclass(frozen=True, init=False)
 class ScheduledChunk:
@@ -29,6 +31,8 @@ class ScheduledChunk:
       last position give the next token and the runner must return one sample for this request.
       A non-final chunk of a chunked prefill samples nothing.
     - `sampling_params`: the request's, so the runner can sample (and seed) without a lookup.
+    - A decode's token is `PLACEHOLDER` when the previous step, still running, sampled it: the runner
+      takes it from that step's sampled tokens on the device.
     """
 
     request_id: str

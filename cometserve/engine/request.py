@@ -109,6 +109,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float] = []
         self.num_computed_tokens = 0
+        self.num_inflight = 0  # sampled by a step still on the device, not yet in output_token_ids (0 or 1)
         self.num_preemptions = 0
         self.stop_token_id: int | None = None
         self.error: str | None = None  # why the request was rejected
@@ -152,8 +153,8 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Known tokens: prompt + outputs sampled so far."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Tokens so far: prompt + outputs sampled, counting one still on the device (async scheduling)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -163,7 +164,7 @@ class Request:
     @property
     def is_decoding(self) -> bool:
         """Past its prefill: every known token computed but the newest sampled one."""
-        num_outputs = len(self.output_token_ids)  # properties inlined: the scheduler asks every step
+        num_outputs = len(self.output_token_ids) + self.num_inflight  # inlined: the scheduler asks every step
         return num_outputs > 0 and self.num_computed_tokens == len(self.prompt_token_ids) + num_outputs - 1
 
     def token_slice(self, start: int, end: int) -> list[int]:

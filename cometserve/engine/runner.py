@@ -12,6 +12,11 @@ whose every chunk is one token long runs decode attention; any longer chunk make
 
 Decode steps of up to `max_graph_batch` sequences replay a CUDA graph of the whole model forward
 captured for the padded batch size (static buffers and the captured graphs live in `DecodeGraphs`).
+
+A step is `launch()` (everything up to the sampled tokens, on the device; their copy to the host
+started) then `collect()` (wait, return the StepOutput); `execute()` does both. Between the two the
+engine may launch the next step (async scheduling): its decodes that carry `PLACEHOLDER` get the
+token this step sampled, from the device, and all device work runs in stream order.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cometserve.engine.interfaces import SchedulerOutput, StepOutput
+from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutput
 from cometserve.engine.kv_storage import KVStorage
-from cometserve.engine.sampler import make_generator, sample
+from cometserve.engine.sampler import make_generator, sample_tensor
 from cometserve.kernels import ref
 
 
@@ -265,8 +270,20 @@ class StepInputs:
     sample_ids: list[str]  # request ids, same order
 
 
+@dataclass
+class InFlight:
+    """A launched step's samples on their way to the host (collect() waits for `done`)."""
+
+    request_ids: list[str]
+    tokens: torch.Tensor  # int64 [S] on the host (pinned on CUDA)
+    logprobs: torch.Tensor  # float32 [S] on the host
+    done: torch.cuda.Event | None
+
+
 class ModelRunner:
     """Runs one scheduled step of `model` over `storage`; keeps per-request sampler state."""
+
+    async_ok = True  # launch() / collect() may be split by the next step's launch (LLMEngine)
 
     def __init__(self, model, storage: KVStorage, max_model_len: int, use_cuda_graphs: bool = False,
                  max_graph_batch: int = 256) -> None:
@@ -279,6 +296,7 @@ class ModelRunner:
         cls = Int4Attention if storage.kv_bits == 4 else Bf16Attention
         self.attn = cls(storage, cfg.num_heads, self.dtype, self.device)
         self.generators: dict[str, torch.Generator | None] = {}
+        self._last: tuple[dict[str, int], torch.Tensor] | None = None  # last launch: request -> row, tokens
         self.block_tables = HostBlockTables(storage.max_seqs + 1, -(-max_model_len // storage.page_size),
                                             storage.dummy_page)
         self.graphs: DecodeGraphs | None = None
@@ -316,7 +334,16 @@ class ModelRunner:
         dev = self.device
         block_tables = self.block_tables.gather(slots, max(map(len, tables)))
         bt, cu_t, ctx_t, slots_t = _to_device(np.int32, dev, block_tables, cu, ctxs, slots)
-        ids_t, pos_t, slot_map_t = _to_device(np.int64, dev, ids, pos, slot_map)
+        held = [i for i, c in enumerate(chunks) if c.token_ids[0] == PLACEHOLDER]  # sampled by the last launch
+        if held:
+            if self._last is None:
+                raise RuntimeError("a placeholder token but no launched step sampled it")
+            rows, last = self._last
+            ids_t, pos_t, slot_map_t, dst, src = _to_device(np.int64, dev, ids, pos, slot_map, [cu[i] for i in held],
+                                                            [rows[chunks[i].request_id] for i in held])
+            ids_t[dst] = last[src]
+        else:
+            ids_t, pos_t, slot_map_t = _to_device(np.int64, dev, ids, pos, slot_map)
         meta = AttentionMetadata(
             block_tables=bt, cu_seqlens_q=cu_t, context_lens=ctx_t, seq_slots=slots_t, slot_mapping=slot_map_t,
             max_seqlen_q=max_seqlen_q, max_context_len=max(ctxs), start_pos_host=starts, context_lens_host=ctxs,
@@ -338,18 +365,36 @@ class ModelRunner:
 
     # ---- execution -----------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> InFlight | None:
+        """Prepare, run and sample the step on the device and start copying the samples to the host;
+        None when it samples nothing. Returns before the device is done."""
         if out.is_empty:
+            self._last = None
             self.release(out.preempted_ids, keep_generators=True)
             self.release(out.finished_ids)
-            return StepOutput({})
-        inputs = self.prepare(out)
+            return None
+        inputs = self.prepare(out)  # reads self._last for the placeholders
+        self._last = None
         res = self.logits(inputs)
         if res is None:
-            return StepOutput({})
+            return None
         params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
-        return StepOutput(self.sample(*res, inputs.sample_ids, params))
+        tokens, logprobs = self.sample_device(*res, inputs.sample_ids, params)
+        self._last = ({rid: i for i, rid in enumerate(inputs.sample_ids)}, tokens)
+        return _to_host(inputs.sample_ids, tokens, logprobs)
+
+    @staticmethod
+    def collect(flight: InFlight | None) -> StepOutput:
+        """Wait for a launched step's samples: {request_id: (token, logprob)}."""
+        if flight is None:
+            return StepOutput({})
+        if flight.done is not None:
+            flight.done.synchronize()
+        return StepOutput(dict(zip(flight.request_ids, zip(flight.tokens.tolist(), flight.logprobs.tolist()))))
 
     def logits(self, inputs: StepInputs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None:
         """Run the step's forward: (float32 logits of the sampled rows, their greedy (tokens,
@@ -369,27 +414,43 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, greedy_out: tuple[torch.Tensor, torch.Tensor] | None,
                request_ids: list[str], params: dict) -> dict[str, tuple[int, float]]:
-        """logits float32 [S, vocab] -> {request_id: (token, logprob)}. Greedy rows in one batch
-        (taken from `greedy_out` = (argmax tokens, their logprobs) [S] when the decode graph computed
-        them), the others one by one with their kept seeded generators."""
-        result: dict[str, tuple[int, float]] = {}
-        greedy = [i for i, rid in enumerate(request_ids) if params[rid].greedy]
-        if greedy:
-            if greedy_out is None:
-                greedy_out = greedy_logprobs(logits)
-            sel = len(greedy) < len(request_ids)
-            tokens, lps = (t[greedy] if sel else t for t in greedy_out)
-            for i, tok, lp in zip(greedy, tokens.tolist(), lps.tolist()):
-                result[request_ids[i]] = (tok, lp)
-            if not sel:
-                return result
-        for i, rid in enumerate(request_ids):
-            if rid in result:
-                continue
+        """`sample_device`, waited for: {request_id: (token, logprob)}."""
+        return self.collect(_to_host(request_ids, *self.sample_device(logits, greedy_out, request_ids, params))).sampled
+
+    def sample_device(self, logits: torch.Tensor, greedy_out: tuple[torch.Tensor, torch.Tensor] | None,
+                      request_ids: list[str], params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits float32 [S, vocab] -> (tokens int64 [S], their logprobs float32 [S]) on the device,
+        without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
+        computed them), the others one by one with their kept seeded generators."""
+        rows = [i for i, rid in enumerate(request_ids) if not params[rid].greedy]
+        if not rows or len(rows) < len(request_ids):
+            greedy = greedy_out if greedy_out is not None else greedy_logprobs(logits)
+            if not rows:
+                return greedy
+        picked = []
+        for i in rows:
+            rid = request_ids[i]
             if rid not in self.generators:
                 self.generators[rid] = make_generator(params[rid], self.device)
-            result[rid] = sample(logits[i], params[rid], self.generators[rid])
-        return result
+            picked.append(sample_tensor(logits[i], params[rid], self.generators[rid]))
+        tokens, lps = torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])
+        if len(rows) == len(request_ids):
+            return tokens, lps
+        idx = torch.tensor(rows, device=logits.device)
+        return greedy[0].index_copy(0, idx, tokens), greedy[1].index_copy(0, idx, lps)
+
+
+def _to_host(request_ids: list[str], tokens: torch.Tensor, logprobs: torch.Tensor) -> InFlight:
+    """Start the samples' copy to the host (pinned buffers, an event to wait on) on CUDA."""
+    if not tokens.is_cuda:
+        return InFlight(request_ids, tokens, logprobs, None)
+    host_t = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host_l = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+    host_t.copy_(tokens, non_blocking=True)
+    host_l.copy_(logprobs, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return InFlight(request_ids, host_t, host_l, done)
 
 
 def greedy_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

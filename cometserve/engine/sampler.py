@@ -17,10 +17,17 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
     """logits float32 [vocab] -> (token id, its log-probability under the unmodified distribution)."""
+    token, logprob = sample_tensor(logits, params, generator)
+    return int(token), float(logprob)
+
+
+def sample_tensor(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample` without leaving the device: (token int64 [], its log-probability float32 [])."""
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.greedy:
-        token = int(torch.argmax(logits))
-        return token, float(logprobs[token])
+        token = torch.argmax(logits)
+        return token, logprobs[token]
     scores = logits / params.temperature
     if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
@@ -31,5 +38,5 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the token that crosses
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
-    token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, float(logprobs[token])
+    token = torch.multinomial(probs, 1, generator=generator)[0]
+    return token, logprobs[token]

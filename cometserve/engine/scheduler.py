@@ -17,16 +17,21 @@ Together these keep an ordering invariant that `check_invariants` asserts: every
 arrived before every waiting one, the waiting queue is sorted by arrival, and at most one running
 request (the newest) is mid-prefill.
 
-`schedule()` and `update()` strictly alternate. The scheduler advances `num_computed_tokens` when
-it schedules a chunk (the K/V is written by that step), and `update()` appends the sampled tokens.
-Pure Python, deterministic: no torch, no clocks, no randomness.
+`schedule()` and `update()` alternate. The scheduler advances `num_computed_tokens` when it schedules
+a chunk (the K/V is written by that step), and `update()` appends the sampled tokens. Async
+scheduling (the engine's) inserts one step: `hold()` marks the step just scheduled as in flight, each
+request it samples counting one token not known yet (`Request.num_inflight`), and the next
+`schedule()` may run before that step's `update()`: its decodes carry `PLACEHOLDER`, which the runner
+fills on the device. The engine looks ahead only when `can_schedule_ahead()` (no preemption can
+happen: a request with a token in flight is never preempted). Pure Python, deterministic: no torch,
+no clocks, no randomness.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from cometserve.engine.interfaces import ScheduledChunk, SchedulerOutput, StepOutput
+from cometserve.engine.interfaces import PLACEHOLDER, ScheduledChunk, SchedulerOutput, StepOutput
 from cometserve.engine.kv_manager import KVBlockManager
 from cometserve.engine.request import Request, RequestStatus
 
@@ -60,6 +65,7 @@ class Scheduler:
         self._next_arrival = 0
         self._finished_ids: list[str] = []  # since the last schedule(), reported to the runner
         self._pending: SchedulerOutput | None = None  # scheduled, not yet updated
+        self._held: SchedulerOutput | None = None  # scheduled, in flight (hold()), not yet updated
 
     # ---- admission and removal -----------------------------------------------------------
 
@@ -179,6 +185,9 @@ class Scheduler:
                 return 0
             if request.status is not _RUNNING:  # preempted earlier in this loop
                 continue
+            if request.num_inflight and (request.num_tokens - request.num_prompt_tokens
+                                         >= request.sampling_params.max_tokens):
+                continue  # its last token is in flight: it ends at that step's update()
             if self._allocate_or_preempt(request, 1, chunks, preempted):
                 chunks.append(self._decode_chunk(request))
                 budget -= 1
@@ -210,6 +219,8 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         """Recompute preemption: drop the K/V, keep the tokens, go first in line."""
+        if request.num_inflight:
+            raise RuntimeError(f"preempting {request.request_id} with a token in flight: check can_schedule_ahead()")
         self.kv.free(request.request_id)
         self.running.remove(request)
         request.transition(RequestStatus.PREEMPTED)
@@ -254,8 +265,34 @@ class Scheduler:
         rid, pos = request.request_id, request.num_computed_tokens
         table, bs = self.kv.table_tuple(rid), self.kv.block_size
         request.num_computed_tokens = pos + 1
-        return ScheduledChunk(rid, (request.output_token_ids[-1],), pos, table, (table[pos // bs] * bs + pos % bs,),
+        token = PLACEHOLDER if request.num_inflight else request.output_token_ids[-1]
+        return ScheduledChunk(rid, (token,), pos, table, (table[pos // bs] * bs + pos % bs,),
                               False, True, request.sampling_params)
+
+    def hold(self) -> None:
+        """The step just scheduled is in flight: its samples count as tokens (num_inflight) until its
+        update(), and the next schedule() may come first (async scheduling; module docstring)."""
+        if self._pending is None or self._held is not None:
+            raise RuntimeError("hold() needs a scheduled step and no other step in flight")
+        self._held, self._pending = self._pending, None
+        requests = self.requests
+        for c in self._held.chunks:
+            if c.needs_sample:
+                r = requests.get(c.request_id)
+                if r is not None and r.status is _RUNNING:
+                    r.num_inflight += 1
+
+    def can_schedule_ahead(self) -> bool:
+        """Whether schedule() can run now without preempting: every running request's next chunk
+        (one decode token, or the rest of its prompt within the step's budget) fits the free blocks."""
+        kv, budget, need = self.kv, self.max_num_batched_tokens, 0
+        for r in self.running:
+            if budget <= 0:
+                break
+            n = 1 if r.is_decoding else min(r.num_tokens - r.num_computed_tokens, budget)
+            need += kv.num_new_blocks(r.request_id, n)
+            budget -= n
+        return need <= kv.num_free_blocks
 
     def update(self, step_output: StepOutput) -> list[Request]:
         """Fold the step's samples into requests; returns the requests this step finished.
@@ -264,10 +301,12 @@ class Scheduler:
         chunk that needed one, or a sample nobody asked for, is a runner bug and raises before
         any request is changed.
         """
-        if self._pending is None:
+        held = self._held is not None  # the oldest step not yet updated: in flight, else the pending one
+        step = self._held if held else self._pending
+        if step is None:
             raise RuntimeError("update() without a preceding schedule()")
         sampled = step_output.sampled
-        expected = [c.request_id for c in self._pending.chunks if c.needs_sample]
+        expected = [c.request_id for c in step.chunks if c.needs_sample]
         unexpected = sampled.keys() - set(expected)
         if unexpected:
             raise ValueError(f"runner sampled for requests that needed no sample: {sorted(unexpected)}")
@@ -277,10 +316,15 @@ class Scheduler:
         missing = [r.request_id for r in live if r.request_id not in sampled]
         if missing:
             raise ValueError(f"runner returned no sample for requests {missing}")
-        self._pending = None
+        if held:
+            self._held = None
+        else:
+            self._pending = None
         finished = []
         for request in live:
             token_id, logprob = sampled[request.request_id]
+            if held:
+                request.num_inflight -= 1
             status = self._append_sample(request, token_id, logprob)
             if status is not None:
                 self._end(request, status)

@@ -58,8 +58,19 @@ class CharTokenizer:
         return "".join(chr(97 + t % 26) for t in ids)
 
 
+_SCHEDULING = {"async_scheduling": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def scheduling(request, monkeypatch):
+    """Every engine test runs with synchronous and with async scheduling (the next step launched
+    before the last one's samples are read): the outputs must be the same."""
+    monkeypatch.setitem(_SCHEDULING, "async_scheduling", request.param)
+    return request.param
+
+
 def make_engine(loaded, tokenizer=None, **kw) -> LLMEngine:
-    cfg = EngineConfig(**{"num_pages": 64, "use_cuda_graphs": False, "max_num_seqs": 16, **kw})
+    cfg = EngineConfig(**{"num_pages": 64, "use_cuda_graphs": False, "max_num_seqs": 16, **_SCHEDULING, **kw})
     return LLMEngine(loaded.model, loaded.scheme, cfg, tokenizer=tokenizer)
 
 
@@ -135,6 +146,27 @@ def test_chunked_prefill_and_preemption_16bit(tiny16):
     assert preempted, "the cache is sized to force preemption"
     want = reference(tiny16, batch, GREEDY)
     assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
+
+
+def test_async_scheduling_launches_ahead(tiny16, scheduling):
+    """With async scheduling, decode steps are scheduled while the previous step is in flight (its
+    samples held), and a request that stops on a token costs one dropped step, nothing else."""
+    engine = make_engine(tiny16, page_size=16)
+    assert engine.async_scheduling is scheduling
+    ahead, schedule = [], engine.scheduler.schedule
+
+    def recording_schedule():
+        ahead.append(engine.scheduler._held is not None)
+        return schedule()
+
+    engine.scheduler.schedule = recording_schedule
+    batch = prompts((9, 30, 3))
+    greedy = reference(tiny16, batch, GREEDY)
+    params = [GREEDY, SamplingParams(max_tokens=16, ignore_eos=True, stop_token_ids=(greedy[1][0][5],)), GREEDY]
+    got = run(engine, batch, params)
+    assert got[1][0] == greedy[1][0][:5] and got[1][3] == "stop"
+    assert got[0][0] == greedy[0][0] and got[2][0] == greedy[2][0]
+    assert sum(ahead) == (len(ahead) - 1 if scheduling else 0)  # all but the first step, when async
 
 
 def test_chunked_int4_completes_and_frees(tiny_w4axkv4):

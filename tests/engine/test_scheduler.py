@@ -263,6 +263,43 @@ def test_schedule_update_contract():
         s.update(StepOutput({}))
 
 
+def test_hold_schedule_ahead_update_contract():
+    """Async scheduling: hold() puts the scheduled step in flight, the next schedule() comes before
+    its update(); decodes carry PLACEHOLDER; updates go oldest first; a request whose last token is
+    in flight is not scheduled again; a request with a token in flight is never preempted."""
+    from cometserve.engine.interfaces import PLACEHOLDER
+
+    s = make(num_blocks=4, block_size=4)
+    with pytest.raises(RuntimeError, match="hold"):
+        s.hold()
+    s.add(req("A", 3, max_tokens=2))
+    s.add(req("B", 2, max_tokens=5))
+    first = s.schedule()
+    s.hold()
+    assert s.get("A").num_inflight == 1 and s.get("A").num_tokens == 4 and s.can_schedule_ahead()
+    ahead = s.schedule()  # before the first step's update
+    assert [(c.request_id, c.token_ids, c.start_pos, c.is_prefill) for c in ahead.chunks] == [
+        ("A", (PLACEHOLDER,), 3, False), ("B", (PLACEHOLDER,), 2, False)]
+    with pytest.raises(RuntimeError, match="no other step in flight"):
+        s.hold()  # one step in flight at a time
+    assert s.update(StepOutput({"A": (7, -0.1), "B": (8, -0.2)})) == []  # the held (first) step
+    assert [c.request_id for c in first.chunks] == ["A", "B"]
+    assert s.get("A").output_token_ids == [7] and s.get("A").num_inflight == 0
+    s.hold()  # the step scheduled ahead is now in flight
+    s.check_invariants()
+    assert [c.request_id for c in s.schedule().chunks] == ["B"]  # A's last token is in flight
+    done = s.update(StepOutput({"A": (9, -0.3), "B": (10, -0.4)}))
+    assert [r.request_id for r in done] == ["A"] and s.get("B").output_token_ids == [8, 10]
+    s.update(StepOutput({"B": (11, -0.5)}))
+    s.check_invariants()
+    b = s.get("B")
+    s.schedule()
+    s.hold()
+    assert b.num_inflight == 1
+    with pytest.raises(RuntimeError, match="in flight"):
+        s._preempt(b)
+
+
 @pytest.mark.parametrize("field", ["max_num_seqs", "max_num_batched_tokens", "max_model_len"])
 def test_scheduler_validates(field):
     kwargs = {"max_num_seqs": 4, "max_num_batched_tokens": 16, "max_model_len": 64, field: 0}
