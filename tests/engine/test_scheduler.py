@@ -350,14 +350,18 @@ class PagedFakeModel:
         self.block_size = block_size
         self.cache: dict[int, tuple[str, int, int, int]] = {}
         self.incarnation: dict[str, int] = {}
+        self.last: dict[str, int] = {}  # the token each request sampled in the last run (PLACEHOLDER's)
 
     def run(self, out: SchedulerOutput) -> StepOutput:
+        from cometserve.engine.interfaces import PLACEHOLDER
+
         for rid in out.preempted_ids:  # its old K/V is dead from now on
             self.incarnation[rid] = self.incarnation.get(rid, 0) + 1
         sampled = {}
         for c in out.chunks:
             inc, bs = self.incarnation.get(c.request_id, 0), self.block_size
-            for i, (tok, slot) in enumerate(zip(c.token_ids, c.slot_mapping)):
+            tokens = [self.last[c.request_id] if t == PLACEHOLDER else t for t in c.token_ids]
+            for i, (tok, slot) in enumerate(zip(tokens, c.slot_mapping)):
                 self.cache[slot] = (c.request_id, inc, c.start_pos + i, tok)
             if c.needs_sample:
                 ctx = []
@@ -366,6 +370,7 @@ class PagedFakeModel:
                     assert (rid, seen_inc, seen_pos) == (c.request_id, inc, pos)
                     ctx.append(tok)
                 sampled[c.request_id] = (next_token(ctx), -1.0)
+        self.last = {rid: t for rid, (t, _) in sampled.items()}
         return StepOutput(sampled)
 
 
@@ -376,8 +381,11 @@ def check_step(s: Scheduler, out: SchedulerOutput) -> None:
     assert kinds == sorted(kinds)  # decodes first
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("seed, num_blocks, budget", [(0, 24, 32), (1, 40, 16), (2, 18, 64), (3, 64, 7)])
-def test_randomized_stress_nothing_leaked_nothing_corrupted(seed, num_blocks, budget):
+def test_randomized_stress_nothing_leaked_nothing_corrupted(seed, num_blocks, budget, ahead):
+    """Random arrivals, aborts, stops, preemption; `ahead`: the engine's async scheduling (each step
+    scheduled and run before the previous one's update, whenever can_schedule_ahead())."""
     import random
 
     rng = random.Random(seed)
@@ -390,6 +398,7 @@ def test_randomized_stress_nothing_leaked_nothing_corrupted(seed, num_blocks, bu
         prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 70))]
         todo.append(Request(f"r{i}", prompt, params, eos_token_id=rng.choice([None, 5])))
     added, rejected, admitted, num_preemptions = [], [], [], 0
+    in_flight, ahead_steps = None, 0
     for _ in range(20_000):
         for _ in range(rng.randint(0, 3)):
             if todo:
@@ -401,16 +410,30 @@ def test_randomized_stress_nothing_leaked_nothing_corrupted(seed, num_blocks, bu
                     rejected.append(r)
         if s.requests and rng.random() < 0.01:
             s.abort(rng.choice(sorted(s.requests)))
-        out = s.schedule()
+        if in_flight is None or (s.has_unfinished() and s.can_schedule_ahead()):
+            out = s.schedule()
+            s.check_invariants()
+            check_step(s, out)
+            num_preemptions += len(out.preempted_ids)
+            admitted += [s.get(c.request_id).arrival for c in out.chunks if c.start_pos == 0 and c.is_prefill]
+            result = model.run(out)  # "launched": runs before the step in flight is updated
+            if in_flight is not None:
+                s.update(in_flight)
+                ahead_steps += 1
+            in_flight = result
+            if ahead:
+                s.hold()
+            else:
+                s.update(in_flight)
+                in_flight = None
+        else:
+            s.update(in_flight)
+            in_flight = None
         s.check_invariants()
-        check_step(s, out)
-        num_preemptions += len(out.preempted_ids)
-        admitted += [s.get(c.request_id).arrival for c in out.chunks if c.start_pos == 0 and c.is_prefill]
-        s.update(model.run(out))
-        s.check_invariants()
-        if not todo and not s.has_unfinished():
+        if not todo and not s.has_unfinished() and in_flight is None:
             break
     assert not todo and not s.has_unfinished(), "the scheduler stopped making progress"
+    assert (ahead_steps > 100) == ahead
     assert s.kv.num_free_blocks == num_blocks and s.kv.usage == 0.0
     assert num_preemptions > 0 and len(rejected) > 0  # the scenarios exercise both paths
     first = list(dict.fromkeys(admitted))
