@@ -423,7 +423,7 @@ class ModelRunner:
         without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
         computed them), the others one by one with their kept seeded generators."""
         rows = [i for i, rid in enumerate(request_ids) if not params[rid].greedy]
-        if not rows or len(rows) < len(request_ids):
+        if len(rows) < len(request_ids):  # greedy rows: one batched pick
             greedy = greedy_out if greedy_out is not None else greedy_logprobs(logits)
             if not rows:
                 return greedy
