@@ -130,7 +130,7 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
         for r in rows:
             if r["model"] == model and r["method"] in ("fp16", "w4a16_gptq", "w4a8kv4"):
                 ax.axhline(r["ppl"], ls="--", lw=1, color={"fp16": "k", "w4a16_gptq": "g", "w4a8kv4": "r"}[r["method"]],
-                           label=r["method"])
+                           label=r["method"] + (" (INT4 KV)" if r["method"] == "w4a8kv4" else ""))
         ax.set(title=model, xlabel="INT8 activation blocks (%)", ylabel="perplexity (held-out Austen)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
