@@ -167,7 +167,8 @@ def merge_results(row: dict, prov: dict) -> None:
                      f"{frac} | {'-' if r['mmlu'] is None else r['mmlu']} |")
     plot_sweep(rows, RESULTS / "accuracy.png")
     md = RESULTS / f"{time.strftime('%Y-%m-%d')}-accuracy.md"
-    notes = md.read_text().partition("\n## Notes")[2] if md.is_file() else ""  # hand-written: kept
+    dated = sorted(RESULTS.glob("????-??-??-accuracy.md"))  # the newest table's hand-written Notes are kept
+    notes = dated[-1].read_text().partition("\n## Notes")[2] if dated else ""
     md.write_text("\n".join(lines) + "\n" + ("\n## Notes" + notes if notes else ""))
 
 

@@ -243,9 +243,11 @@ def write_results(args, rows: list[dict], out_dir: Path) -> None:
 
 
 def merge(paths: list[str], out_dir: Path, name: str) -> None:
-    """One document from several runs' throughput.json (same GPU and versions): rows keep their own
-    commit and command; a later file's row replaces an earlier one of the same model, mode, case and
-    tensor-parallel size."""
+    """One document from --out-dir's NAME.json and several runs' throughput.json (same GPU and
+    versions): rows keep their own commit and command; a later file's row replaces an earlier one of
+    the same model, mode, case and tensor-parallel size."""
+    current = out_dir / f"{name}.json"  # the rows already there stay unless a run replaces them
+    paths = [current] * (current.is_file() and all(Path(p).resolve() != current.resolve() for p in paths)) + paths
     docs = [json.loads(Path(p).read_text()) for p in paths]
     rows: dict[tuple, dict] = {}
     for d in docs:
@@ -284,7 +286,10 @@ def write_doc(doc: dict, out_dir: Path, name: str) -> None:
         if tp > 1 and (model, mode, case, 1) in by:
             lines.append(f"- {model} {mode} at {case}: {tp} GPUs / 1 GPU {v / by[(model, mode, case, 1)]:.2f}x "
                          "output tokens/s")
-    (out_dir / f"{datetime.date.today()}-{name}.md").write_text("\n".join(lines) + "\n")
+    dated = sorted(out_dir.glob(f"????-??-??-{name}.md"))  # the newest table's hand-written Notes are kept
+    notes = dated[-1].read_text().partition("\n## Notes")[2] if dated else ""
+    (out_dir / f"{datetime.date.today()}-{name}.md").write_text(
+        "\n".join(lines) + "\n" + ("\n## Notes" + notes if notes else ""))
     write_plot(rows, out_dir / f"{name}.png")
 
 
