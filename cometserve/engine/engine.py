@@ -111,8 +111,7 @@ class LLMEngine:
                                   cfg.max_graph_batch or cfg.max_num_seqs)
         self._tracked: dict[str, _Tracked] = {}
         self._aborted: list[str] = []
-        self._in_flight = False  # a step is launched and held (async scheduling), not yet updated
-        self._flight = None  # its ModelRunner.launch() result
+        self._flight = None  # ModelRunner.launch() of the step the scheduler holds (async scheduling)
         self.num_steps = 0
 
     def warm_up(self) -> None:
@@ -151,7 +150,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted) or self._in_flight
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self.scheduler.in_flight
 
     @property
     def async_scheduling(self) -> bool:
@@ -173,26 +172,26 @@ class LLMEngine:
         deltas = [self._final_delta(rid, "abort") for rid in self._aborted]
         self._aborted.clear()
         sched, runner = self.scheduler, self.runner
-        if not self._in_flight:
+        if not sched.in_flight:
             out = sched.schedule()
             if not self.async_scheduling:
                 return self._updated(runner.execute(out), deltas)
-            self._flight, self._in_flight = runner.launch(out), True
+            self._flight = runner.launch(out)
             sched.hold()
         ahead = sched.has_unfinished() and sched.can_schedule_ahead()
         nxt = runner.launch(sched.schedule()) if ahead else None
         deltas += self.sync()
         if ahead:
-            self._flight, self._in_flight = nxt, True
+            self._flight = nxt
             sched.hold()
         return deltas
 
     def sync(self) -> list[RequestDelta]:
         """Collect and fold the step in flight (async scheduling) without launching another: the
         scheduler is then between steps, as after a synchronous step(). Its deltas."""
-        if not self._in_flight:
+        if not self.scheduler.in_flight:
             return []
-        flight, self._flight, self._in_flight = self._flight, None, False
+        flight, self._flight = self._flight, None
         return self._updated(self.runner.collect(flight), [])
 
     def _updated(self, step_out, deltas: list[RequestDelta]) -> list[RequestDelta]:

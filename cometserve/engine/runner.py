@@ -2,13 +2,10 @@
 forward over the paged cache -> logits at the sampled positions -> per-request samples (StepOutput).
 
 The model takes flat `input_ids [T]` and `positions [T]` and a cache whose `layers[i].attend(q, k,
-v, positions, scale)` writes the step's K/V and reads attention for layer i. Here that object is a
-`StepCache`: one `LayerView` per layer sharing one `AttentionMetadata`, so the model never learns
-it is running a ragged batch.
-
-Kernel choice (ARCHITECTURE.md: the vLLM kernel-selection contract): on CUDA the Triton kernels
-where their `can_implement` accepts the shapes, the `kernels/ref.py` reference otherwise. A step
-whose every chunk is one token long runs decode attention; any longer chunk makes it a prefill step.
+v, positions, scale)` writes the step's K/V and reads attention for layer i: a `StepCache` over one
+`AttentionMetadata` (engine/attention.py, with the attention backends and their kernel choice). A
+step whose every chunk is one token long runs decode attention; any longer chunk makes it a prefill
+step.
 
 Decode steps of up to `max_graph_batch` sequences replay a CUDA graph of the whole model forward
 captured for the padded batch size (static buffers and the captured graphs live in `DecodeGraphs`).
@@ -26,160 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from cometserve.engine.attention import AttentionMetadata, Bf16Attention, Int4Attention, StepCache
 from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutput
 from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.sampler import make_generator, sample_tensor
-from cometserve.kernels import ref
-
-
-@dataclass
-class AttentionMetadata:
-    """One step's attention metadata, shared by every layer. B sequences, T tokens.
-
-    block_tables int32 [B, max_pages] (padded with the dummy page); cu_seqlens_q int32 [B+1];
-    context_lens int32 [B] (after this step's write); seq_slots int32 [B] (INT4 window rows);
-    slot_mapping int64 [T] (flat page * P + offset of each new token: the 16-bit cache's write).
-    Host copies: start_pos, context lens and cu_seqlens as Python lists (no device syncs);
-    max_seqlen_q, max_context_len: grid sizes the kernels would otherwise read from the device.
-    """
-
-    block_tables: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    context_lens: torch.Tensor
-    seq_slots: torch.Tensor
-    slot_mapping: torch.Tensor
-    max_seqlen_q: int
-    max_context_len: int
-    start_pos_host: list[int]
-    context_lens_host: list[int]
-    cu_seqlens_host: list[int]
-    kv_slots: torch.Tensor | None = None  # int64 [sum(context_lens)]: 16-bit continuation prefill
-    cu_seqlens_k: torch.Tensor | None = None  # int32 [B+1] over kv_slots
-
-    @property
-    def is_decode(self) -> bool:
-        return self.max_seqlen_q == 1
-
-
-class Int4Attention:
-    """write_kv + prefill/decode attention over `ref.PagedKVCache` (kernels where they apply)."""
-
-    def __init__(self, storage: KVStorage, q_heads: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.write_kv, self.decode, self.prefill = ref.write_kv, ref.decode_attention, ref.prefill_attention
-        self.reason = "not on CUDA"
-        if device.type == "cuda":
-            try:
-                from cometserve.kernels import attention, kv_cache
-            except ImportError as e:
-                self.reason = f"kernels unavailable: {e}"
-                return
-            cache = storage.layers[0]
-            q = torch.empty(1, q_heads, cache.head_dim, dtype=dtype, device=device)
-            k = torch.empty(1, cache.num_kv_heads, cache.head_dim, dtype=dtype, device=device)
-            ok_w, why_w = kv_cache.can_implement(k, cache)
-            ok_a, why_a = attention.can_implement(q, cache)
-            if ok_w:
-                self.write_kv = kv_cache.write_kv
-            if ok_a:
-                self.decode, self.prefill = attention.decode_attention, attention.prefill_attention
-            self.reason = "; ".join(r for r in (why_w, why_a) if r) or "kernels"
-
-    @property
-    def graph_safe(self) -> bool:
-        return self.decode is not ref.decode_attention and self.write_kv is not ref.write_kv
-
-    def attend(self, cache, m: AttentionMetadata, q, k, v, scale: float) -> torch.Tensor:
-        self.write_kv(k, v, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, m.max_seqlen_q)
-        if m.is_decode:
-            return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
-        return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
-                            m.max_seqlen_q, m.max_context_len)
-
-
-class Bf16Attention:
-    """16-bit paged cache: scatter by slot_mapping; decode through the paged decode kernel (or its
-    reference). Prefill on CUDA: one FlashAttention-2 varlen call over the step's new K/V (every
-    chunk a first chunk) or over the sequences' gathered pages (`kv_slots`); elsewhere, per
-    sequence through the reference (bit-identical to the plain per-sequence path)."""
-
-    def __init__(self, storage: KVStorage, q_heads: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.decode = ref.decode_attention_bf16
-        self.on_cuda = device.type == "cuda"
-        self.reason = "not on CUDA"
-        head_dim = storage.layers[0].k_pages.shape[3]
-        if self.on_cuda and head_dim in (64, 128, 256) and dtype in (torch.float16, torch.bfloat16):
-            try:
-                from cometserve.kernels import attention
-
-                self.decode, self.reason = attention.decode_attention_bf16, "kernels"
-            except ImportError as e:
-                self.reason = f"kernels unavailable: {e}"
-        self.flash = self.on_cuda and _flash_varlen_works(q_heads, storage.layers[0].k_pages.shape[1], head_dim,
-                                                          dtype, device)
-
-    @property
-    def graph_safe(self) -> bool:
-        return self.decode is not ref.decode_attention_bf16
-
-    def attend(self, cache, m: AttentionMetadata, q, k, v, scale: float) -> torch.Tensor:
-        psz = cache.page_size
-        kp, vp = cache.k_pages, cache.v_pages
-        page, off = m.slot_mapping // psz, m.slot_mapping % psz
-        kp[page, :, off] = k.to(kp.dtype)  # [T, Hkv, D] into [num_pages, Hkv, P, D]
-        vp[page, :, off] = v.to(vp.dtype)
-        if m.is_decode:
-            return self.decode(q, kp, vp, m.block_tables, m.context_lens, scale, m.max_context_len)
-        if self.flash:
-            if m.kv_slots is None:  # every chunk starts at 0: its own K/V is the whole context
-                keys, values, cu_k, max_k = k.to(kp.dtype), v.to(vp.dtype), m.cu_seqlens_q, m.max_seqlen_q
-            else:
-                page, off = m.kv_slots // psz, m.kv_slots % psz
-                keys, values, cu_k, max_k = kp[page, :, off], vp[page, :, off], m.cu_seqlens_k, m.max_context_len
-            return torch.ops.aten._flash_attention_forward(
-                q, keys.contiguous(), values.contiguous(), m.cu_seqlens_q, cu_k, m.max_seqlen_q, max_k, 0.0,
-                True, False, scale=scale)[0]
-        out = torch.empty_like(q)
-        cu = m.cu_seqlens_host
-        for b, (start, ctx) in enumerate(zip(m.start_pos_host, m.context_lens_host)):
-            t0, t1 = cu[b], cu[b + 1]
-            if start == 0:
-                keys, values = k[t0:t1].to(kp.dtype), v[t0:t1].to(vp.dtype)
-            else:
-                pages = m.block_tables[b, : -(-ctx // psz)].long()
-                keys = kp[pages].transpose(1, 2).reshape(-1, kp.shape[1], kp.shape[3])[:ctx]
-                values = vp[pages].transpose(1, 2).reshape(-1, vp.shape[1], vp.shape[3])[:ctx]
-            out[t0:t1] = self._attention(q[t0:t1], keys, values, start, scale)
-        return out
-
-    def _attention(self, q, keys, values, start: int, scale: float) -> torch.Tensor:
-        """q [T, Hq, D] at positions start.. over keys/values [L, Hkv, D] (L = start + T)."""
-        t = q.shape[0]
-        if not self.on_cuda:  # the reference: bit-identical to the plain per-sequence path
-            pos = torch.arange(start, start + t, device=q.device)
-            return ref.attention(q, keys, values, pos, scale)
-        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
-        if start == 0:
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            mask = torch.arange(keys.shape[0], device=q.device)[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-        return o.transpose(0, 1)
-
-
-def _flash_varlen_works(q_heads: int, kv_heads: int, head_dim: int, dtype, device) -> bool:
-    """Whether PyTorch's bundled FlashAttention-2 varlen kernel runs here (bottom-right causal, GQA)."""
-    try:
-        q = torch.zeros(4, q_heads, head_dim, dtype=dtype, device=device)
-        k = torch.zeros(6, kv_heads, head_dim, dtype=dtype, device=device)
-        cu_q = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
-        cu_k = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
-        torch.ops.aten._flash_attention_forward(q, k, k, cu_q, cu_k, 3, 4, 0.0, True, False, scale=1.0)
-        return True
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-
 
 _ALIGN = 32  # elements: each field packed by _to_device starts 128-byte aligned, as its own tensor would
 
@@ -242,23 +90,6 @@ class HostBlockTables:
     def gather(self, slots: list[int], width: int) -> np.ndarray:
         """int32 [len(slots), width]: the rows of `slots`, cut to the batch's longest table."""
         return self.rows[slots, :width]
-
-
-class LayerView:
-    """What the model's attention layer sees as its cache for this step."""
-
-    __slots__ = ("cache", "meta", "ops")
-
-    def __init__(self, cache, meta: AttentionMetadata, ops) -> None:
-        self.cache, self.meta, self.ops = cache, meta, ops
-
-    def attend(self, q, k, v, positions, scale: float) -> torch.Tensor:
-        return self.ops.attend(self.cache, self.meta, q, k, v, scale)
-
-
-class StepCache:
-    def __init__(self, storage: KVStorage, meta: AttentionMetadata, ops) -> None:
-        self.layers = [LayerView(c, meta, ops) for c in storage.layers]
 
 
 @dataclass

@@ -185,7 +185,7 @@ class Scheduler:
                 return 0
             if request.status is not _RUNNING:  # preempted earlier in this loop
                 continue
-            if request.num_inflight and (request.num_tokens - request.num_prompt_tokens
+            if request.num_inflight and (request.num_output_tokens + request.num_inflight
                                          >= request.sampling_params.max_tokens):
                 continue  # its last token is in flight: it ends at that step's update()
             if self._allocate_or_preempt(request, 1, chunks, preempted):
@@ -268,6 +268,11 @@ class Scheduler:
         token = PLACEHOLDER if request.num_inflight else request.output_token_ids[-1]
         return ScheduledChunk(rid, (token,), pos, table, (table[pos // bs] * bs + pos % bs,),
                               False, True, request.sampling_params)
+
+    @property
+    def in_flight(self) -> bool:
+        """A step is held (scheduled, launched, not yet updated): async scheduling."""
+        return self._held is not None
 
     def hold(self) -> None:
         """The step just scheduled is in flight: its samples count as tokens (num_inflight) until its

@@ -156,7 +156,7 @@ def test_async_scheduling_launches_ahead(tiny16, scheduling):
     ahead, schedule = [], engine.scheduler.schedule
 
     def recording_schedule():
-        ahead.append(engine.scheduler._held is not None)
+        ahead.append(engine.scheduler.in_flight)
         return schedule()
 
     engine.scheduler.schedule = recording_schedule
