@@ -2,7 +2,7 @@
 (`AttentionMetadata`), the backends that write a layer's new K/V and read attention (INT4 paged
 cache: `Int4Attention`; 16-bit: `Bf16Attention`; kernels where their `can_implement` accepts the
 shapes, `kernels/ref.py` otherwise), and the per-layer views the model calls (`StepCache`,
-`LayerView`: `layers[i].attend(q, k, v, positions, scale)`), so the model never learns it is
+`LayerView`: `layers[i].attend(q, k, v, positions, scale, rotary)`), so the model never learns it is
 running a ragged batch."""
 
 from __future__ import annotations
@@ -72,8 +72,11 @@ class Int4Attention:
     def graph_safe(self) -> bool:
         return self.decode is not ref.decode_attention and self.write_kv is not ref.write_kv
 
-    def attend(self, cache, m: AttentionMetadata, q, k, v, scale: float) -> torch.Tensor:
-        self.write_kv(k, v, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, m.max_seqlen_q)
+    def attend(self, cache, m: AttentionMetadata, q, k, v, positions, scale: float, rotary) -> torch.Tensor:
+        # RoPE rides in the write (one launch fewer per layer in a decode step where the kernel runs)
+        rope = (q, positions, *rotary.tables(q.device))
+        self.write_kv(k, v, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, m.max_seqlen_q,
+                      rope)
         if m.is_decode:
             return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
         return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
@@ -105,7 +108,8 @@ class Bf16Attention:
     def graph_safe(self) -> bool:
         return self.decode is not ref.decode_attention_bf16
 
-    def attend(self, cache, m: AttentionMetadata, q, k, v, scale: float) -> torch.Tensor:
+    def attend(self, cache, m: AttentionMetadata, q, k, v, positions, scale: float, rotary) -> torch.Tensor:
+        q, k = rotary(positions, q, k)
         psz = cache.page_size
         kp, vp = cache.k_pages, cache.v_pages
         page, off = m.slot_mapping // psz, m.slot_mapping % psz
@@ -171,8 +175,8 @@ class LayerView:
     def __init__(self, cache, meta: AttentionMetadata, ops) -> None:
         self.cache, self.meta, self.ops = cache, meta, ops
 
-    def attend(self, q, k, v, positions, scale: float) -> torch.Tensor:
-        return self.ops.attend(self.cache, self.meta, q, k, v, scale)
+    def attend(self, q, k, v, positions, scale: float, rotary) -> torch.Tensor:
+        return self.ops.attend(self.cache, self.meta, q, k, v, positions, scale, rotary)
 
 
 class StepCache:

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cometserve.kernels.pointwise import _rotate_heads, rotary_embedding
 from cometserve.kernels.ref import PagedKVCache
 
 KV_QMAX = 15.0
@@ -32,11 +33,11 @@ KV_MIN_SCALE = 1e-5
 
 
 @triton.jit
-def _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H: tl.constexpr,
-                     G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, col0: tl.constexpr):
-    """Rows `pos` [G] of one head, channels col0 .. col0 + HALF: from the window if before l0, else
-    from the new tokens. Returns float32 [G, HALF]."""
-    d = col0 + tl.arange(0, HALF)
+def _load_group_cols(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H: tl.constexpr,
+                     G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, col0):
+    """Rows `pos` [G] of one head, channels col0 .. col0 + W: from the window if before l0, else
+    from the new tokens. Returns float32 [G, W]."""
+    d = col0 + tl.arange(0, W)
     in_win = pos < l0
     in_new = (pos >= l0) & (pos < ctx)
     w_off = ((slot * H + h) * G + (pos % G)).to(tl.int64)[:, None] * D + d[None, :]
@@ -47,7 +48,7 @@ def _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, strid
 
 
 @triton.jit
-def _quantize_half(x):
+def _quantize_cols(x):
     """x float32 [G, C] (one full group) -> codes uint8 [G, C], scale and zero float16 [C].
     Bit for bit `ref.quantize_kv`: correctly rounded divisions, round half away from zero."""
     mn = tl.min(x, axis=0)
@@ -68,20 +69,27 @@ def _quantize_half(x):
 def _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, tok0, pos, l0, ctx, h, slot, page, row, stride_xt,
                stride_xh, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                HALF: tl.constexpr):
-    """Quantize the full group at rows `pos` of K or V and store its packed codes, scale and zero."""
-    lo = _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, HALF, 0)
-    hi = _load_group_half(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, HALF, HALF)
-    c_lo, s_lo, z_lo = _quantize_half(lo)
-    c_hi, s_hi, z_hi = _quantize_half(hi)
+    """Quantize the full group at rows `pos` of K or V and store its packed codes, scale and zero.
+    Channels are independent (one scale and zero per channel), so the group is quantized in column
+    chunks of CH: [G, HALF] float32 tiles for both halves took ~200 registers a thread, which let
+    2 programs run per SM and made a decode step's write (one row per sequence, a rare full group)
+    36 us at 512 sequences."""
+    CH: tl.constexpr = 16
     t = tl.arange(0, G)
-    j = tl.arange(0, HALF)
-    c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
-    tl.store(c_ptr + c_off, c_lo | (c_hi << 4))
-    m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
-    tl.store(s_ptr + m_off, s_lo)
-    tl.store(s_ptr + m_off + HALF, s_hi)
-    tl.store(z_ptr + m_off, z_lo)
-    tl.store(z_ptr + m_off + HALF, z_hi)
+    j = tl.arange(0, CH)
+    c_row = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF
+    m_row = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D
+    for c0 in range(0, HALF, CH):  # a loop, not unrolled: unrolled, the loads are hoisted
+        lo = _load_group_cols(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, CH, c0)
+        hi = _load_group_cols(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, CH,
+                              c0 + HALF)
+        c_lo, s_lo, z_lo = _quantize_cols(lo)
+        c_hi, s_hi, z_hi = _quantize_cols(hi)
+        tl.store(c_ptr + c_row + c0 + j[None, :], c_lo | (c_hi << 4))
+        tl.store(s_ptr + m_row + c0 + j, s_lo)
+        tl.store(s_ptr + m_row + HALF + c0 + j, s_hi)
+        tl.store(z_ptr + m_row + c0 + j, z_lo)
+        tl.store(z_ptr + m_row + HALF + c0 + j, z_hi)
 
 
 @triton.jit
@@ -99,14 +107,18 @@ def _copy_tail(x_ptr, w_ptr, tok0, start, l0, ctx, h, slot, stride_xt, stride_xh
 @triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
-    bt_ptr, cu_ptr, ctx_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+    bt_ptr, cu_ptr, ctx_ptr, slot_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, stride_qt, stride_qh,
     H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    ROPE: tl.constexpr, QPK: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """Grid (B, groups touched, Hkv). Program (b, i, h) quantizes group g_first + i of sequence b
     if this step fills it. Program i = 0 alone also writes the partial last group to the window,
     after a barrier: it is the only program that reads the old window (g_first's head rows), so
-    no other program can overwrite window rows before they are read."""
+    no other program can overwrite window rows before they are read.
+    ROPE (decode: one new token per sequence): program (b, 0, h) first rotates that token's k head h
+    and its QPK query heads in place (pointwise._rotary_kernel's arithmetic), so the separate RoPE
+    launch disappears from a decode step."""
     b = tl.program_id(0)
     i = tl.program_id(1)
     h = tl.program_id(2)
@@ -114,6 +126,16 @@ def _write_kv_kernel(
     n_new = tl.load(cu_ptr + b + 1) - tok0
     ctx = tl.load(ctx_ptr + b)
     slot = tl.load(slot_ptr + b)
+    HALF: tl.constexpr = D // 2
+    if ROPE:
+        if n_new > 0:
+            pos_t = tl.load(pos_ptr + tok0)
+            d = tl.arange(0, HALF)
+            cos = tl.load(cos_ptr + pos_t * HALF + d)[None, :]
+            sin = tl.load(sin_ptr + pos_t * HALF + d)[None, :]
+            _rotate_heads(q_ptr, QPK, tok0 * stride_qt + h * QPK * stride_qh, stride_qh, cos, sin, HALF, BLOCK_Q)
+            _rotate_heads(k_ptr, 1, tok0 * stride_kt + h * stride_kh, stride_kh, cos, sin, HALF, 2)
+        tl.debug_barrier()  # the rotated k row is read back below (by other threads of this program)
     l0 = ctx - n_new
     g = l0 // G + i
     pos = g * G + tl.arange(0, G)
@@ -121,9 +143,9 @@ def _write_kv_kernel(
         page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
         _write_one(k_ptr, kw_ptr, kc_ptr, ks_ptr, kz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
-                   stride_kt, stride_kh, H, P, G, D, D // 2)
+                   stride_kt, stride_kh, H, P, G, D, HALF)
         _write_one(v_ptr, vw_ptr, vc_ptr, vs_ptr, vz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
-                   stride_vt, stride_vh, H, P, G, D, D // 2)
+                   stride_vt, stride_vh, H, P, G, D, HALF)
     if (i == 0) & (n_new > 0) & (ctx % G != 0):
         tl.debug_barrier()
         start = ((ctx - 1) // G) * G
@@ -133,12 +155,14 @@ def _write_kv_kernel(
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
-             max_seqlen_q: int | None = None) -> None:
+             max_seqlen_q: int | None = None, rope: tuple | None = None) -> None:
     """Append k, v [num_tokens, Hkv, D] to `cache` in place (semantics: module docstring, ref.write_kv).
 
     block_tables int32 [B, max_pages]; cu_seqlens_q int32 [B+1]; context_lens int32 [B] (after this
     step); seq_slots int32 [B] (window row of each sequence). max_seqlen_q: the largest T_b, if the
-    caller knows it (saves a device-to-host sync).
+    caller knows it (saves a device-to-host sync). rope: (q [T, Hq, D], positions [T], cos, sin) to
+    rotate q and k in place first (pointwise.rotary_embedding's arguments); fused into this launch
+    when every sequence brings at most one token (decode), a separate launch otherwise.
     """
     ok, reason = can_implement(k, cache)
     assert ok, reason
@@ -152,12 +176,25 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables
         return
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    h = cache.num_kv_heads
+    q = positions = cos = sin = None
+    if rope is not None:
+        q, positions, cos, sin = rope
+        assert q.shape[0] == k.shape[0] and q.shape[1] % h == 0 and q.stride(-1) == 1, (
+            f"q {tuple(q.shape)} must be [T, a multiple of {h} heads, D]")
+        if max_seqlen_q > 1:
+            rotary_embedding(q, k, positions, cos, sin)
+            rope = None
     g = cache.group_size
     groups = (max_seqlen_q + 2 * g - 2) // g  # groups a run of T tokens can touch
-    _write_kv_kernel[(b, groups, cache.num_kv_heads)](
+    _write_kv_kernel[(b, groups, h)](
         k, v, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots,
+        *((q, positions, cos, sin) if rope is not None else (k, k, k, k)),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_tables.stride(0),
-        H=cache.num_kv_heads, P=cache.page_size, G=g, D=cache.head_dim, num_warps=4,
+        q.stride(0) if rope is not None else 0, q.stride(1) if rope is not None else 0,
+        H=h, P=cache.page_size, G=g, D=cache.head_dim, ROPE=rope is not None,
+        QPK=q.shape[1] // h if rope is not None else 1,
+        BLOCK_Q=max(2, triton.next_power_of_2(q.shape[1] // h)) if rope is not None else 2, num_warps=4,
     )
 
 

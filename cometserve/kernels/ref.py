@@ -315,13 +315,19 @@ def _store_group(cache: PagedKVCache, page: int, row: int, k: torch.Tensor, v: t
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
-             max_seqlen_q: int | None = None) -> None:
+             max_seqlen_q: int | None = None, rope: tuple | None = None) -> None:
     """Append new k, v [num_tokens, Hkv, D] (K after RoPE) to the cache, in place.
 
     Sequence b's new tokens are rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1, at positions ending at
     context_lens[b] - 1 (context_lens counts them). Every group that becomes full is quantized as a
     whole into its page; the tokens of a still-partial last group go to the 16-bit window.
+    rope: (q, positions, cos, sin): first rotate q and k IN PLACE (`rotary_embedding`).
     """
+    if rope is not None:
+        q, positions, cos, sin = rope
+        rq, rk = rotary_embedding(q, k, positions, cos, sin)
+        q.copy_(rq)
+        k.copy_(rk)
     gsz, psz = cache.group_size, cache.page_size
     for b in range(context_lens.shape[0]):
         t0, t1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])

@@ -33,8 +33,10 @@ class LayerCache:
                 self._quantize_oldest_group()
         return torch.cat((self.deq_k, self.window_k)), torch.cat((self.deq_v, self.window_v))
 
-    def attend(self, q, k, v, positions, scale: float) -> torch.Tensor:
-        """Write k, v [T, Hkv, D], then causal attention of q [T, Hq, D] at `positions` over the cache."""
+    def attend(self, q, k, v, positions, scale: float, rotary) -> torch.Tensor:
+        """RoPE on q [T, Hq, D] and k [T, Hkv, D], write k, v, then causal attention of q at
+        `positions` over the cache."""
+        q, k = rotary(positions, q, k)
         keys, values = self.update(k, v)
         return ref.attention(q, keys, values, positions, scale)
 

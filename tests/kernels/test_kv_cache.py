@@ -14,17 +14,22 @@ import torch
 from tests.kernels import interp
 from tests.kernels.interp import report_cases
 
-# (name, kv_heads, head_dim, group, page, steps: new tokens per sequence per step)
+# (name, kv_heads, head_dim, group, page, steps: new tokens per sequence per step, q heads per kv
+# head: 0 = no RoPE, else q and k are rotated by write_kv's `rope`, fused into decode steps)
 CPU_CASES = [
-    ("d64_g16_p32_ragged", 2, 64, 16, 32, [[5, 40, 16], [1, 1, 1], [30, 7, 50], [1, 1, 1]]),
-    ("d128_g16_p16_decode", 1, 128, 16, 16, [[15, 16, 17], [1, 1, 1], [1, 1, 1]]),
-    ("d64_g32_p64_chunks", 2, 64, 32, 64, [[33, 64], [70, 1], [95, 31]]),
+    ("d64_g16_p32_ragged", 2, 64, 16, 32, [[5, 40, 16], [1, 1, 1], [30, 7, 50], [1, 1, 1]], 0),
+    ("d128_g16_p16_decode", 1, 128, 16, 16, [[15, 16, 17], [1, 1, 1], [1, 1, 1]], 0),
+    ("d64_g32_p64_chunks", 2, 64, 32, 64, [[33, 64], [70, 1], [95, 31]], 0),
+    ("d64_g16_p16_rope_gqa4", 2, 64, 16, 16, [[15, 3, 16], [1, 1, 1], [1, 1, 1], [4, 1, 2]], 4),
+    ("d128_g16_p32_rope_mha", 1, 128, 16, 32, [[16, 1], [1, 1], [1, 1]], 1),
 ]
 
 
-def run_write_case(kv_heads, head_dim, group, page, steps, device="cpu", dtype=torch.bfloat16, seed=0):
-    """Drive ref.write_kv and kernels.write_kv through the same steps; raise on the first mismatch."""
-    from cometserve.kernels import kv_cache, ref
+def run_write_case(kv_heads, head_dim, group, page, steps, qpk=0, device="cpu", dtype=torch.bfloat16, seed=0):
+    """Drive ref.write_kv and kernels.write_kv through the same steps; raise on the first mismatch.
+    With RoPE (qpk > 0) the reference gets q and k rotated by the separate kernel
+    (pointwise.rotary_embedding): the fused rotation must equal it bit for bit."""
+    from cometserve.kernels import kv_cache, pointwise, ref
 
     gen = torch.Generator().manual_seed(seed)
     b = len(steps[0])
@@ -45,9 +50,19 @@ def run_write_case(kv_heads, head_dim, group, page, steps, device="cpu", dtype=t
         k[:, 0, 0] = 0.25  # a constant channel: the minimum scale
         if c_dev is None:
             c_dev = ref.PagedKVCache(*(t.to(device) for t in c_ref.tensors()))
-        ref.write_kv(k, v, c_ref, block_tables, cu, ctx, seq_slots)
         dev = [t.to(device) for t in (block_tables, cu, ctx, seq_slots)]
-        kv_cache.write_kv(k.to(device), v.to(device), c_dev, *dev)
+        k_dev, rope = k.to(device), None
+        if qpk:
+            q = torch.randn(k.shape[0], kv_heads * qpk, head_dim, generator=gen).to(dtype).to(device)
+            pos = torch.cat([torch.arange(int(c) - int(t), int(c)) for c, t in zip(ctx, n)]).to(device)
+            freqs = torch.arange(4096).float()[:, None] * (0.5 ** torch.arange(head_dim // 2).float())[None, :]
+            tables = (freqs.cos().to(device), freqs.sin().to(device))
+            q_want, k_want = pointwise.rotary_embedding(q.clone(), k_dev.clone(), pos, *tables)
+            k, rope = k_want.cpu(), (q, pos, *tables)
+        ref.write_kv(k, v, c_ref, block_tables, cu, ctx, seq_slots)
+        kv_cache.write_kv(k_dev, v.to(device), c_dev, *dev, rope=rope)
+        if qpk and not (torch.equal(rope[0], q_want) and torch.equal(k_dev, k_want)):
+            raise AssertionError(f"fused RoPE differs from pointwise.rotary_embedding after step {step}")
         names = ("k_codes", "v_codes", "k_scales", "k_zeros", "v_scales", "v_zeros", "k_window", "v_window")
         for name, a, d in zip(names, c_ref.tensors(), c_dev.tensors()):
             if "window" in name:  # only rows holding live tokens are defined
@@ -117,6 +132,7 @@ def test_can_implement_refuses_with_reason():
 def test_write_kv_gpu_bit_exact(dtype, head_dim, page):
     steps = [[1000, 1, 64, 300, 63], [1] * 5, [130, 64, 1, 2, 1], [1] * 5]
     run_write_case(8, head_dim, 64, page, steps, device="cuda", dtype=dtype)
+    run_write_case(8, head_dim, 64, page, steps + [[1] * 5] * 3, qpk=4, device="cuda", dtype=dtype)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Self-attention with a fused QKV projection, RoPE and GQA over a KV cache.
 
-The cache object of each layer does the write and the attention read together
-(`cache.attend(q, k, v, positions, scale)`): the plain per-sequence cache (reference path) and the
-engine's paged INT4 cache (one batch of ragged sequences, metadata built once per step) plug in
-here without the model knowing which one it has."""
+The cache object of each layer does RoPE, the write and the attention read together
+(`cache.attend(q, k, v, positions, scale, rotary)`; a cache may fuse the rotation into its write):
+the plain per-sequence cache (reference path) and the engine's paged INT4 cache (one batch of
+ragged sequences, metadata built once per step) plug in here without the model knowing which one
+it has."""
 
 from __future__ import annotations
 
@@ -31,6 +32,5 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = cache.attend(q, k, v, positions, self.scale)
+        out = cache.attend(q, k, v, positions, self.scale, self.rotary)
         return self.o_proj(out.reshape(t, q_size))
