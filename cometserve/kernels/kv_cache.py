@@ -112,23 +112,26 @@ def _write_kv_kernel(
     H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     ROPE: tl.constexpr, QPK: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """Grid (B, groups touched, Hkv). Program (b, i, h) quantizes group g_first + i of sequence b
-    if this step fills it. Program i = 0 alone also writes the partial last group to the window,
-    after a barrier: it is the only program that reads the old window (g_first's head rows), so
-    no other program can overwrite window rows before they are read.
-    ROPE (decode: one new token per sequence): program (b, 0, h) first rotates that token's k head h
-    and its QPK query heads in place (pointwise._rotary_kernel's arithmetic), so the separate RoPE
+    """Grid (B, groups touched, 2 Hkv): K (even z) or V (odd z) of head h = z // 2. Program (b, i, z)
+    quantizes group g_first + i of sequence b if this step fills it. Program i = 0 alone also writes
+    the partial last group to the window, after a barrier: it is the only program that reads the
+    old window (g_first's head rows), so no other program can overwrite window rows before they are
+    read. K and V in separate programs halve each program's chain of dependent loads (the latency a
+    decode step's write is made of).
+    ROPE (decode: one new token per sequence): K program (b, 0, h) first rotates that token's k head
+    h and its QPK query heads in place (pointwise._rotary_kernel's arithmetic), so the separate RoPE
     launch disappears from a decode step."""
     b = tl.program_id(0)
     i = tl.program_id(1)
-    h = tl.program_id(2)
+    h = tl.program_id(2) // 2
+    is_k = tl.program_id(2) % 2 == 0
     tok0 = tl.load(cu_ptr + b)
     n_new = tl.load(cu_ptr + b + 1) - tok0
     ctx = tl.load(ctx_ptr + b)
     slot = tl.load(slot_ptr + b)
     HALF: tl.constexpr = D // 2
     if ROPE:
-        if n_new > 0:
+        if is_k & (n_new > 0):
             pos_t = tl.load(pos_ptr + tok0)
             d = tl.arange(0, HALF)
             cos = tl.load(cos_ptr + pos_t * HALF + d)[None, :]
@@ -136,21 +139,24 @@ def _write_kv_kernel(
             _rotate_heads(q_ptr, QPK, tok0 * stride_qt + h * QPK * stride_qh, stride_qh, cos, sin, HALF, BLOCK_Q)
             _rotate_heads(k_ptr, 1, tok0 * stride_kt + h * stride_kh, stride_kh, cos, sin, HALF, 2)
         tl.debug_barrier()  # the rotated k row is read back below (by other threads of this program)
+    if is_k:
+        x_ptr, w_ptr, c_ptr, s_ptr, z_ptr = k_ptr, kw_ptr, kc_ptr, ks_ptr, kz_ptr
+        stride_xt, stride_xh = stride_kt, stride_kh
+    else:
+        x_ptr, w_ptr, c_ptr, s_ptr, z_ptr = v_ptr, vw_ptr, vc_ptr, vs_ptr, vz_ptr
+        stride_xt, stride_xh = stride_vt, stride_vh
     l0 = ctx - n_new
     g = l0 // G + i
     pos = g * G + tl.arange(0, G)
     if (n_new > 0) & ((g + 1) * G <= ctx):
         page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
-        _write_one(k_ptr, kw_ptr, kc_ptr, ks_ptr, kz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
-                   stride_kt, stride_kh, H, P, G, D, HALF)
-        _write_one(v_ptr, vw_ptr, vc_ptr, vs_ptr, vz_ptr, tok0, pos, l0, ctx, h, slot, page, row,
-                   stride_vt, stride_vh, H, P, G, D, HALF)
+        _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, tok0, pos, l0, ctx, h, slot, page, row,
+                   stride_xt, stride_xh, H, P, G, D, HALF)
     if (i == 0) & (n_new > 0) & (ctx % G != 0):
         tl.debug_barrier()
         start = ((ctx - 1) // G) * G
-        _copy_tail(k_ptr, kw_ptr, tok0, start, l0, ctx, h, slot, stride_kt, stride_kh, H, G, D)
-        _copy_tail(v_ptr, vw_ptr, tok0, start, l0, ctx, h, slot, stride_vt, stride_vh, H, G, D)
+        _copy_tail(x_ptr, w_ptr, tok0, start, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
@@ -187,7 +193,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables
             rope = None
     g = cache.group_size
     groups = (max_seqlen_q + 2 * g - 2) // g  # groups a run of T tokens can touch
-    _write_kv_kernel[(b, groups, h)](
+    _write_kv_kernel[(b, groups, 2 * h)](
         k, v, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots,
         *((q, positions, cos, sin) if rope is not None else (k, k, k, k)),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_tables.stride(0),

@@ -1,8 +1,10 @@
 """Fused activation quantization (FMPQ, COMET section 3): [RMSNorm ->] gather by the layer's channel
 permutation -> per-token, per-128-channel-block symmetric scale -> INT4- or INT8-grid codes, in one
 pass over x. Codes go to int8 containers [M, K_pad] (zero padded), scales to float32 [M, nb].
-For down_proj (its permutation folded into gate_up's rows) the MLP's SiLU-and-multiply is fused
-instead: x is [gate | up] and the kernel quantizes silu(gate) * up, computed and rounded to x's
+With `residual`, the residual add that precedes the RMSNorm is fused too: the kernel reads x and
+the residual, writes their sum (rounded to x's dtype, as torch's add) to a new tensor and quantizes
+RMSNorm(sum). For down_proj (its permutation folded into gate_up's rows) the MLP's SiLU-and-multiply
+is fused instead: x is [gate | up] and the kernel quantizes silu(gate) * up, computed and rounded to x's
 dtype exactly as kernels/pointwise.silu_and_mul does, so the codes equal that op's followed by this one.
 
 Why one pass: this op is a pure byte stream (read 2 bytes, write ~1 byte per channel); every extra
@@ -30,12 +32,17 @@ _BLK = tl.constexpr(BLOCK_SIZE)  # a global read inside @triton.jit must be a tl
 
 
 @triton.jit
-def _row_rstd(x_row, K, stride_xk, eps, NORM_BLOCK: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of one row, in float32, all roundings correct."""
+def _row_rstd(x_row, r_row, K, stride_xk, eps, NORM_BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of one row (of x + residual, rounded), in float32, all roundings
+    correct."""
     acc = tl.zeros([NORM_BLOCK], dtype=tl.float32)
     for k0 in range(0, K, NORM_BLOCK):
         offs = k0 + tl.arange(0, NORM_BLOCK)
-        v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+        v = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0)
+        if RESIDUAL:
+            v = (v.to(tl.float32) + tl.load(r_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                 ).to(x_row.dtype.element_ty)
+        v = v.to(tl.float32)
         acc += v * v
     mean = tl.math.div_rn(tl.sum(acc, axis=0), K.to(tl.float32))
     return tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
@@ -66,30 +73,38 @@ def _fwht(v, T: tl.constexpr):
 
 @triton.jit
 def _quant_act_kernel(
-    x_ptr, perm_ptr, bits_ptr, nw_ptr, codes_ptr, scales_ptr,  # pointers
+    x_ptr, perm_ptr, bits_ptr, nw_ptr, codes_ptr, scales_ptr, r_ptr, sum_ptr,  # pointers
     K, NB, BLOCKS_PER_PROG,  # dims
-    stride_xm, stride_xk, stride_cm, stride_sm,  # strides
+    stride_xm, stride_xk, stride_cm, stride_sm, stride_rm,  # strides (residual and sum: contiguous rows)
     eps,
     HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr, ROTATE: tl.constexpr,  # meta
     NB_TILE: tl.constexpr, NORM_BLOCK: tl.constexpr, ROW: tl.constexpr, GATED: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):
     # program = (token row, chunk of blocks): small M splits a row over several programs so that
     # all SMs have loads in flight (each re-reads the row statistic's input from L2).
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
+    r_row = r_ptr + row.to(tl.int64) * stride_rm
     if ROW > 0:
         # whole row in registers, read once and coalesced; the permutation gather then runs on
         # registers (tl.gather, through shared memory) instead of 2-byte random global loads,
         # which cost one L1 wavefront per element (measured: 23% of the copy rate).
         offs_r = tl.arange(0, ROW)
-        xr = tl.load(x_row + offs_r * stride_xk, mask=offs_r < K, other=0.0).to(tl.float32)
+        xr = tl.load(x_row + offs_r * stride_xk, mask=offs_r < K, other=0.0)
+        if RESIDUAL:  # x + residual rounded to x's dtype (torch's add); chunk 0 stores the sum
+            xr = (xr.to(tl.float32) + tl.load(r_row + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
+                  ).to(x_ptr.dtype.element_ty)
+            if chunk == 0:
+                tl.store(sum_ptr + row.to(tl.int64) * stride_rm + offs_r, xr, mask=offs_r < K)
+        xr = xr.to(tl.float32)
         if HAS_NORM:
             mean = tl.math.div_rn(tl.sum(xr * xr, axis=0), K.to(tl.float32))
             rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
             xr = xr * rstd * tl.load(nw_ptr + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
     elif HAS_NORM:
-        rstd = _row_rstd(x_row, K, stride_xk, eps, NORM_BLOCK)
+        rstd = _row_rstd(x_row, r_row, K, stride_xk, eps, NORM_BLOCK, RESIDUAL)
     offs_j = tl.arange(0, _BLK)
     offs_t = tl.arange(0, NB_TILE)
     b_start = chunk * BLOCKS_PER_PROG
@@ -111,7 +126,12 @@ def _quant_act_kernel(
             u = tl.load(x_row + (src + K) * stride_xk, mask=kmask, other=0.0).to(tl.float32)
             v = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
         else:
-            v = tl.load(x_row + src * stride_xk, mask=kmask, other=0.0).to(tl.float32)
+            v = tl.load(x_row + src * stride_xk, mask=kmask, other=0.0)
+            if RESIDUAL:  # each program stores the sum of its own blocks' channels
+                v = (v.to(tl.float32) + tl.load(r_row + src, mask=kmask, other=0.0).to(tl.float32)
+                     ).to(x_ptr.dtype.element_ty)
+                tl.store(sum_ptr + row.to(tl.int64) * stride_rm + src, v, mask=kmask)
+            v = v.to(tl.float32)
             if HAS_NORM:
                 v = v * rstd * tl.load(nw_ptr + src, mask=kmask, other=0.0).to(tl.float32)
         bits = tl.load(bits_ptr + blk, mask=bmask, other=4)
@@ -159,7 +179,8 @@ def _grid_shape(m: int, nb: int, sms: int, max_tile: int) -> tuple[int, int, int
     return nb_tile, per, triton.cdiv(nb, per)
 
 
-def _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales) -> None:
+def _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales, residual=None,
+            total=None) -> None:
     m = x.shape[0]
     nb = block_bits.numel()
     # without a permutation the blocks are read in place (RMSNorm's statistic in a first pass)
@@ -168,11 +189,13 @@ def _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scal
     _quant_act_kernel[(m, chunks)](
         x, perm if perm is not None else codes, block_bits,
         norm_weight if norm_weight is not None else x, codes, scales,
+        residual if residual is not None else x, total if total is not None else x,
         k, nb, per,
-        x.stride(0), x.stride(1), codes.stride(0), scales.stride(0),
+        x.stride(0), x.stride(1), codes.stride(0), scales.stride(0), k,
         float(eps),
         HAS_PERM=perm is not None, HAS_NORM=norm_weight is not None, ROTATE=rotate,
         NB_TILE=nb_tile, NORM_BLOCK=min(4096, triton.next_power_of_2(k)), ROW=row, GATED=gated,
+        RESIDUAL=residual is not None,
         num_warps=16 if max(row, nb_tile * BLOCK_SIZE) >= 8192 else 8 if row or nb_tile * BLOCK_SIZE > 512 else 4,
         enable_fp_fusion=False,  # v * inv must round before + 0.5, as in the reference
     )
@@ -196,8 +219,11 @@ def quant_act(
     eps: float = 1e-6,
     rotate: bool = False,
     gated: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float (any strides) -> (a_codes int8 [M, K_pad], a_scales float32 [M, nb]).
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """x [M, K] float (any strides) -> (a_codes int8 [M, K_pad], a_scales float32 [M, nb]), and
+    with `residual` ([M, K] contiguous, x's dtype) also x + residual [M, K]: what is quantized is
+    then [RMSNorm](x + residual).
 
     perm: [K] int (slot j reads channel perm[j]) or None; block_bits: [nb] int, 4 or 8;
     norm_weight: [K] in the original channel order (fuses RMSNorm) or None; rotate: Hadamard-rotate
@@ -221,8 +247,11 @@ def quant_act(
         assert t is None or t.device == x.device, f"all inputs must be on {x.device}, got {t.device}"
     perm = perm.to(torch.int32) if perm is not None else None
     block_bits = block_bits.contiguous()
+    assert residual is None or (residual.shape == x.shape and residual.dtype == x.dtype and not gated
+                                and residual.is_contiguous()), "residual must be contiguous, x's shape and dtype"
     codes = torch.empty((m, k_pad), dtype=torch.int8, device=x.device)
     scales = torch.empty((m, nb), dtype=torch.float32, device=x.device)
+    total = torch.empty_like(residual) if residual is not None else None
     if m > 0:
-        _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales)
-    return codes, scales
+        _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales, residual, total)
+    return (codes, scales) if residual is None else (codes, scales, total)

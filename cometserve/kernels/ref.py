@@ -106,16 +106,22 @@ def quant_act(
     eps: float = 1e-6,
     rotate: bool = False,
     gated: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused [RMSNorm or SiLU-and-multiply ->] gather by `perm` -> [Hadamard rotation of INT4
-    blocks ->] per-token per-block symmetric quantization.
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Fused [residual add ->] [RMSNorm or SiLU-and-multiply ->] gather by `perm` -> [Hadamard
+    rotation of INT4 blocks ->] per-token per-block symmetric quantization.
 
     x: [M, K] float, or [M, 2K] = [gate | up] with `gated` (quantizes silu_and_mul(x), rounded to
     x's dtype as that op returns it); perm: [K] int (new channel j reads old channel perm[j]) or
     None; block_bits: [num_blocks] int, 4 or 8; norm_weight: [K] in the original channel order.
-    Returns a_codes int8 [M, K_pad] (zero padded past K) and a_scales float32 [M, num_blocks].
+    Returns a_codes int8 [M, K_pad] (zero padded past K) and a_scales float32 [M, num_blocks], and
+    with `residual` [M, K] also x + residual (x's dtype), the tensor that is then normalized.
     The normalized activation is kept in float32 (no rounding to 16-bit before quantizing).
     """
+    if residual is not None:
+        assert not gated, "a gated input takes no residual"
+        total = x + residual
+        return (*quant_act(total, perm, block_bits, norm_weight, eps, rotate), total)
     if gated:
         assert norm_weight is None, "a gated input takes no RMSNorm"
         x = silu_and_mul(x)

@@ -36,8 +36,10 @@ class MLP(nn.Module):
         self.gate_up_proj = make(f"{prefix}.gate_up_proj", h, 2 * i, cfg.mlp_bias)
         self.down_proj = make(f"{prefix}.down_proj", i, h, cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x, norm), gated=True)  # silu(gate) * up, fused where it can be
+    def forward(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (MLP(norm(x + residual)), x + residual)."""
+        h, residual = self.gate_up_proj(x, norm, residual=residual)
+        return self.down_proj(h, gated=True), residual  # silu(gate) * up, fused where it can be
 
 
 class DecoderLayer(nn.Module):
@@ -53,9 +55,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        x = x + self.self_attn(x, positions, cache, self.input_layernorm)
-        return x + self.mlp(x, self.post_attention_layernorm)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (delta, residual): the layer's output hidden state is delta + residual, an add left to
+        whoever reads it next (the next layer's qkv fuses it into its input's RMSNorm). The input
+        hidden state is x (+ residual, if given)."""
+        h, residual = self.self_attn(x, positions, cache, self.input_layernorm, residual)
+        return self.mlp(h, self.post_attention_layernorm, residual)
 
 
 class LlamaModel(nn.Module):
@@ -81,10 +87,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PlainKVCache) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden] (normed)."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer, layer_cache in zip(self.model.layers, cache.layers):
-            x = layer(x, positions, layer_cache)
-        return self.model.norm(x)
+            x, residual = layer(x, positions, layer_cache, residual)
+        return self.model.norm(x + residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, hidden] -> float32 logits [T, vocab]. The LM head stays 16-bit (COMET 3.6)."""

@@ -58,7 +58,8 @@ def calibrate_layerwise(
 
     def run(layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
         cache = LayerCache(cfg.num_kv_heads, cfg.head_dim, x.dtype, device, kv_bits=16, group=64)
-        return layer(x, positions, cache)
+        delta, residual = layer(x, positions, cache)
+        return delta + residual
 
     for i, layer in enumerate(tqdm(model.model.layers, desc="calibrating + quantizing", unit="layer")):
         prefix = f"model.layers.{i}."

@@ -76,6 +76,45 @@ def check_gated(m, k, frac8, dtype, rotate, device, seed=0) -> dict:
             "scale_rel": float(((s - sr).abs() / sr.clamp_min(1e-30)).max()), "shapes": [list(c.shape), list(s.shape)]}
 
 
+def check_residual(m, k, dtype, perm, strided, rotate, device, seed=0) -> dict:
+    """The fused residual add (quantizes RMSNorm(x + residual), returns the sum) against the add in
+    torch followed by the same kernel (bit-exact: same sum, same arithmetic after it), and against
+    the reference (the RMSNorm tolerance)."""
+    from cometserve.kernels import quant_act, ref
+
+    g = torch.Generator().manual_seed(seed)
+    bits = _block_bits(k, 0.25, g).to(device)
+    x = (torch.randn(m, 2 * k if strided else k, generator=g) * 3).to(dtype).to(device)
+    x = x[:, ::2] if strided else x
+    r = (torch.randn(m, k, generator=g) * 10).to(dtype).to(device)
+    p = torch.randperm(k, generator=g).int().to(device) if perm else None
+    nw = (torch.rand(k, generator=g) + 0.5).to(dtype).to(device)
+    c, s, total = quant_act.quant_act(x, p, bits, nw, 1e-6, rotate, residual=r)
+    c2, s2 = quant_act.quant_act(x + r, p, bits, nw, 1e-6, rotate)
+    cr, sr, total_r = ref.quant_act(x, p, bits, nw, 1e-6, rotate, residual=r)
+    diff = (c.int() - cr.int()).abs()
+    return {"sum_exact": bool(torch.equal(total, x + r) and torch.equal(total_r, x + r)),
+            "two_launches_exact": bool(torch.equal(c, c2) and torch.equal(s, s2)),
+            "codes_exact": False, "flip_fraction": float((diff > 0).float().mean()), "max_code_diff": int(diff.max()),
+            "scale_rel": float(((s - sr).abs() / sr.clamp_min(1e-30)).max()), "dtypes": [str(c.dtype), str(s.dtype)]}
+
+
+def _assert_residual_ok(res):
+    assert res["sum_exact"] and res["two_launches_exact"], res
+    _assert_ok(res, norm=True)
+
+
+# (m, k, dtype, perm, strided, rotate): with a permutation the row path (tl.gather), without one the
+# block path (the sum stored block by block); m = 1 splits a row over several programs. fp16 only:
+# the interpreter rounds float32 -> bfloat16 toward zero (the GPU to nearest, as torch; the GPU
+# tests run bf16)
+RESIDUAL_CASES = {
+    "res_m1_k1024_fp16_perm": (1, 1024, "fp16", True, False, False),
+    "res_m17_k384_fp16_perm_rot": (17, 384, "fp16", True, False, True),
+    "res_m3_k320_fp16_noperm_strided": (3, 320, "fp16", False, True, False),
+}
+
+
 def _assert_gated_ok(res, m, k):
     assert res["shapes"] == [[m, -(-k // 128) * 128], [m, -(-k // 128)]], res
     assert res["two_launches_exact"], res
@@ -112,6 +151,7 @@ def _interp_main() -> None:
     out = {name: check_case(*c[:3], DTYPES[c[3]], *c[4:], "cpu") for name, c in CPU_CASES.items()}
     out.update({name: check_case(*c[:3], DTYPES[c[3]], *c[4:], "cpu", rotate=True) for name, c in ROT_CASES.items()})
     out.update({name: check_gated(*c[:3], DTYPES[c[3]], c[4], "cpu") for name, c in GATED_CASES.items()})
+    out.update({name: check_residual(*c[:2], DTYPES[c[2]], *c[3:], "cpu") for name, c in RESIDUAL_CASES.items()})
     print("RESULTS " + json.dumps(out))
 
 
@@ -143,6 +183,11 @@ def test_interpreter_matches_reference(interp_results, name):
 @pytest.mark.parametrize("name", list(GATED_CASES))
 def test_interpreter_gated(interp_results, name):
     _assert_gated_ok(interp_results[name], *GATED_CASES[name][:2])
+
+
+@pytest.mark.parametrize("name", list(RESIDUAL_CASES))
+def test_interpreter_residual(interp_results, name):
+    _assert_residual_ok(interp_results[name])
 
 
 def test_can_implement_refuses_cpu():
@@ -177,3 +222,11 @@ def test_gpu_block_maps_dtypes_strides(frac8, dtype, strided):
 @pytest.mark.parametrize("rotate", [False, True])
 def test_gpu_gated(m, k, rotate):
     _assert_gated_ok(check_gated(m, k, 0.16, torch.bfloat16, rotate, "cuda"), m, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 17, 4096])
+@pytest.mark.parametrize("k", [4096, 8192])
+@pytest.mark.parametrize("perm", [False, True])
+def test_gpu_residual(m, k, perm):
+    _assert_residual_ok(check_residual(m, k, torch.bfloat16, perm, False, True, "cuda"))

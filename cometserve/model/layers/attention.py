@@ -23,14 +23,19 @@ class Attention(nn.Module):
         self.rotary: RotaryEmbedding = rotary
         self.scale = head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache, norm: RMSNorm) -> torch.Tensor:
-        """x [T, hidden] (pre-norm residual stream); positions [T] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache, norm: RMSNorm,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] (+ residual: the pre-norm residual stream); positions [T] -> (attention
+        output [T, hidden], x + residual)."""
         t = x.shape[0]
-        qkv = self.qkv_proj(x, norm)
+        if residual is None:
+            qkv, residual = self.qkv_proj(x, norm), x
+        else:
+            qkv, residual = self.qkv_proj(x, norm, residual=residual)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = cache.attend(q, k, v, positions, self.scale, self.rotary)
-        return self.o_proj(out.reshape(t, q_size))
+        return self.o_proj(out.reshape(t, q_size)), residual

@@ -1,10 +1,11 @@
 """Linear layers: 16-bit, and quantized (W4Ax / W8A8 / weight-only) over the same call.
 
-Every linear takes `forward(x, norm=None, gated=False)`: the op that precedes it is handed over so
-a quantized layer can fuse it into the activation quantization (one pass over x: normalize, gather
-by the FMPQ permutation, quantize per token and 128-channel block). `norm`: the RMSNorm before
-qkv and gate_up; `gated`: x is [gate | up] and the layer's input is silu(gate) * up (down_proj).
-A 16-bit layer just applies them.
+Every linear takes `forward(x, norm=None, gated=False, residual=None)`: the ops that precede it are
+handed over so a quantized layer can fuse them into the activation quantization (one pass over x:
+add, normalize, gather by the FMPQ permutation, quantize per token and 128-channel block). `norm`:
+the RMSNorm before qkv and gate_up; `residual`: the layer's input is norm(x + residual), and the
+call returns (y, x + residual) so the sum goes on down the residual stream; `gated`: x is
+[gate | up] and the layer's input is silu(gate) * up (down_proj). A 16-bit layer just applies them.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.observer: Callable[[Linear, torch.Tensor], None] | None = None
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, gated: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, gated: bool = False,
+                residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = residual = x + residual
         x = _prologue(x, norm, gated)
         if self.observer is not None:
             self.observer(self, x)
-        return nn.functional.linear(x, self.weight, self.bias)
+        y = nn.functional.linear(x, self.weight, self.bias)
+        return y if residual is None else (y, residual)
 
 
 class QuantLinear(nn.Module):
@@ -89,17 +94,24 @@ class QuantLinear(nn.Module):
                                     self.block_bits, dtype)
         self._qweight, self._w_scales = self._ops.prepare_weights(self.qweight, self.w_scales)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, gated: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, gated: bool = False,
+                residual: torch.Tensor | None = None):
         if self._dense is not None:
-            return nn.functional.linear(_prologue(x, norm, gated), self._dense, self.bias)
+            if residual is not None:
+                x = residual = x + residual
+            y = nn.functional.linear(_prologue(x, norm, gated), self._dense, self.bias)
+            return y if residual is None else (y, residual)
         if self._ops is None:
             raise RuntimeError("QuantLinear.prepare() must run after the weights are loaded")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         norm_w, eps = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
-        codes, scales = self._ops.quant_act(x2, self.perm, self.block_bits, norm_w, eps, self.rotate, gated)
+        r2 = residual.reshape(x2.shape) if residual is not None else None
+        codes, scales, *total = self._ops.quant_act(x2, self.perm, self.block_bits, norm_w, eps, self.rotate, gated,
+                                                    r2)
         y = self._ops.w4ax_gemm(codes, scales, self._qweight, self._w_scales, self.bias, x.dtype)
-        return y.reshape(*lead, self.out_features)
+        y = y.reshape(*lead, self.out_features)
+        return y if residual is None else (y, total[0].reshape(residual.shape))
 
 
 def _prologue(x: torch.Tensor, norm: RMSNorm | None, gated: bool) -> torch.Tensor:
