@@ -183,24 +183,23 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     h = cache.num_kv_heads
-    q = positions = cos = sin = None
+    rope_args, q_strides, qpk = (k, k, k, k), (0, 0), 1  # unused placeholders without a fused RoPE
     if rope is not None:
-        q, positions, cos, sin = rope
+        q = rope[0]
         assert q.shape[0] == k.shape[0] and q.shape[1] % h == 0 and q.stride(-1) == 1, (
             f"q {tuple(q.shape)} must be [T, a multiple of {h} heads, D]")
         if max_seqlen_q > 1:
-            rotary_embedding(q, k, positions, cos, sin)
+            rotary_embedding(q, k, *rope[1:])
             rope = None
+        else:
+            rope_args, q_strides, qpk = rope, (q.stride(0), q.stride(1)), q.shape[1] // h
     g = cache.group_size
     groups = (max_seqlen_q + 2 * g - 2) // g  # groups a run of T tokens can touch
     _write_kv_kernel[(b, groups, 2 * h)](
-        k, v, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots,
-        *((q, positions, cos, sin) if rope is not None else (k, k, k, k)),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_tables.stride(0),
-        q.stride(0) if rope is not None else 0, q.stride(1) if rope is not None else 0,
+        k, v, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots, *rope_args,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_tables.stride(0), *q_strides,
         H=h, P=cache.page_size, G=g, D=cache.head_dim, ROPE=rope is not None,
-        QPK=q.shape[1] // h if rope is not None else 1,
-        BLOCK_Q=max(2, triton.next_power_of_2(q.shape[1] // h)) if rope is not None else 2, num_warps=4,
+        QPK=qpk, BLOCK_Q=max(2, triton.next_power_of_2(qpk)), num_warps=4,
     )
 
 

@@ -33,9 +33,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, gated: bool = False,
                 residual: torch.Tensor | None = None):
-        if residual is not None:
-            x = residual = x + residual
-        x = _prologue(x, norm, gated)
+        x, residual = _prologue(x, norm, gated, residual)
         if self.observer is not None:
             self.observer(self, x)
         y = nn.functional.linear(x, self.weight, self.bias)
@@ -97,9 +95,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, gated: bool = False,
                 residual: torch.Tensor | None = None):
         if self._dense is not None:
-            if residual is not None:
-                x = residual = x + residual
-            y = nn.functional.linear(_prologue(x, norm, gated), self._dense, self.bias)
+            x, residual = _prologue(x, norm, gated, residual)
+            y = nn.functional.linear(x, self._dense, self.bias)
             return y if residual is None else (y, residual)
         if self._ops is None:
             raise RuntimeError("QuantLinear.prepare() must run after the weights are loaded")
@@ -114,11 +111,15 @@ class QuantLinear(nn.Module):
         return y if residual is None else (y, total[0].reshape(residual.shape))
 
 
-def _prologue(x: torch.Tensor, norm: RMSNorm | None, gated: bool) -> torch.Tensor:
-    """What a 16-bit layer applies itself: the handed-over RMSNorm or SiLU-and-multiply."""
+def _prologue(x: torch.Tensor, norm: RMSNorm | None, gated: bool,
+              residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a 16-bit layer applies itself: the handed-over residual add, RMSNorm or
+    SiLU-and-multiply. -> (the matmul's input, x + residual or None)."""
+    if residual is not None:
+        x = residual = x + residual
     if norm is not None:
         x = norm(x)
-    return silu_and_mul(x) if gated else x
+    return silu_and_mul(x) if gated else x, residual
 
 
 def select_gemm_ops(n: int, k: int, w_bits: int, device: torch.device, block_bits: torch.Tensor | None = None,
