@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cometserve.kernels import pdl
 from cometserve.scheme import BLOCK_SIZE
 
 HALF = BLOCK_SIZE // 2  # channels per nibble half of a block
@@ -143,7 +144,7 @@ def _w4ax_kernel(
     stride_am, stride_asm, stride_wt, stride_wsb, stride_ym,  # strides (stride_wt: one weight tile)
     W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,  # meta
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, N_SUB: tl.constexpr, GROUP_N: tl.constexpr,
-    USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_ASM: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     # grouped tile order: GROUP_N weight tiles sweep all activation tiles together, so a weight
     # tile is read from DRAM once per group and the activation tiles stay in L2.
@@ -169,6 +170,7 @@ def _w4ax_kernel(
     per_split = tl.cdiv(NB, SPLIT_K)
     b_lo = pid_k * per_split
     b_hi = tl.minimum(b_lo + per_split, NB)
+    pdl.wait(PDL)  # the activations, partials, semaphores and Y are shared with earlier kernels
 
     acc0 = tl.zeros([SUB_N, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([SUB_N, BLOCK_M], dtype=tl.float32)
@@ -193,6 +195,9 @@ def _w4ax_kernel(
         if PREFETCH:
             a_s, w_s0, w_s1 = nxt
 
+    # the next kernel may launch now: its programs become resident while this grid's last
+    # programs drain and the split-K fix-up runs (earlier, at the start, measured slower)
+    pdl.launch_dependents(PDL)
     if USE_SPLIT:
         # partials [SPLIT_K, M, N] fp32; the last split to arrive reduces them and stores Y
         tl.store(part_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n0[:, None], acc0,
@@ -335,7 +340,7 @@ def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, use_
         W_BITS=w_bits, HAS_BIAS=bias is not None, USE_SPLIT=split > 1,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, N_SUB=cfg.n_sub, GROUP_N=cfg.group_n,
         USE_ASM=y.is_cuda if use_asm is None else use_asm, PREFETCH=cfg.prefetch,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(y),
     )
 
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cometserve.kernels import pdl
 from cometserve.kernels.pointwise import _rotate_heads, rotary_embedding
 from cometserve.kernels.ref import PagedKVCache
 
@@ -110,7 +111,7 @@ def _write_kv_kernel(
     bt_ptr, cu_ptr, ctx_ptr, slot_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, stride_qt, stride_qh,
     H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    ROPE: tl.constexpr, QPK: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ROPE: tl.constexpr, QPK: tl.constexpr, BLOCK_Q: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (B, groups touched, 2 Hkv): K (even z) or V (odd z) of head h = z // 2. Program (b, i, z)
     quantizes group g_first + i of sequence b if this step fills it. Program i = 0 alone also writes
@@ -121,6 +122,8 @@ def _write_kv_kernel(
     ROPE (decode: one new token per sequence): K program (b, 0, h) first rotates that token's k head
     h and its QPK query heads in place (pointwise._rotary_kernel's arithmetic), so the separate RoPE
     launch disappears from a decode step."""
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)  # k, v, q come from the GEMM before
     b = tl.program_id(0)
     i = tl.program_id(1)
     h = tl.program_id(2) // 2
@@ -199,7 +202,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables
         k, v, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots, *rope_args,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_tables.stride(0), *q_strides,
         H=h, P=cache.page_size, G=g, D=cache.head_dim, ROPE=rope is not None,
-        QPK=qpk, BLOCK_Q=max(2, triton.next_power_of_2(qpk)), num_warps=4,
+        QPK=qpk, BLOCK_Q=max(2, triton.next_power_of_2(qpk)), num_warps=4, **pdl.launch_kwargs(k),
     )
 
 

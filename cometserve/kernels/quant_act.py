@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cometserve.kernels import pdl
 from cometserve.scheme import BLOCK_SIZE, padded_k
 
 _BLK = tl.constexpr(BLOCK_SIZE)  # a global read inside @triton.jit must be a tl.constexpr
@@ -79,10 +80,12 @@ def _quant_act_kernel(
     eps,
     HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr, ROTATE: tl.constexpr,  # meta
     NB_TILE: tl.constexpr, NORM_BLOCK: tl.constexpr, ROW: tl.constexpr, GATED: tl.constexpr,
-    RESIDUAL: tl.constexpr,
+    RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     # program = (token row, chunk of blocks): small M splits a row over several programs so that
     # all SMs have loads in flight (each re-reads the row statistic's input from L2).
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)  # x and the residual come from the kernels before
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
@@ -198,6 +201,7 @@ def _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scal
         RESIDUAL=residual is not None,
         num_warps=16 if max(row, nb_tile * BLOCK_SIZE) >= 8192 else 8 if row or nb_tile * BLOCK_SIZE > 512 else 4,
         enable_fp_fusion=False,  # v * inv must round before + 0.5, as in the reference
+        **pdl.launch_kwargs(x),
     )
 
 
