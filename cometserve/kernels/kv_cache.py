@@ -246,11 +246,13 @@ def _gather_one(c_ptr, s_ptr, z_ptr, w_ptr, o_ptr, bt_ptr, b, g, h, ctx, rows, s
 def _gather_kv_kernel(
     kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr, bt_ptr, ctx_ptr, cu_k_ptr, slot_ptr,
     k_out_ptr, v_out_ptr, stride_bt, stride_ot, stride_oh,
-    H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (B, groups, 2 Hkv): group g of sequence b, head h, K (even z) or V (odd z) -> rows
     cu_k[b] + g*G .. of the output. K and V in separate programs: a short prefill's gather has few
     groups, and twice the programs halve its latency-bound tail."""
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)  # the cache was just written by write_kv
     b = tl.program_id(0)
     g = tl.program_id(1)
     h = tl.program_id(2) // 2
@@ -294,7 +296,7 @@ def gather_kv(cache: PagedKVCache, block_tables: torch.Tensor, context_lens: tor
     _gather_kv_kernel[(b, groups, 2 * h)](
         *cache.tensors(), block_tables, context_lens, cu_seqlens_k, seq_slots, k, v, block_tables.stride(0),
         k.stride(0), k.stride(1),
-        H=h, P=cache.page_size, G=cache.group_size, D=d, num_warps=4,
+        H=h, P=cache.page_size, G=cache.group_size, D=d, num_warps=4, **pdl.launch_kwargs(k),
     )
     return k, v
 
