@@ -122,8 +122,8 @@ def _write_kv_kernel(
     ROPE (decode: one new token per sequence): K program (b, 0, h) first rotates that token's k head
     h and its QPK query heads in place (pointwise._rotary_kernel's arithmetic), so the separate RoPE
     launch disappears from a decode step."""
-    pdl.launch_dependents(PDL)
     pdl.wait(PDL)  # k, v, q come from the GEMM before
+    pdl.launch_dependents(PDL)
     b = tl.program_id(0)
     i = tl.program_id(1)
     h = tl.program_id(2) // 2
@@ -251,8 +251,8 @@ def _gather_kv_kernel(
     """Grid (B, groups, 2 Hkv): group g of sequence b, head h, K (even z) or V (odd z) -> rows
     cu_k[b] + g*G .. of the output. K and V in separate programs: a short prefill's gather has few
     groups, and twice the programs halve its latency-bound tail."""
-    pdl.launch_dependents(PDL)
     pdl.wait(PDL)  # the cache was just written by write_kv
+    pdl.launch_dependents(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     h = tl.program_id(2) // 2

@@ -11,7 +11,9 @@ The rules for a kernel launched with `launch_kwargs(...)`:
 - every program calls `wait(PDL)` before its first read of anything an earlier kernel wrote and
   before its first write (an earlier kernel may still read the buffer being overwritten);
 - every program calls it, even one with nothing to do: a grid then completes only after its
-  predecessor did, so the ordering stays transitive along the stream.
+  predecessor did, so the ordering stays transitive along the stream;
+- `launch_dependents` comes after `wait`: called before it, grid after grid is launched ahead and
+  piles up on the SMs, waiting (measured: the prompt's KV write back to back 11.7 -> 18.1 us).
 A non-PDL kernel after a PDL one, or the other way round, gets ordinary stream order.
 """
 

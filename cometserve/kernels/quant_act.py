@@ -84,8 +84,8 @@ def _quant_act_kernel(
 ):
     # program = (token row, chunk of blocks): small M splits a row over several programs so that
     # all SMs have loads in flight (each re-reads the row statistic's input from L2).
-    pdl.launch_dependents(PDL)
     pdl.wait(PDL)  # x and the residual come from the kernels before
+    pdl.launch_dependents(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
