@@ -218,16 +218,15 @@ def _dequant_store(c_ptr, s_ptr, z_ptr, o_ptr, c_off, m_off, o_off, HALF: tl.con
 
 
 @triton.jit
-def _gather_one(c_ptr, s_ptr, z_ptr, w_ptr, o_ptr, bt_ptr, b, g, h, ctx, rows, slot_ptr, stride_bt, stride_ot,
+def _gather_one(c_ptr, s_ptr, z_ptr, w_ptr, o_ptr, page, b, g, h, ctx, rows, slot_ptr, stride_ot,
                 stride_oh, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
-    """Group g of sequence b, head h, of K or V -> output rows `rows`: a full group dequantized, the
-    partial last group copied from the window."""
+    """Group g of sequence b, head h, of K or V -> output rows `rows`: a full group dequantized (its
+    page: `page`), the partial last group copied from the window."""
     HALF: tl.constexpr = D // 2
     n_full = ctx // G
     t = tl.arange(0, G)
     if g < n_full:
         j = tl.arange(0, HALF)
-        page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
         c_off = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF + j[None, :]
         m_off = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D + j
@@ -245,7 +244,7 @@ def _gather_one(c_ptr, s_ptr, z_ptr, w_ptr, o_ptr, bt_ptr, b, g, h, ctx, rows, s
 @triton.jit
 def _gather_kv_kernel(
     kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr, bt_ptr, ctx_ptr, cu_k_ptr, slot_ptr,
-    k_out_ptr, v_out_ptr, stride_bt, stride_ot, stride_oh,
+    k_out_ptr, v_out_ptr, stride_bt, max_pages, stride_ot, stride_oh,
     H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (B, groups, 2 Hkv): group g of sequence b, head h, K (even z) or V (odd z) -> rows
@@ -258,11 +257,14 @@ def _gather_kv_kernel(
     h = tl.program_id(2) // 2
     ctx = tl.load(ctx_ptr + b)
     rows = (tl.load(cu_k_ptr + b) + g * G + tl.arange(0, G)).to(tl.int64)
+    # the page is loaded beside ctx, not after it (one memory round trip less in a short gather's chain)
+    pi = (g * G) // P
+    page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + pi, mask=pi < max_pages, other=0)
     if tl.program_id(2) % 2 == 0:
-        _gather_one(kc_ptr, ks_ptr, kz_ptr, kw_ptr, k_out_ptr, bt_ptr, b, g, h, ctx, rows, slot_ptr, stride_bt,
+        _gather_one(kc_ptr, ks_ptr, kz_ptr, kw_ptr, k_out_ptr, page, b, g, h, ctx, rows, slot_ptr,
                     stride_ot, stride_oh, H, P, G, D)
     else:
-        _gather_one(vc_ptr, vs_ptr, vz_ptr, vw_ptr, v_out_ptr, bt_ptr, b, g, h, ctx, rows, slot_ptr, stride_bt,
+        _gather_one(vc_ptr, vs_ptr, vz_ptr, vw_ptr, v_out_ptr, page, b, g, h, ctx, rows, slot_ptr,
                     stride_ot, stride_oh, H, P, G, D)
 
 
@@ -295,7 +297,7 @@ def gather_kv(cache: PagedKVCache, block_tables: torch.Tensor, context_lens: tor
     groups = max_context_len // cache.group_size + 1
     _gather_kv_kernel[(b, groups, 2 * h)](
         *cache.tensors(), block_tables, context_lens, cu_seqlens_k, seq_slots, k, v, block_tables.stride(0),
-        k.stride(0), k.stride(1),
+        block_tables.shape[1], k.stride(0), k.stride(1),
         H=h, P=cache.page_size, G=cache.group_size, D=d, num_warps=4, **pdl.launch_kwargs(k),
     )
     return k, v
