@@ -98,7 +98,7 @@ def expand_weights(qweight: torch.Tensor, w_scales: torch.Tensor, p: Fp8Plan) ->
     return out, scales
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one binary for every M (M_PAD is a multiple of 16)
 def _split_act_kernel(a_ptr, as_ptr, src_ptr, part_ptr, out_ptr, outs_ptr, M, M_PAD, stride_am, stride_asm,
                       K_OUT, BLOCK_M: tl.constexpr):
     """Rows [i*BM, (i+1)*BM) x one expanded block: int8 codes -> FP8 (copy / high / low part),

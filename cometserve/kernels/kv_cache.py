@@ -105,7 +105,7 @@ def _copy_tail(x_ptr, w_ptr, tok0, start, l0, ctx, h, slot, stride_xt, stride_xh
         tl.store(w_ptr + ((slot * H + h) * G + p % G).to(tl.int64) * D + d, x.to(w_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every step
 def _write_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
     bt_ptr, cu_ptr, ctx_ptr, slot_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr,
@@ -241,7 +241,7 @@ def _gather_one(c_ptr, s_ptr, z_ptr, w_ptr, o_ptr, page, b, g, h, ctx, rows, slo
         tl.store(o_ptr + o_off, tl.load(w_ptr + w_off, mask=m).to(o_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "max_pages"])  # they change every step
 def _gather_kv_kernel(
     kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr, bt_ptr, ctx_ptr, cu_k_ptr, slot_ptr,
     k_out_ptr, v_out_ptr, stride_bt, max_pages, stride_ot, stride_oh,

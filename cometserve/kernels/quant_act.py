@@ -72,7 +72,7 @@ def _fwht(v, T: tl.constexpr):
     return v * 0.08838834764831845
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BLOCKS_PER_PROG"])  # follows M: one binary for every M
 def _quant_act_kernel(
     x_ptr, perm_ptr, bits_ptr, nw_ptr, codes_ptr, scales_ptr, r_ptr, sum_ptr,  # pointers
     K, NB, BLOCKS_PER_PROG,  # dims
