@@ -241,6 +241,10 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, H
 # Launch parameters (sweeps: NOTES-attention.md); decode_attention(config=...) overrides them.
 DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "use_asm": True}
 PREFILL_CONFIG = {"rows": 64, "num_warps": 4, "num_stages": 2, "impl": "auto"}
+# SDPA's cuDNN backend (the fastest for a whole causal prompt on the H100) builds an execution plan per
+# sequence length: ~70 ms at each new prompt length (measured through the engine). A whole prompt is
+# therefore padded to a multiple of this many rows: at most 64 plans up to 8192 tokens.
+SDPA_PAD = 128
 
 
 def _num_splits(batch: int, kv_heads: int, num_groups: int) -> int:
@@ -460,22 +464,27 @@ def _prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots
     for several FlashAttention-2 varlen."""
     if max_context_len is None:
         max_context_len = int(context_lens.max())
-    b = context_lens.shape[0]
+    b, t = context_lens.shape[0], q.shape[0]
     cu_k = cu_seqlens_q  # one sequence: the gather reads only cu_k[0] == 0 (saves two launches)
     if b > 1:
         cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
         torch.cumsum(context_lens, 0, out=cu_k[1:])
+    whole = b == 1 and t == max_context_len  # one prompt with no cached prefix: causal
+    rows = -(-t // SDPA_PAD) * SDPA_PAD if whole else b * max_context_len
     # an upper bound on the rows (exact for one sequence) keeps the call free of device syncs
-    k, v = gather_kv(cache, block_tables, context_lens, cu_k, seq_slots, q.dtype, max_context_len,
-                     b * max_context_len, head_major=b == 1)
+    k, v = gather_kv(cache, block_tables, context_lens, cu_k, seq_slots, q.dtype, max_context_len, rows,
+                     head_major=b == 1)
     if b == 1:
         from torch.nn.attention.bias import causal_lower_right
-        t = q.shape[0]
-        mask = {"is_causal": True} if t == max_context_len else {"attn_mask": causal_lower_right(t, max_context_len)}
+        mask = {"is_causal": True} if whole else {"attn_mask": causal_lower_right(t, max_context_len)}
+        if rows > max_context_len:  # padded rows: zeros (a real row never sees them under the causal mask)
+            k[t:].zero_()
+            v[t:].zero_()
+            q = torch.cat([q, q.new_zeros(rows - t, *q.shape[1:])])
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale,
             enable_gqa=True, **mask)
-        return out[0].transpose(0, 1)
+        return out[0, :, :t].transpose(0, 1)
     return torch.ops.aten._flash_attention_forward(
         q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, max_context_len, 0.0, True, False, scale=scale)[0]
 
