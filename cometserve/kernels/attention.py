@@ -243,7 +243,8 @@ DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "use_asm": True}
 PREFILL_CONFIG = {"rows": 64, "num_warps": 4, "num_stages": 2, "impl": "auto"}
 # SDPA's cuDNN backend (the fastest for a whole causal prompt on the H100) builds an execution plan per
 # sequence length: ~70 ms at each new prompt length (measured through the engine). A whole prompt is
-# therefore padded to a multiple of this many rows: at most 64 plans up to 8192 tokens.
+# therefore padded to a multiple of max(SDPA_PAD, its length's power of two / 8) rows: 20 plans up to
+# 8192 tokens, at most 1/8 more rows.
 SDPA_PAD = 128
 
 
@@ -470,7 +471,8 @@ def _prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots
         cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
         torch.cumsum(context_lens, 0, out=cu_k[1:])
     whole = b == 1 and t == max_context_len  # one prompt with no cached prefix: causal
-    rows = -(-t // SDPA_PAD) * SDPA_PAD if whole else b * max_context_len
+    pad = max(SDPA_PAD, triton.next_power_of_2(t) // 8)
+    rows = -(-t // pad) * pad if whole else b * max_context_len
     # an upper bound on the rows (exact for one sequence) keeps the call free of device syncs
     k, v = gather_kv(cache, block_tables, context_lens, cu_k, seq_slots, q.dtype, max_context_len, rows,
                      head_major=b == 1)
