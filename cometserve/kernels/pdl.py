@@ -54,4 +54,3 @@ def launch_dependents(PDL: tl.constexpr):
     """Let the next grid launch once every program of this one has passed here."""
     if PDL:
         gdc_launch_dependents()
-
