@@ -248,6 +248,12 @@ PREFILL_CONFIG = {"rows": 64, "num_warps": 4, "num_stages": 2, "impl": "auto"}
 SDPA_PAD = 128
 
 
+def sdpa_rows(t: int) -> int:
+    """Rows a whole prompt of t tokens is padded to for SDPA (one cuDNN plan per distinct value)."""
+    pad = max(SDPA_PAD, triton.next_power_of_2(t) // 8)
+    return -(-t // pad) * pad
+
+
 def _num_splits(batch: int, kv_heads: int, num_groups: int) -> int:
     """~8 programs per SM (132 SMs), >= 2 groups per split (sweep: NOTES-attention.md)."""
     want = max(1, -(-8 * 132 // (batch * kv_heads)))
@@ -471,8 +477,7 @@ def _prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots
         cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
         torch.cumsum(context_lens, 0, out=cu_k[1:])
     whole = b == 1 and t == max_context_len  # one prompt with no cached prefix: causal
-    pad = max(SDPA_PAD, triton.next_power_of_2(t) // 8)
-    rows = -(-t // pad) * pad if whole else b * max_context_len
+    rows = sdpa_rows(t) if whole else b * max_context_len
     # an upper bound on the rows (exact for one sequence) keeps the call free of device syncs
     k, v = gather_kv(cache, block_tables, context_lens, cu_k, seq_slots, q.dtype, max_context_len, rows,
                      head_major=b == 1)
