@@ -31,7 +31,6 @@ from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.request import Request, RequestStatus
 from cometserve.engine.runner import ModelRunner
 from cometserve.engine.scheduler import Scheduler
-from cometserve.kernels.attention import sdpa_rows
 from cometserve.model.layers.linear import tune_gemms
 from cometserve.sampling_params import SamplingParams
 
@@ -119,12 +118,10 @@ class LLMEngine:
         """Run the step shapes serving meets (a full prefill chunk, a prefill continuing over its
         cached prefix beside a fresh one, decodes; on CUDA also one prefill per GEMM tuning bucket,
         with a row count that is and one that is not a multiple of 16, the two integer
-        specializations Triton compiles, and prompts at and below each padded length of the cuDNN
-        attention),
-        so that kernel compilation, tuning and plan building happen here and not in a user's step
-        (measured on the H100: 1.9 s and, for a 600-1000-row step, 1.2 s stalls; ~70 ms per new
-        cuDNN plan). Ordinary requests and steps (a tensor-parallel driver steps its workers as
-        usual); leaves the engine empty."""
+        specializations Triton compiles), so that kernel compilation and tuning happen here and not
+        in a user's step (measured on the H100: 1.9 s and, for a 600-1000-row step, 1.2 s stalls).
+        Ordinary requests and steps (a tensor-parallel driver steps its workers as usual); leaves
+        the engine empty."""
         vocab, page = self.model.config.vocab_size, self.storage.page_size
         fits = min(self.max_model_len - 4, self.storage.num_pages * page // 2)
         long = min(self.config.max_num_batched_tokens + 64, fits)
@@ -132,12 +129,9 @@ class LLMEngine:
         rounds = [(long, 16)]
         if self.runner.device.type == "cuda":
             cap, b = min(self.config.max_num_batched_tokens, fits), 32
-            # a prompt of a padded length and one padded to it (q's strides differ: two cuDNN plans)
-            lengths = {n - d for n in map(sdpa_rows, range(1, cap + 1)) if n <= cap for d in (0, 1)}
             while b // 2 < cap:  # rows b/2+1 .. b share a bucket (kernels/gemm_w4ax._m_bucket)
-                lengths |= {n for n in (min(b, cap) - 1, min(b, cap) - 16) if n > b // 2}
+                rounds += [(n,) for n in (min(b, cap) - 1, min(b, cap) - 16) if n > b // 2]
                 b *= 2
-            rounds += [(n,) for n in sorted(lengths)]
         for i, lengths in enumerate(rounds):
             for j, n in enumerate(lengths):
                 self.add_request(f"__warm_up_{i}_{j}", torch.randint(0, vocab, (n,), generator=g).tolist(),
