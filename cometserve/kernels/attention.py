@@ -241,15 +241,15 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, H
 # Launch parameters (sweeps: NOTES-attention.md); decode_attention(config=...) overrides them.
 DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "use_asm": True}
 PREFILL_CONFIG = {"rows": 64, "num_warps": 4, "num_stages": 2, "impl": "auto"}
-# SDPA's cuDNN backend (the fastest for a whole causal prompt on the H100) builds an execution plan per
-# sequence length: ~70 ms at each new prompt length (measured through the engine). A whole prompt is
-# therefore padded to a multiple of max(SDPA_PAD, its length's power of two / 8) rows: 20 plans up to
-# 8192 tokens, at most 1/8 more rows.
+# SDPA's cuDNN backend (the fastest for a whole causal prompt on the H100) costs ~40-70 ms more at a
+# prompt length it has not just seen (measured through the engine; not with cuDNN off). A whole prompt
+# is padded to a multiple of max(SDPA_PAD, its length's power of two / 8) rows (20 values up to 8192,
+# at most 1/8 more rows), so prompts that pad alike share that (NOTES-attention.md, session 8).
 SDPA_PAD = 128
 
 
 def sdpa_rows(t: int) -> int:
-    """Rows a whole prompt of t tokens is padded to for SDPA (one cuDNN plan per distinct value)."""
+    """Rows a whole prompt of t tokens is padded to for SDPA."""
     pad = max(SDPA_PAD, triton.next_power_of_2(t) // 8)
     return -(-t // pad) * pad
 
