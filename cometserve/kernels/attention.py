@@ -8,7 +8,7 @@ path (CPU interpreter, config impl="triton"): split-KV (flash-decoding) with a m
 program per KV head's query group (rows padded to 16), no per-element dequantization (scores =
 (q * k_scale) . codes + q . k_zero; p @ V = (p @ codes) * v_scale + sum(p) * v_zero), codes widened
 by `prmt` + `lop3` + `hsub2` exponent tricks.
-Prefill is tensor-core bound: the fast path dequantizes into contiguous 16-bit K/V
+Prefill is tensor-core bound: the fast path (prefill_flash.py) dequantizes into contiguous 16-bit K/V
 (kv_cache.gather_kv, a few % of the time) and runs PyTorch's flash kernels; the fused Triton kernel
 (groups dequantized in registers) is the portable path, ~2x slower on H100."""
 
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from cometserve.kernels import decode_cuda
-from cometserve.kernels.kv_cache import gather_kv
+from cometserve.kernels.prefill_flash import prefill_flash
 from cometserve.kernels.ref import PagedKVCache
 
 LOG2E = 1.4426950408889634
@@ -241,17 +241,6 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, H
 # Launch parameters (sweeps: NOTES-attention.md); decode_attention(config=...) overrides them.
 DECODE_CONFIG = {"num_warps": 4, "num_stages": 2, "use_asm": True}
 PREFILL_CONFIG = {"rows": 64, "num_warps": 4, "num_stages": 2, "impl": "auto"}
-# SDPA's cuDNN backend (the fastest for a whole causal prompt on the H100) costs ~40-70 ms more at a
-# prompt length it has not just seen (measured through the engine; not with cuDNN off). A whole prompt
-# is padded to a multiple of max(SDPA_PAD, its length's power of two / 8) rows (20 values up to 8192,
-# at most 1/8 more rows), so prompts that pad alike share that (NOTES-attention.md, session 8).
-SDPA_PAD = 128
-
-
-def sdpa_rows(t: int) -> int:
-    """Rows a whole prompt of t tokens is padded to for SDPA."""
-    pad = max(SDPA_PAD, triton.next_power_of_2(t) // 8)
-    return -(-t // pad) * pad
 
 
 def _num_splits(batch: int, kv_heads: int, num_groups: int) -> int:
@@ -448,8 +437,8 @@ def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.
     cfg = {**PREFILL_CONFIG, **(config or {})}
     impl = cfg["impl"] if cfg["impl"] != "auto" else ("flash" if q.is_cuda else "fused")
     if impl == "flash":
-        return _prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots, scale,
-                              max_seqlen_q, max_context_len)
+        return prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots, scale,
+                             max_seqlen_q, max_context_len)
     out = torch.empty_like(q)
     hkv = cache.num_kv_heads
     rep = q.shape[1] // hkv
@@ -462,38 +451,6 @@ def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.
         USE_ASM=q.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
-
-
-def _prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots, scale, max_seqlen_q,
-                   max_context_len):
-    """Dequantize into contiguous 16-bit K/V, then the best flash kernel PyTorch has: for one sequence
-    SDPA (cuDNN for a whole causal prompt, FlashAttention-2 with a bottom-right mask after a prefix),
-    for several FlashAttention-2 varlen."""
-    if max_context_len is None:
-        max_context_len = int(context_lens.max())
-    b, t = context_lens.shape[0], q.shape[0]
-    cu_k = cu_seqlens_q  # one sequence: the gather reads only cu_k[0] == 0 (saves two launches)
-    if b > 1:
-        cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
-        torch.cumsum(context_lens, 0, out=cu_k[1:])
-    whole = b == 1 and t == max_context_len  # one prompt with no cached prefix: causal
-    rows = sdpa_rows(t) if whole else b * max_context_len
-    # an upper bound on the rows (exact for one sequence) keeps the call free of device syncs
-    k, v = gather_kv(cache, block_tables, context_lens, cu_k, seq_slots, q.dtype, max_context_len, rows,
-                     head_major=b == 1)
-    if b == 1:
-        from torch.nn.attention.bias import causal_lower_right
-        mask = {"is_causal": True} if whole else {"attn_mask": causal_lower_right(t, max_context_len)}
-        if rows > max_context_len:  # padded rows: zeros (a real row never sees them under the causal mask)
-            k[t:].zero_()
-            v[t:].zero_()
-            q = torch.cat([q, q.new_zeros(rows - t, *q.shape[1:])])
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale,
-            enable_gqa=True, **mask)
-        return out[0, :, :t].transpose(0, 1)
-    return torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, max_context_len, 0.0, True, False, scale=scale)[0]
 
 
 def can_implement(q: torch.Tensor, cache: PagedKVCache) -> tuple[bool, str]:

@@ -1,0 +1,54 @@
+"""The CUDA prefill path over the INT4 cache: dequantize the sequences' K/V into contiguous 16-bit
+tensors (kv_cache.gather_kv, one memory-bound pass) and run PyTorch's flash kernels on them. Called by
+attention.prefill_attention, which checks the arguments."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from cometserve.kernels.kv_cache import gather_kv
+
+# SDPA's cuDNN backend (the fastest for a whole causal prompt on the H100) costs ~40-70 ms more at a
+# prompt length it has not just seen (measured through the engine; not with cuDNN off). A whole prompt
+# is padded to a multiple of max(SDPA_PAD, its length's power of two / 8) rows (20 values up to 8192,
+# at most 1/8 more rows), so prompts that pad alike share that (NOTES-attention.md, session 8).
+SDPA_PAD = 128
+
+
+def sdpa_rows(t: int) -> int:
+    """Rows a whole prompt of t tokens is padded to for SDPA."""
+    pad = max(SDPA_PAD, triton.next_power_of_2(t) // 8)
+    return -(-t // pad) * pad
+
+
+def prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots, scale, max_seqlen_q,
+                  max_context_len):
+    """Dequantize into contiguous 16-bit K/V, then the best flash kernel PyTorch has: for one sequence
+    SDPA (cuDNN for a whole causal prompt, FlashAttention-2 with a bottom-right mask after a prefix),
+    for several FlashAttention-2 varlen. attention.prefill_attention's contract (its "flash" impl)."""
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    b, t = context_lens.shape[0], q.shape[0]
+    cu_k = cu_seqlens_q  # one sequence: the gather reads only cu_k[0] == 0 (saves two launches)
+    if b > 1:
+        cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+        torch.cumsum(context_lens, 0, out=cu_k[1:])
+    whole = b == 1 and t == max_context_len  # one prompt with no cached prefix: causal
+    rows = sdpa_rows(t) if whole else b * max_context_len
+    # an upper bound on the rows (exact for one sequence) keeps the call free of device syncs
+    k, v = gather_kv(cache, block_tables, context_lens, cu_k, seq_slots, q.dtype, max_context_len, rows,
+                     head_major=b == 1)
+    if b == 1:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = {"is_causal": True} if whole else {"attn_mask": causal_lower_right(t, max_context_len)}
+        if rows > max_context_len:  # padded rows: zeros (a real row never sees them under the causal mask)
+            k[t:].zero_()
+            v[t:].zero_()
+            q = torch.cat([q, q.new_zeros(rows - t, *q.shape[1:])])
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale,
+            enable_gqa=True, **mask)
+        return out[0, :, :t].transpose(0, 1)
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, max_context_len, 0.0, True, False, scale=scale)[0]
