@@ -15,7 +15,9 @@ Work split: grid (splits, Hkv, B); the warps of a CTA take tiles w, w + num_warp
 split. Large problems stream each warp's tiles through a 2-stage cp.async ring (2.9-3.0 TB/s at
 128 x 8192-32768); small ones (latency-bound) load straight from global memory with 4 warps per
 CTA. Splits fill one wave of resident CTAs (occupancy from the CUDA driver); partials are merged
-by a second kernel, skipped with one split (an in-kernel merge by the last CTA was slower).
+by a second kernel, skipped with one split (an in-kernel merge by the last CTA was slower, and so
+was one through a thread block cluster's shared memory: NOTES-attention.md). Both kernels launch
+with programmatic dependent launch on sm_90+ (kernels/pdl.py), through cuLaunchKernelEx.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import struct
 
 import torch
 
+from cometserve.kernels import pdl
 from cometserve.kernels.ref import PagedKVCache
 
 LOG2E = 1.4426950408889634
@@ -60,13 +63,43 @@ def _num_sms(device_index: int) -> int:
 def _ctas_per_sm(name: str, threads: int) -> int:
     """Resident CTAs per SM of a compiled kernel (CUDA occupancy calculator; 1 if unavailable)."""
     try:
-        lib = ctypes.CDLL("libcuda.so.1")
         n = ctypes.c_int()
-        err = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), _kernel(name).func, threads,
-                                                              ctypes.c_size_t(0))
+        err = _libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), _kernel(name).func,
+                                                                     threads, ctypes.c_size_t(0))
         return max(1, n.value) if err == 0 else 1
     except (OSError, AttributeError):
         return 1
+
+
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_uint * 16)]
+    _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # the CUlaunchAttributeID of PDL
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+@functools.cache
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _launch(name: str, grid: tuple, block: int, args: list, use_pdl: bool) -> None:
+    """cuLaunchKernelEx on the current stream (graph-capturable), with the programmatic dependent
+    launch attribute if use_pdl (torch's launcher sets no attributes); ints are passed as C ints."""
+    vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+    attr = _LaunchAttr()
+    attr.id, attr.value[0] = _LaunchAttr._PROGRAMMATIC_STREAM_SERIALIZATION, 1
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(block, 1, 1), 0,
+                        torch.cuda.current_stream().cuda_stream, ctypes.pointer(attr), int(use_pdl))
+    err = _libcuda().cuLaunchKernelEx(ctypes.byref(cfg), _kernel(name).func, params, None)
+    if err:
+        msg = ctypes.c_char_p()
+        _libcuda().cuGetErrorString(err, ctypes.byref(msg))
+        raise RuntimeError(f"cuLaunchKernelEx({name}, grid {grid}) failed: {(msg.value or b'').decode()} ({err})")
 
 
 def _shape(cfg: dict, tiles: int, rep: int, d: int, tile: int) -> tuple[int, int]:
@@ -132,17 +165,16 @@ def decode(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor, con
     else:
         tps = -(-max_tiles // num_splits)
     splits = -(-max_tiles // tps)
+    use_pdl = pdl.launch_kwargs(q)["PDL"]
     f32 = {"dtype": torch.float32, "device": q.device}  # split partials: [B, Hq, splits, D], (max, sum)
     part_o = torch.empty(b, hq, splits, d, **f32) if splits > 1 else out
     part_ml = torch.empty(b, hq, splits, 2, **f32) if splits > 1 else out
     scale_bits = struct.unpack("<i", struct.pack("<f", scale * LOG2E))[0]
-    _kernel(name)(
-        grid=(splits, h, b), block=(nw * 32, 1, 1),
-        args=[q, *cache.tensors(), block_tables, context_lens, seq_slots, out, part_o, part_ml,
-              q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), h, tps, splits,
-              scale_bits])
+    _launch(name, (splits, h, b), nw * 32,
+            [q, *cache.tensors(), block_tables, context_lens, seq_slots, out, part_o, part_ml,
+             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), h, tps, splits,
+             scale_bits], use_pdl)
     if splits > 1:
-        _kernel(f"merge_splits<{d}, {bf16}>")(
-            grid=(b * hq, 1, 1), block=(d, 1, 1),
-            args=[part_o, part_ml, out, hq, out.stride(0), out.stride(1), splits])
+        _launch(f"merge_splits<{d}, {bf16}>", (b * hq, 1, 1), d,
+                [part_o, part_ml, out, hq, out.stride(0), out.stride(1), splits], use_pdl)
     return out

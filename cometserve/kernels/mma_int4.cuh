@@ -111,3 +111,17 @@ DEV void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "m
 // float16 constants (pairs) of the widening: exponent patterns and nibble masks
 constexpr u32 F16_1024 = 0x64006400u, F16_64 = 0x54005400u, F16_NEG64 = 0xD400D400u;
 constexpr u32 LO_NIB = 0x000F000Fu, HI_NIB = 0x00F000F0u;
+
+// Programmatic dependent launch (decode_cuda.py launches with the attribute on sm_90+; without it,
+// or on older GPUs, these are no-ops): wait until the previous grid has completed and its writes
+// are visible; let the next grid launch.
+DEV void grid_dep_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+DEV void grid_dep_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

@@ -322,6 +322,8 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_int4(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, l = lane & 3;
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, H = num_kv_heads;
   const float sm_scale = __int_as_float(scale_bits);  // softmax scale * log2(e)
+  grid_dep_wait();  // q and the newest K/V come from the kernel before (launched with PDL)
+  grid_dep_launch();
   const int ctx = context_lens[b];
   const int n_groups = ctx / G, n_win = ctx - n_groups * G, n_qt = n_groups * TPG;
   const int n_tiles = n_qt + (n_win + TT - 1) / TT;
@@ -435,6 +437,8 @@ __global__ void __launch_bounds__(D) merge_splits(const float* __restrict__ part
                                                   u16* __restrict__ out, int num_q_heads, int stride_ob,
                                                   int stride_oh, int num_splits) {
   const int pid = blockIdx.x, b = pid / num_q_heads, hq = pid % num_q_heads, d = threadIdx.x;
+  grid_dep_wait();
+  grid_dep_launch();
   const float* ml = part_ml + (u64)pid * num_splits * 2;
   float mx = NEG_INF;
   for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, ml[2 * s]);

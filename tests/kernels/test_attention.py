@@ -182,6 +182,57 @@ def test_attention_gpu_single_sequence(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 5, 12])
+def test_decode_gpu_pdl_chain_same_bits(splits):
+    """The CUDA decode kernels launched with programmatic dependent launch right after the KV write
+    that produces their newest token (a PDL kernel too), replayed from a CUDA graph: the same bits as
+    eager launches without PDL, and the reference's values."""
+    from cometserve.kernels import attention, kv_cache, pdl, ref
+
+    torch.manual_seed(0)
+    lens, hkv, rep, d, page = [700, 63, 1, 333, 1500], 8, 4, 128, 64  # 63 + 1: the write fills a group
+    i32 = {"dtype": torch.int32, "device": "cuda"}
+    b = len(lens)
+    max_pages = -(-(max(lens) + 1) // page)
+    bt = torch.randperm(b * max_pages, device="cuda").to(torch.int32).view(b, max_pages)
+    cache = ref.PagedKVCache.allocate(bt.numel(), hkv, d, b, torch.bfloat16, "cuda", page, 64)
+    n = torch.tensor(lens, **i32)
+    slots = torch.arange(b, **i32)
+    k, v = (torch.randn(sum(lens), hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kv_cache.write_kv(k, v, cache, bt, torch.cat((torch.zeros(1, **i32), n.cumsum(0).to(torch.int32))), n, slots)
+    ctx, cu1 = n + 1, torch.arange(b + 1, **i32)  # one new token per sequence
+    k1, v1, q = (torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16) for h in (hkv, hkv, hkv * rep))
+    saved = [t.clone() for t in cache.tensors()]
+
+    def step():
+        kv_cache.write_kv(k1, v1, cache, bt, cu1, ctx, slots, 1)
+        return attention.decode_attention(q, cache, bt, ctx, slots, d**-0.5, max_context_len=max(lens) + 1,
+                                          num_splits=splits, config={"impl": "cuda"})
+
+    def restore():
+        for t, s in zip(cache.tensors(), saved):
+            t.copy_(s)
+
+    try:
+        pdl.ENABLED = False
+        want = step()
+        _check(f"decode splits={splits}", want, ref.decode_attention(q, cache, bt, ctx, slots, d**-0.5))
+        pdl.ENABLED = True
+        restore()
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        restore()
+        graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        pdl.ENABLED = True
+    assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
 def test_kv4_attention_error_vs_16bit_gpu():
     assert quantization_error(device="cuda", length=4000, kv_heads=8, head_dim=128) <= 0.25
 
