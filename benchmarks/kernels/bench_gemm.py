@@ -4,8 +4,11 @@ torch._int_mm, plus the fused activation quantization against the copy ceiling.
     PYTHONPATH=. python benchmarks/kernels/bench_gemm.py [--quick] [--out DIR]
     python benchmarks/kernels/bench_gemm.py --render benchmarks/results/gemm.json  # md + png only
 
-Timings are medians of `triton.testing.do_bench`, which flushes the 50 MB L2 before every call, so
-weights and activations come from DRAM as they would in a model (no cache-resident repeats).
+Timings (kernels/timing.py): every peer and the W4Ax kernel alike run back to back from a CUDA graph,
+each call on its own copy of the weights (copies spanning ROTATE_BYTES, 4x the 50 MB L2), so weights
+come from DRAM as they would in a model and no launch gap or L2 flush enters the figure; medians of
+9 replays. The ablation tables (--variants, --sweep) use do_bench (L2 flushed by a write before each
+call): compare them only among themselves.
 The GEMM reads activation codes in int8 containers whatever the block map, so its time does not
 depend on the INT4 fraction; the other fractions are timed at a subset of M to show that.
 """
@@ -48,44 +51,16 @@ def _bench(fn) -> float:
 
 
 def _copies(nbytes: int) -> int:
-    return max(1, min(16, math.ceil(ROTATE_BYTES / nbytes)))
+    from cometserve.kernels import timing
+
+    return timing.copies_for(nbytes, ROTATE_BYTES)
 
 
 def _time_calls(calls) -> float:
-    """Median us per call: the calls (each on its own weight copy) replayed in turn from a CUDA
-    graph, so neither launch overhead nor an L2-resident weight flatters a small kernel, and no L2
-    flush leaves dirty lines whose write-back a following kernel would pay for."""
-    import torch
+    """Median us per call, graph-replayed over rotating copies (kernels/timing.py, module doc)."""
+    from cometserve.kernels import timing
 
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    calls[0]()
-    e1.record()
-    torch.cuda.synchronize()
-    inner = max(1, min(64, math.ceil(2000 / (e0.elapsed_time(e1) * 1e3 * len(calls)))))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            for c in calls:
-                c()
-    graph.replay()
-    times = []
-    for _ in range(9):
-        e0.record()
-        graph.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3 / (inner * len(calls)))
-    return sorted(times)[len(times) // 2]
+    return timing.graph_us(calls)
 
 
 def _operands(m, n, k, frac, dev, copies=1):

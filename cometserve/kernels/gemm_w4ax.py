@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cometserve.kernels import pdl
+from cometserve.kernels import pdl, timing
 from cometserve.scheme import BLOCK_SIZE
 
 HALF = BLOCK_SIZE // 2  # channels per nibble half of a block
@@ -253,6 +253,11 @@ class _State:
 
 _STATE = _State()
 MAX_SEMAPHORES = 1 << 16
+# The tuner times weight-stream shapes (M <= STREAM_M) as a decode step runs them: back to back from
+# a CUDA graph over weight copies spanning TUNE_ROTATE_BYTES (kernels/timing.py); 0, or larger M:
+# do_bench (an L2 flush by a write before each call, whose write-back the timed kernel pays).
+TUNE_ROTATE_BYTES = 128e6
+STREAM_M = 64
 
 
 def _m_bucket(m: int) -> int:
@@ -351,14 +356,24 @@ def tune(a_codes, a_scales, qweight, w_scales, bias, y) -> GemmConfig:
     key = (y.device, _m_bucket(m), n, k_pad, qweight.dtype)
     cands = candidates(m, n, k_pad // BLOCK_SIZE, y.device)
     if len(cands) > 1:
-        times = []
-        for c in cands:
-            times.append(triton.testing.do_bench(
-                lambda c=c: _launch(c, a_codes, a_scales, qweight, w_scales, bias, y),
-                warmup=5, rep=20, return_mode="median"))
+        times = _time_candidates(cands, a_codes, a_scales, qweight, w_scales, bias, y)
         cands = [cands[times.index(min(times))]]
     _STATE.tuned[key] = cands[0]
     return cands[0]
+
+
+def _time_candidates(cands, a_codes, a_scales, qweight, w_scales, bias, y) -> list[float]:
+    if a_codes.shape[0] <= STREAM_M and TUNE_ROTATE_BYTES:
+        copies = timing.copies_for(qweight.numel() * qweight.element_size() + w_scales.numel() * 2,
+                                   TUNE_ROTATE_BYTES)
+        try:
+            ws = [(qweight, w_scales)] + [(qweight.clone(), w_scales.clone()) for _ in range(copies - 1)]
+        except torch.OutOfMemoryError:
+            ws = [(qweight, w_scales)]  # no room for copies: this shape's weights may sit in L2
+        return [timing.graph_us([lambda c=c, w=w: _launch(c, a_codes, a_scales, *w, bias, y) for w in ws],
+                                replays=5, target_us=500) for c in cands]
+    return [triton.testing.do_bench(lambda c=c: _launch(c, a_codes, a_scales, qweight, w_scales, bias, y),
+                                    warmup=5, rep=20, return_mode="median") for c in cands]
 
 
 def _config_for(a_codes, a_scales, qweight, w_scales, bias, y) -> GemmConfig:
