@@ -139,14 +139,14 @@ def run_gemm(shapes, ms, fractions, dev, dump=None):
             if peers is None:
                 peers = _peers(x, n, k, dev)
             gemm_w4ax.w4ax_gemm(*ops, None, torch.bfloat16)  # first call of a bucket tunes it
-            us = {"w4ax_triton": _time_calls([lambda w=w, a=ops[:2]: gemm_w4ax.w4ax_gemm(*a, *w, None, torch.bfloat16)
-                                              for w in weights])}
+            us = {"w4ax_tuned": _time_calls([lambda w=w, a=ops[:2]: gemm_w4ax.w4ax_gemm(*a, *w, None, torch.bfloat16)
+                                             for w in weights])}
             if fp8 and m >= FP8_FROM_M:
                 plan = gemm_fp8.plan(bits)
                 us["w4ax_fp8"] = _time_calls([lambda w=w, a=ops[:2], p=plan: gemm_fp8.w4ax_gemm(
                     *a, *w, None, torch.bfloat16, p) for w in weights])
             # what a layer runs (model/layers/linear.py): the FP8 path from gemm_fp8.MIN_M rows
-            us["w4ax"] = us["w4ax_fp8"] if fp8 and m >= gemm_fp8.MIN_M else us["w4ax_triton"]
+            us["w4ax"] = us["w4ax_fp8"] if fp8 and m >= gemm_fp8.MIN_M else us["w4ax_tuned"]
             cfg = gemm_w4ax._config_for(*ops, None, torch.empty(m, n, device=dev, dtype=torch.bfloat16))
             rows.append({"shape": name, "N": n, "K": k, "M": m, "int4_fraction": frac,
                          "us": {**peers, **us}, "config": cfg.__dict__})
@@ -278,18 +278,20 @@ def summarize(res) -> str:
         vf = [r["us"]["cublas_fp8"] / r["us"]["w4ax"] for r in sel if r["us"]["cublas_fp8"]]
         if vb:
             lines.append(f"| {label} | {_geo(vb):.2f}x | {_geo(vf) or 0:.2f}x | {min(vf or [0]):.2f}x |")
-    lines += ["", ("W4Ax = what a layer runs: the Triton kernel, or from gemm_fp8.MIN_M rows the cuBLAS "
+    lines += ["", ("W4Ax = what a layer runs: the tuned kernel (the Triton kernel, or from 65 rows the wgmma "
+              "CUDA kernel where the tuner picks it: config column), or from gemm_fp8.MIN_M rows the cuBLAS "
               "block-scaled FP8 path (both columns shown where timed)."), "",
-              ("| shape | M | bf16 us | fp8 us | int_mm us | W4Ax us | vs bf16 | vs fp8 | Triton us | FP8 path us "
-              "| config |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+              ("| shape | M | bf16 us | fp8 us | int_mm us | W4Ax us | vs bf16 | vs fp8 | tuned kernel us | "
+               "FP8 path us | config |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         u = r["us"]
         f = lambda v: f"{v:.1f}" if v else "-"
         c = r.get("config") or {}
-        cs = f"{c.get('block_n')}x{c.get('block_m')} s{c.get('split_k')} w{c.get('num_warps')}" if c else ""
+        cs = (f"{c.get('backend', 'triton')} {c.get('block_n')}x{c.get('block_m')} s{c.get('split_k')} "
+              f"w{c.get('num_warps')} st{c.get('num_stages')}") if c else ""
         lines.append(f"| {r['shape']} | {r['M']} | {f(u['cublas_bf16'])} | {f(u['cublas_fp8'])} | "
                      f"{f(u['int_mm'])} | {f(u['w4ax'])} | {u['cublas_bf16'] / u['w4ax']:.2f}x | "
-                     f"{(u['cublas_fp8'] or 0) / u['w4ax']:.2f}x | {f(u.get('w4ax_triton'))} | "
+                     f"{(u['cublas_fp8'] or 0) / u['w4ax']:.2f}x | {f(u.get('w4ax_tuned', u.get('w4ax_triton')))} | "
                      f"{f(u.get('w4ax_fp8'))} | {cs} |")
     other = [r for r in res["rows"] if r["int4_fraction"] != 0.84]
     if other:

@@ -1,7 +1,7 @@
 """Paged decode attention over the INT4 KV cache as a CUDA kernel (sources: mma_int4.cuh +
-paged_decode.cu), compiled on first use with NVRTC (torch.cuda._compile_kernel: about a second per
-shape, no C++ toolchain). attention.decode_attention takes this path on CUDA when can_implement()
-agrees, else its Triton kernel (the portable path, and the one the CPU interpreter tests).
+paged_decode.cu), compiled on first use with NVRTC (kernels/cuda_launch.py).
+attention.decode_attention takes this path on CUDA when can_implement() agrees, else its Triton
+kernel (the portable path, and the one the CPU interpreter tests).
 
 Why not Triton (benchmarks/kernels/NOTES-attention.md): the Triton kernel spent ~3200
 warp-instructions and 13 CTA barriers per 64-token tile, moving every widened K/V operand through
@@ -22,14 +22,13 @@ with programmatic dependent launch on sm_90+ (kernels/pdl.py), through cuLaunchK
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import struct
 
 import torch
 
-from cometserve.kernels import pdl
+from cometserve.kernels import cuda_launch, pdl
 from cometserve.kernels.ref import PagedKVCache
 
 LOG2E = 1.4426950408889634
@@ -45,61 +44,17 @@ DECODE_CUDA_CONFIG = {"num_warps": None, "stages": None, "min_tiles_per_warp": 1
 SMALL_TILES = 4096
 
 
-@functools.cache
 def _kernel(name: str):
-    src = []
-    for path in SOURCES:
-        with open(path) as f:
-            src.append(f.read())
-    return torch.cuda._compile_kernel("\n".join(src), name, nvcc_options=["-std=c++17"])
+    return cuda_launch.kernel(tuple(SOURCES), name)
+
+
+def _launch(name: str, grid: tuple, block: int, args: list, use_pdl: bool) -> None:
+    cuda_launch.launch(_kernel(name), grid, block, args, use_pdl)
 
 
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def _ctas_per_sm(name: str, threads: int) -> int:
-    """Resident CTAs per SM of a compiled kernel (CUDA occupancy calculator; 1 if unavailable)."""
-    try:
-        n = ctypes.c_int()
-        err = _libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), _kernel(name).func,
-                                                                     threads, ctypes.c_size_t(0))
-        return max(1, n.value) if err == 0 else 1
-    except (OSError, AttributeError):
-        return 1
-
-
-class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
-    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_uint * 16)]
-    _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # the CUlaunchAttributeID of PDL
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
-
-
-@functools.cache
-def _libcuda():
-    return ctypes.CDLL("libcuda.so.1")
-
-
-def _launch(name: str, grid: tuple, block: int, args: list, use_pdl: bool) -> None:
-    """cuLaunchKernelEx on the current stream (graph-capturable), with the programmatic dependent
-    launch attribute if use_pdl (torch's launcher sets no attributes); ints are passed as C ints."""
-    vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-    attr = _LaunchAttr()
-    attr.id, attr.value[0] = _LaunchAttr._PROGRAMMATIC_STREAM_SERIALIZATION, 1
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(block, 1, 1), 0,
-                        torch.cuda.current_stream().cuda_stream, ctypes.pointer(attr), int(use_pdl))
-    err = _libcuda().cuLaunchKernelEx(ctypes.byref(cfg), _kernel(name).func, params, None)
-    if err:
-        msg = ctypes.c_char_p()
-        _libcuda().cuGetErrorString(err, ctypes.byref(msg))
-        raise RuntimeError(f"cuLaunchKernelEx({name}, grid {grid}) failed: {(msg.value or b'').decode()} ({err})")
 
 
 def _shape(cfg: dict, tiles: int, rep: int, d: int, tile: int) -> tuple[int, int]:
@@ -119,7 +74,7 @@ def can_implement(q: torch.Tensor, cache: PagedKVCache) -> tuple[bool, str]:
     """Whether the CUDA kernel takes these inputs (attention.can_implement already holds)."""
     if not q.is_cuda:
         return False, "not on CUDA"
-    if not hasattr(torch.cuda, "_compile_kernel"):
+    if not cuda_launch.available():
         return False, "torch.cuda._compile_kernel (NVRTC) missing in this PyTorch"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return False, "mma.sync bf16 and cp.async need sm_80 or newer"
@@ -159,7 +114,7 @@ def decode(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor, con
     bf16 = "true" if q.dtype == torch.bfloat16 else "false"
     name = f"paged_decode_int4<{d}, {g}, {p}, {rep}, {nw}, {bf16}, {stages}>"
     if num_splits is None:
-        resident = _num_sms(q.device.index or 0) * _ctas_per_sm(name, nw * 32)
+        resident = _num_sms(q.device.index or 0) * cuda_launch.ctas_per_sm(_kernel(name), nw * 32)
         splits = _num_splits(b, h, max_tiles, nw, cfg, resident)
         tps = nw * -(-max_tiles // (splits * nw))  # tiles per split, whole rounds of the warps
     else:

@@ -146,6 +146,15 @@ def test_can_implement_refuses_with_reason():
         assert not ok and word in why, why
 
 
+def test_wgmma_refused_off_hopper():
+    """The CUDA kernel is refused with a reason on CPU and never offered to the CPU tuner."""
+    from cometserve.kernels import gemm_w4ax, gemm_wgmma
+
+    ok, why = gemm_wgmma.can_implement(4096, 4, torch.bfloat16, torch.device("cpu"))
+    assert not ok and "CUDA" in why
+    assert all(c.backend == "triton" for c in gemm_w4ax.candidates(4096, 4096, 32, torch.device("cpu")))
+
+
 LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192),
                 (8192, 8192), (57344, 8192), (8192, 28672), (12288, 4096), (22016, 4096), (4096, 11008)]
 
@@ -173,7 +182,7 @@ def test_gpu_block_maps(m, frac8, dtype):
 def test_gpu_integer_exact(m, w_bits):
     from cometserve.kernels import gemm_w4ax
 
-    for cfg in gemm_w4ax.candidates(m, 6144, 32, torch.device("cuda")):
+    for cfg in gemm_w4ax.candidates(m, 6144, 32, torch.device("cuda"), w_bits, torch.float32):
         res = check_case(m, 6144, 4096, w_bits, 0.25, torch.float32, False, "cuda",
                          cfg=tuple(cfg.__dict__.values()), unit=True)
         assert res["exact"], (cfg, res)
@@ -220,3 +229,20 @@ def test_gpu_pdl_chain_equals_stream_order(m):
             pdl.ENABLED = True
     assert torch.isfinite(outs[True]).all()
     assert torch.equal(outs[True], outs[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bm,stages", [(128, 4), (64, 6)])
+@pytest.mark.parametrize("m", [65, 130, 255, 1000])
+def test_gpu_wgmma_kernel(m, bm, stages):
+    """The warp-specialized CUDA kernel, forced: ragged M (zero-filled rows), K not a multiple of the
+    tile count, every output dtype, with and without bias; integer-exact with unit scales."""
+    from cometserve.kernels import gemm_wgmma
+
+    if not gemm_wgmma.can_implement(384, 4, torch.bfloat16, torch.device("cuda"))[0]:
+        pytest.skip("needs sm_90a")
+    cfg = (128, bm, 1, 8, 12, stages, True, 1, "wgmma")
+    for i, (dt, bias) in enumerate((("bf16", True), ("fp16", False), ("fp32", True))):
+        res = check_case(m, 384, 1152, 4, 0.16 * i, DTYPES[dt], bias, "cuda", cfg=cfg)
+        assert res["finite"] and res["max_excess"] <= 0, (dt, res)
+    assert check_case(m, 256, 1024, 4, 0.25, torch.float32, False, "cuda", cfg=cfg, unit=True)["exact"]
