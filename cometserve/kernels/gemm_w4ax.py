@@ -256,11 +256,12 @@ class _State:
 
 _STATE = _State()
 MAX_SEMAPHORES = 1 << 16
-# The tuner times weight-stream shapes (M <= STREAM_M) as a decode step runs them: back to back from
-# a CUDA graph over weight copies spanning TUNE_ROTATE_BYTES (kernels/timing.py); 0, or larger M:
-# do_bench (an L2 flush by a write before each call, whose write-back the timed kernel pays).
+# The tuner times decode-sized shapes (M <= GRAPH_TUNE_M) as a decode step runs them: back to back
+# from a CUDA graph over weight copies spanning TUNE_ROTATE_BYTES (kernels/timing.py); 0, or larger
+# M: do_bench (an L2 flush by a write before each call, whose write-back the timed kernel pays).
 TUNE_ROTATE_BYTES = 128e6
-STREAM_M = 64
+GRAPH_TUNE_M = 256
+STREAM_M = 64  # above this many rows the wgmma kernel joins the candidates
 
 
 def _m_bucket(m: int) -> int:
@@ -298,18 +299,20 @@ def _candidate_list(m: int, n: int, nb: int, device: torch.device) -> list[GemmC
         if n % 128 == 0:
             out.append(C(128, 16, _split_for(n // 128, nb, sms, 2.0), 8, 8, 3))
         return out
-    def split(bm_t: int, waves: float) -> int:
-        return _split_for(n // 64 * triton.cdiv(m, bm_t), nb, sms, waves)
+    def split(bm_t: int, waves: float, bn: int = 64) -> int:
+        return _split_for(n // bn * triton.cdiv(m, bm_t), nb, sms, waves)
 
-    if bm <= 64:  # middle: two CTAs per SM is the unit to fill (waves 2)
-        return [C(64, bm, split(bm, 1.0), 8, 4, 3), C(64, bm, split(bm, 2.0), 8, 4, 3),
-                C(64, 32, split(32, 1.0), 8, 2, 4), C(64, 32, split(32, 2.0), 8, 2, 4)]
-    if bm <= 256:
-        out = [C(64, 128, split(128, 1.0), 8, 4, 3), C(64, 128, split(128, 2.0), 8, 4, 3),
-               C(64, 64, split(64, 2.0), 8, 4, 4, False), C(64, 64, split(64, 2.0), 8, 2, 4)]
-        if n % 128 == 0:
-            out.append(C(128, 64, 1, 8, 4, 4, True, 2))
-        return out
+    # middle: 32-token tiles split for 3-4 waves (2 warps: mma.sync), 128x64 double tiles for the
+    # wide matrices; within 0.5% (geomean) of a sweep over 16-128-token tiles x 2/4 warps x 3/4
+    # stages x 1-8 waves at M 32 and 64 on the 11 benchmark shapes (NOTES-gemm.md item 22)
+    mid = [C(64, 32, split(32, 4.0), 8, 2, 3), C(64, 32, split(32, 3.0), 8, 4, 3),
+           C(64, 32, split(32, 3.0), 8, 2, 3)]
+    if bm <= 64:
+        if bm == 64 and n % 128 == 0:
+            mid += [C(128, 64, split(64, w, 128), 8, 4, 4, True, 2) for w in (1.0, 2.0)]
+        return mid
+    if bm <= 256:  # above STREAM_M the wgmma kernel's candidates join these (candidates())
+        return [C(64, 128, split(128, 1.0), 8, 4, 3), C(64, 128, split(128, 2.0), 8, 4, 3), mid[2]]
     out = [C(64, 128, 1, 8, 4, 3), C(64, 128, 1, 8, 4, 4)]  # prefill
     if n % 128 == 0:
         out.append(C(128, 64, 1, 8, 4, 4, True, 2))
@@ -381,7 +384,7 @@ def tune(a_codes, a_scales, qweight, w_scales, bias, y) -> GemmConfig:
 
 
 def _time_candidates(cands, a_codes, a_scales, qweight, w_scales, bias, y) -> list[float]:
-    if a_codes.shape[0] <= STREAM_M and TUNE_ROTATE_BYTES:
+    if a_codes.shape[0] <= GRAPH_TUNE_M and TUNE_ROTATE_BYTES:
         copies = timing.copies_for(qweight.numel() * qweight.element_size() + w_scales.numel() * 2,
                                    TUNE_ROTATE_BYTES)
         try:

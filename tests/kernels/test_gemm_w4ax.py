@@ -177,7 +177,7 @@ def test_gpu_block_maps(m, frac8, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16, 255, 4096])
+@pytest.mark.parametrize("m", [1, 16, 40, 64, 255, 4096])
 @pytest.mark.parametrize("w_bits", [4, 8])
 def test_gpu_integer_exact(m, w_bits):
     from cometserve.kernels import gemm_w4ax
