@@ -320,7 +320,8 @@ def _candidate_list(m: int, n: int, nb: int, device: torch.device) -> list[GemmC
 
 
 # (tokens per tile, stages) of the wgmma kernel's candidates (gemm_wgmma.py), tried above STREAM_M rows:
-# ~10% faster than the Triton kernel at M 256-4096 on the 8B shapes (NOTES-gemm.md, session 10)
+# ~10% faster than the Triton kernel at M 256-4096 on the 8B shapes (NOTES-gemm.md, session 10); up to
+# GRAPH_TUNE_M rows also split over K for one wave (NOTES-gemm.md item 23)
 WGMMA_SHAPES = ((128, 4), (64, 6))
 
 
@@ -329,6 +330,10 @@ def candidates(m: int, n: int, nb: int, device: torch.device, w_bits: int = 4,
     out = _candidate_list(m, n, nb, device)
     if m > STREAM_M and gemm_wgmma.can_implement(n, w_bits, out_dtype, device)[0]:
         out += [GemmConfig(128, bm, 1, 8, 12, st, backend="wgmma") for bm, st in WGMMA_SHAPES]
+        if m <= GRAPH_TUNE_M:  # K splits where the tiles leave SMs idle (wins at M = 128 on down_proj)
+            sms = _sm_count(device)
+            out += [GemmConfig(128, bm, _split_for(n // 128 * triton.cdiv(m, bm), nb, sms, 1.0), 8, 12, st,
+                               backend="wgmma") for bm, st in WGMMA_SHAPES]
     return list(dict.fromkeys(out))  # unique, order kept
 
 
@@ -343,21 +348,21 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
 def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, use_asm=None):
     """Launch one config; returns the compiled kernel (registers, spills, PTX for diagnostics).
     use_asm: the 32-bit mask trick, switchable for the ablation in the benchmark."""
-    if cfg.backend == "wgmma":
-        if gemm_wgmma.operands_ok(a_codes, bias, y):
-            return gemm_wgmma.launch(cfg.block_m, cfg.num_stages, cfg.group_n, a_codes, a_scales, qweight,
-                                     w_scales, bias, y)
-        cfg = _candidate_list(a_codes.shape[0], y.shape[1], a_codes.shape[1] // BLOCK_SIZE, y.device)[0]
     m, k_pad = a_codes.shape
     n = y.shape[1]
     nb = k_pad // BLOCK_SIZE
-    w_bits = 4 if qweight.dtype == torch.uint8 else 8
+    if cfg.backend == "wgmma" and not gemm_wgmma.operands_ok(a_codes, bias, y):
+        cfg = _candidate_list(m, n, nb, y.device)[0]
     tiles = (n // cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = max(1, min(cfg.split_k, nb))
     if split * m * n >= 2**31:
         split = 1  # partials would overflow int32 offsets; such M is not a weight stream anyway
     part = torch.empty((split, m, n), dtype=torch.float32, device=y.device) if split > 1 else y
     sems = _semaphores(y.device, tiles) if split > 1 else y
+    if cfg.backend == "wgmma":
+        return gemm_wgmma.launch(cfg.block_m, cfg.num_stages, cfg.group_n, split, a_codes, a_scales, qweight,
+                                 w_scales, bias, y, part, sems)
+    w_bits = 4 if qweight.dtype == torch.uint8 else 8
     return _w4ax_kernel[(tiles, split)](
         a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y, part, sems,
         m, n, nb, split,

@@ -122,7 +122,9 @@ template <int BT, int OUT, bool BIAS, int STAGES>
 __global__ void __launch_bounds__(384, 1)
 w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u8* __restrict__ w,
            const u16* __restrict__ w_scales, const void* __restrict__ bias, u8* __restrict__ y,
-           int M, int N, int NB, int stride_am, int stride_asm, int stride_wsb, int stride_ym, int group_n) {
+           float* __restrict__ part, int* __restrict__ sems,
+           int M, int N, int NB, int stride_am, int stride_asm, int stride_wsb, int stride_ym, int group_n,
+           int splits) {
   constexpr int A_STAGE = BT * 128, OSZ = OUT == 2 ? 4 : 2;
   constexpr int EPI_ROW = 64 * OSZ + 16;  // a token's 64 outputs of one consumer, padded (banks)
   extern __shared__ __align__(1024) u8 smem_raw[];
@@ -133,9 +135,11 @@ w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u
   u16* sw_s = reinterpret_cast<u16*>(sa_s + STAGES * BT);            // [STAGES][128]
   u64* bars = reinterpret_cast<u64*>(sw_s + STAGES * WT_ROWS);       // full[STAGES], empty[STAGES]
   u8* epi_s = reinterpret_cast<u8*>(bars + 2 * STAGES);              // [2][BT][EPI_ROW]
+  __shared__ int last_s;  // split-K: whether this CTA's unit was the tile's last split to arrive
 
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
-  const int tiles = ((M + BT - 1) / BT) * (N / WT_ROWS);
+  // work unit u = (tile u % tiles, K split u / tiles): split s owns blocks [s * per, (s + 1) * per)
+  const int tiles = ((M + BT - 1) / BT) * (N / WT_ROWS), units = tiles * splits, per = (NB + splits - 1) / splits;
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(smem_addr(bars + s), 128);         // every producer thread's copies
@@ -148,9 +152,10 @@ w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u
   if (wg == 0) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 88;");
     int it = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      Tile<BT> t(tile, M, N, group_n);
-      for (int b = 0; b < NB; ++b, ++it) {
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+      Tile<BT> t(u % tiles, M, N, group_n);
+      const int b_hi = min(NB, (u / tiles + 1) * per);
+      for (int b = (u / tiles) * per; b < b_hi; ++b, ++it) {
         const int s = it % STAGES;
         if (it >= STAGES) mbar_wait(smem_addr(bars + STAGES + s), ((it / STAGES) - 1) & 1);
         const u32 as = smem_addr(act_s + s * A_STAGE), wsm = smem_addr(wt_s + s * WT_STAGE);
@@ -235,18 +240,50 @@ w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u
     __syncwarp();
     if (lane == 0) mbar_arrive(smem_addr(bars + STAGES + s));
   };
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  const int r0 = 16 * warp + g;
+  for (int u = blockIdx.x; u < units; u += gridDim.x) {
+    const int tile = u % tiles, sp = u / tiles;
     Tile<BT> t(tile, M, N, group_n);
     float acc[BT / 2];
 #pragma unroll
     for (int i = 0; i < BT / 2; ++i) acc[i] = 0.f;
-    for (int b = 0; b < NB; ++b) {
+    for (int b = sp * per; b < min(NB, (sp + 1) * per); ++b) {
       issue();
       fold(acc);
     }
+    if (splits > 1) {
+      // split-K fix-up, as the Triton kernel's: partials [splits, M, N] fp32; the last split of a
+      // tile to arrive (counted on its semaphore, then reset) sums them in split order
+      const size_t n_base = t.n0 + 64 * c + r0;
+#pragma unroll
+      for (int j = 0; j < BT / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = t.m0 + 8 * j + 2 * tq + (e & 1);
+          if (m < M) part[((size_t)sp * M + m) * N + n_base + (e >> 1) * 8] = acc[4 * j + e];
+        }
+      __threadfence();
+      pair_sync(5);
+      if (threadIdx.x == 128) {
+        last_s = atomicAdd(sems + tile, 1) == splits - 1;
+        if (last_s) sems[tile] = 0;  // every split has arrived: ready for the next launch
+      }
+      pair_sync(5);
+      if (!last_s) continue;  // the same for both consumers
+      __threadfence();
+#pragma unroll
+      for (int i = 0; i < BT / 2; ++i) acc[i] = 0.f;
+      for (int q = 0; q < splits; ++q)  // all of a split's loads in flight at once: one L2 trip per split
+#pragma unroll
+        for (int j = 0; j < BT / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int m = t.m0 + 8 * j + 2 * tq + (e & 1);
+            if (m < M) acc[4 * j + e] += __ldcg(part + ((size_t)q * M + m) * N + n_base + (e >> 1) * 8);
+          }
+    }
     // epilogue: /16 (mask widening), bias, convert; staged through shared memory so that each
     // token's 64 outputs of this consumer leave as 16-byte stores
-    const int r0 = 16 * warp + g;
     const float b0 = BIAS ? load_bias<OUT>(bias, t.n0 + 64 * c + r0) : 0.f;
     const float b1 = BIAS ? load_bias<OUT>(bias, t.n0 + 64 * c + r0 + 8) : 0.f;
 #pragma unroll

@@ -8,9 +8,13 @@ fold and will not overlap the two inside a CTA (NOTES-gemm.md items 1, 5, 17), s
 while two consumer warpgroups each own 64 weight rows: one folds on the CUDA cores while the other's
 wgmma runs on the tensor cores.
 
+Work is persistent over units (tile, K split): with split > 1 each split writes an fp32 partial and
+the tile's last split to arrive sums them in split order, as the Triton kernel's split-K does; it
+pays where the tiles leave SMs idle (M = 128 on down_proj, NOTES-gemm.md item 23).
+
 Same operands as the Triton kernel (prepare_weights' tiled INT4 layout, int8 activation codes,
 fp32 activation scales, fp16 weight scales [nb or 1, N]) and the same fp32 arithmetic in the same
-block order: outputs equal the Triton kernel's unsplit results bit for bit.
+block order: unsplit, outputs equal the Triton kernel's unsplit results bit for bit.
 """
 
 from __future__ import annotations
@@ -70,18 +74,21 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch(block_m: int, stages: int, group_n: int, a_codes, a_scales, qweight, w_scales, bias, y) -> None:
-    """Y = W4Ax(a_codes, a_scales, prepared qweight / w_scales) (+ bias) into y [M, N]."""
+def launch(block_m: int, stages: int, group_n: int, split: int, a_codes, a_scales, qweight, w_scales, bias, y,
+           part, sems) -> None:
+    """Y = W4Ax(a_codes, a_scales, prepared qweight / w_scales) (+ bias) into y [M, N]. With split > 1
+    each tile's blocks are cut into `split` K ranges: fp32 partials in part [split, M, N], the tile's
+    counter in sems (zero before, left zero), as gemm_w4ax's Triton kernel does."""
     m, k_pad = a_codes.shape
     n, nb = y.shape[1], k_pad // 128
     smem = smem_bytes(block_m, stages, y.dtype)
     assert smem <= SMEM_MAX, f"block_m={block_m} x {stages} stages needs {smem} B of shared memory"
     name = f"w4ax_wgmma<{block_m}, {_OUT[y.dtype]}, {'true' if bias is not None else 'false'}, {stages}>"
     k = cuda_launch.kernel(SOURCES, name, "90a", smem)
-    tiles = -(-m // block_m) * (n // TILE_N)
-    grid = min(tiles, _num_sms(y.device.index if y.device.index is not None else torch.cuda.current_device()))
+    units = -(-m // block_m) * (n // TILE_N) * split
+    grid = min(units, _num_sms(y.device.index if y.device.index is not None else torch.cuda.current_device()))
     cuda_launch.launch(k, (grid, 1, 1), THREADS,
-                       [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y,
+                       [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y, part, sems,
                         m, n, nb, a_codes.stride(0), a_scales.stride(0),
-                        w_scales.stride(0) if w_scales.shape[0] > 1 else 0, y.stride(0), group_n],
+                        w_scales.stride(0) if w_scales.shape[0] > 1 else 0, y.stride(0), group_n, split],
                        pdl.launch_kwargs(y)["PDL"], smem)

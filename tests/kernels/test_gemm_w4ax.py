@@ -234,14 +234,16 @@ def test_gpu_pdl_chain_equals_stream_order(m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm,stages", [(128, 4), (64, 6)])
 @pytest.mark.parametrize("m", [65, 130, 255, 1000])
-def test_gpu_wgmma_kernel(m, bm, stages):
+@pytest.mark.parametrize("split", [1, 4])
+def test_gpu_wgmma_kernel(m, bm, stages, split):
     """The warp-specialized CUDA kernel, forced: ragged M (zero-filled rows), K not a multiple of the
-    tile count, every output dtype, with and without bias; integer-exact with unit scales."""
+    tile count (nor of the split: 9 blocks in 4 splits of 3, the last one empty), every output dtype,
+    with and without bias; integer-exact with unit scales."""
     from cometserve.kernels import gemm_wgmma
 
     if not gemm_wgmma.can_implement(384, 4, torch.bfloat16, torch.device("cuda"))[0]:
         pytest.skip("needs sm_90a")
-    cfg = (128, bm, 1, 8, 12, stages, True, 1, "wgmma")
+    cfg = (128, bm, split, 8, 12, stages, True, 1, "wgmma")
     for i, (dt, bias) in enumerate((("bf16", True), ("fp16", False), ("fp32", True))):
         res = check_case(m, 384, 1152, 4, 0.16 * i, DTYPES[dt], bias, "cuda", cfg=cfg)
         assert res["finite"] and res["max_excess"] <= 0, (dt, res)
