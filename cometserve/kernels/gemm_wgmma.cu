@@ -118,7 +118,9 @@ DEV float load_bias(const void* bias, int n) {
   else return half_to_float<OUT == 0>(reinterpret_cast<const u16*>(bias)[n], 0);
 }
 
-template <int BT, int OUT, bool BIAS, int STAGES>
+// SPLIT: K split over work units (a separate instance: the fix-up's registers and code cost the
+// unsplit kernel ~10% when it is only switched off at run time)
+template <int BT, int OUT, bool BIAS, int STAGES, bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
 w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u8* __restrict__ w,
            const u16* __restrict__ w_scales, const void* __restrict__ bias, u8* __restrict__ y,
@@ -135,10 +137,10 @@ w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u
   u16* sw_s = reinterpret_cast<u16*>(sa_s + STAGES * BT);            // [STAGES][128]
   u64* bars = reinterpret_cast<u64*>(sw_s + STAGES * WT_ROWS);       // full[STAGES], empty[STAGES]
   u8* epi_s = reinterpret_cast<u8*>(bars + 2 * STAGES);              // [2][BT][EPI_ROW]
-  __shared__ int last_s;  // split-K: whether this CTA's unit was the tile's last split to arrive
 
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
   // work unit u = (tile u % tiles, K split u / tiles): split s owns blocks [s * per, (s + 1) * per)
+  if (!SPLIT) splits = 1;
   const int tiles = ((M + BT - 1) / BT) * (N / WT_ROWS), units = tiles * splits, per = (NB + splits - 1) / splits;
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -153,9 +155,10 @@ w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u
     asm volatile("setmaxnreg.dec.sync.aligned.u32 88;");
     int it = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
-      Tile<BT> t(u % tiles, M, N, group_n);
-      const int b_hi = min(NB, (u / tiles + 1) * per);
-      for (int b = (u / tiles) * per; b < b_hi; ++b, ++it) {
+      const int sp = SPLIT ? u / tiles : 0;
+      Tile<BT> t(SPLIT ? u % tiles : u, M, N, group_n);
+      const int b_hi = min(NB, (sp + 1) * per);
+      for (int b = sp * per; b < b_hi; ++b, ++it) {
         const int s = it % STAGES;
         if (it >= STAGES) mbar_wait(smem_addr(bars + STAGES + s), ((it / STAGES) - 1) & 1);
         const u32 as = smem_addr(act_s + s * A_STAGE), wsm = smem_addr(wt_s + s * WT_STAGE);
@@ -242,7 +245,7 @@ w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u
   };
   const int r0 = 16 * warp + g;
   for (int u = blockIdx.x; u < units; u += gridDim.x) {
-    const int tile = u % tiles, sp = u / tiles;
+    const int tile = SPLIT ? u % tiles : u, sp = SPLIT ? u / tiles : 0;
     Tile<BT> t(tile, M, N, group_n);
     float acc[BT / 2];
 #pragma unroll
@@ -251,7 +254,8 @@ w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u
       issue();
       fold(acc);
     }
-    if (splits > 1) {
+    if constexpr (SPLIT) {
+      __shared__ int last_s;  // whether this unit was the tile's last split to arrive
       // split-K fix-up, as the Triton kernel's: partials [splits, M, N] fp32; the last split of a
       // tile to arrive (counted on its semaphore, then reset) sums them in split order
       const size_t n_base = t.n0 + 64 * c + r0;

@@ -83,7 +83,8 @@ def launch(block_m: int, stages: int, group_n: int, split: int, a_codes, a_scale
     n, nb = y.shape[1], k_pad // 128
     smem = smem_bytes(block_m, stages, y.dtype)
     assert smem <= SMEM_MAX, f"block_m={block_m} x {stages} stages needs {smem} B of shared memory"
-    name = f"w4ax_wgmma<{block_m}, {_OUT[y.dtype]}, {'true' if bias is not None else 'false'}, {stages}>"
+    tf = {True: "true", False: "false"}
+    name = f"w4ax_wgmma<{block_m}, {_OUT[y.dtype]}, {tf[bias is not None]}, {stages}, {tf[split > 1]}>"
     k = cuda_launch.kernel(SOURCES, name, "90a", smem)
     units = -(-m // block_m) * (n // TILE_N) * split
     grid = min(units, _num_sms(y.device.index if y.device.index is not None else torch.cuda.current_device()))
