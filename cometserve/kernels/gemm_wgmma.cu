@@ -118,8 +118,8 @@ DEV float load_bias(const void* bias, int n) {
   else return half_to_float<OUT == 0>(reinterpret_cast<const u16*>(bias)[n], 0);
 }
 
-// SPLIT: K split over work units (a separate instance: the fix-up's registers and code cost the
-// unsplit kernel ~10% when it is only switched off at run time)
+// SPLIT: K split over work units, a separate instance (the fix-up switched off at run time left
+// the unsplit kernel ~10% slower in a recorded run; as an instance it times as before, NOTES item 23)
 template <int BT, int OUT, bool BIAS, int STAGES, bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
 w4ax_wgmma(const u8* __restrict__ a, const float* __restrict__ a_scales, const u8* __restrict__ w,
