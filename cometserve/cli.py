@@ -135,7 +135,8 @@ def cmd_serve(args) -> None:
         raise ValueError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, num_pages=args.num_pages,
-                       memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs)
+                       memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs,
+                       enable_prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or (Path(args.model).name if args.model is not None
                                       else f"{Path(args.random_weights).stem}-{args.mode}")
     workers = None
@@ -184,6 +185,8 @@ def _add_serve_parser(sub) -> None:
                    help="KV cache pages (default: from free GPU memory; on CPU, one full context)")
     s.add_argument("--memory-fraction", type=float, default=0.9)
     s.add_argument("--no-cuda-graphs", action="store_true")
+    s.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the K/V of prompts' shared leading pages across requests")
     s.add_argument("--tensor-parallel", type=int, default=1, help="GPUs (ranks) to split the model over")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM")

@@ -104,8 +104,10 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
     """Append one row per case to `rows`, rewriting the result files after each (a run cut off
     by a time limit keeps what it measured)."""
     t0 = time.perf_counter()
+    # no prefix caching: cases share the seed, so a later case's prompts repeat an earlier one's
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs)
+                       memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs,
+                       enable_prefix_caching=False)
     if args.tp is None:
         loaded = build_random_model(args.random_weights, mode, device="cuda", rotate=False if args.no_rotation else None)
         t_build = time.perf_counter() - t0

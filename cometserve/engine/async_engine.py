@@ -60,6 +60,8 @@ class EngineStats:
     num_generated_tokens: int
     num_finished: dict[str, int]  # by finish reason
     num_rejected_overload: int
+    prefix_queried_tokens: int = 0  # prompt tokens of admitted requests (prefix caching)
+    prefix_hit_tokens: int = 0  # of which read from the prefix cache
 
 
 class RequestStream:
@@ -232,6 +234,7 @@ class AsyncEngine:
             kv_usage=kv.usage, num_free_blocks=kv.num_free_blocks, num_blocks=kv.num_blocks,
             num_prompt_tokens=self._prompt_tokens, num_generated_tokens=self._generated_tokens,
             num_finished=dict(self._finished), num_rejected_overload=self._overloaded,
+            prefix_queried_tokens=sched.prefix_queried_tokens, prefix_hit_tokens=sched.prefix_hit_tokens,
         )
 
     # ---- event loop side --------------------------------------------------------------------

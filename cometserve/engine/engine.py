@@ -49,6 +49,7 @@ class EngineConfig:
     use_cuda_graphs: bool = True
     max_graph_batch: int | None = None  # decode CUDA graphs up to this batch; None: max_num_seqs
     async_scheduling: bool | None = None  # None: where the runner allows it, on CUDA
+    enable_prefix_caching: bool = True  # reuse the cached K/V of a prompt's leading full pages
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_fraction <= 1.0:
@@ -105,7 +106,7 @@ class LLMEngine:
         )
         if next(model.parameters()).is_cuda:  # every GEMM shape tuned now, not in a served step
             tune_gemms(model, cfg.max_num_batched_tokens)
-        kv = KVBlockManager(self.storage.num_pages, self.storage.page_size)
+        kv = KVBlockManager(self.storage.num_pages, self.storage.page_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
         self.runner = ModelRunner(model, self.storage, max_len, cfg.use_cuda_graphs,
                                   cfg.max_graph_batch or cfg.max_num_seqs)

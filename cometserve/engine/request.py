@@ -111,6 +111,10 @@ class Request:
         self.num_computed_tokens = 0
         self.num_inflight = 0  # sampled by a step still on the device, not yet in output_token_ids (0 or 1)
         self.num_preemptions = 0
+        # prefix caching (kv_manager): content keys of its full blocks so far, and how many leading
+        # blocks of its table are cached (attached at admission or registered once written)
+        self.block_keys: list[bytes] = []
+        self.num_cached_blocks = 0
         self.stop_token_id: int | None = None
         self.error: str | None = None  # why the request was rejected
         self._status = RequestStatus.WAITING

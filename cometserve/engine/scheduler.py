@@ -11,7 +11,10 @@ Each `schedule()` builds one step, in this order:
 2. Waiting requests in FIFO order (strict head of line: if the head's chunk does not fit, nobody
    behind it is admitted), each getting `min(remaining tokens, remaining budget)`; a long prompt is
    split across steps (chunked prefill). A step that preempted admits nobody: the pages just
-   freed are needed by the requests already running.
+   freed are needed by the requests already running. With prefix caching (kv_manager), an admitted
+   request first takes the cached blocks of its longest cached prefix of whole blocks (always
+   leaving one token to compute, whose logits it needs) and computes from there; `update()`
+   registers every block a finished step filled.
 
 Together these keep an ordering invariant that `check_invariants` asserts: every running request
 arrived before every waiting one, the waiting queue is sorted by arrival, and at most one running
@@ -32,7 +35,7 @@ from __future__ import annotations
 from collections import deque
 
 from cometserve.engine.interfaces import PLACEHOLDER, ScheduledChunk, SchedulerOutput, StepOutput
-from cometserve.engine.kv_manager import KVBlockManager
+from cometserve.engine.kv_manager import KVBlockManager, block_keys
 from cometserve.engine.request import Request, RequestStatus
 
 _RUNNING = RequestStatus.RUNNING
@@ -66,6 +69,11 @@ class Scheduler:
         self._finished_ids: list[str] = []  # since the last schedule(), reported to the runner
         self._pending: SchedulerOutput | None = None  # scheduled, not yet updated
         self._held: SchedulerOutput | None = None  # scheduled, in flight (hold()), not yet updated
+        # the Request of each chunk of those steps (an id may be reused after an abort)
+        self._pending_reqs: tuple[Request, ...] = ()
+        self._held_reqs: tuple[Request, ...] = ()
+        self.prefix_queried_tokens = 0  # prompt (+ recomputed) tokens of admitted requests
+        self.prefix_hit_tokens = 0  # of which found in the prefix cache
 
     # ---- admission and removal -----------------------------------------------------------
 
@@ -172,6 +180,9 @@ class Scheduler:
         )
         self._finished_ids.clear()
         self._pending = output
+        if self.kv.enable_prefix_caching:
+            requests = self.requests
+            self._pending_reqs = tuple(requests[c.request_id] for c in output.chunks)
         return output
 
     def _schedule_running(self, budget: int, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
@@ -225,22 +236,52 @@ class Scheduler:
         self.running.remove(request)
         request.transition(RequestStatus.PREEMPTED)
         request.num_computed_tokens = 0
+        request.num_cached_blocks = 0
         request.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def _schedule_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
         """Admit waiting requests FIFO while budget, sequence slots and blocks last; the budget left."""
+        kv = self.kv
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self.kv.allocate(request.request_id, num_new) is None:
+            cached = self._cached_blocks(request) if kv.enable_prefix_caching else []
+            start = len(cached) * kv.block_size
+            num_new = min(request.num_tokens - start, budget)
+            if (kv.allocate_prefix(request.request_id, cached, num_new) if cached
+                    else kv.allocate(request.request_id, num_new)) is None:
                 break  # head of line waits for pages; admitting a later request would break FIFO
+            request.num_computed_tokens, request.num_cached_blocks = start, len(cached)
+            self.prefix_queried_tokens += request.num_tokens
+            self.prefix_hit_tokens += start
             self.waiting.popleft()
             request.transition(_RUNNING)
             self.running.append(request)  # arrived after every running request: order kept
             chunks.append(self._make_chunk(request, num_new))
             budget -= num_new
         return budget
+
+    def _keys(self, request: Request, n: int) -> list[bytes]:
+        """The content keys of the request's first n blocks (all of whose tokens are known)."""
+        keys, bs = request.block_keys, self.kv.block_size
+        if len(keys) < n:
+            keys += block_keys(request.token_slice(len(keys) * bs, n * bs), bs, keys[-1] if keys else b"")
+        return keys
+
+    def _cached_blocks(self, request: Request) -> list[int]:
+        """Cached blocks of the request's longest cached prefix, short of its last token."""
+        return self.kv.cached_prefix(self._keys(request, (request.num_tokens - 1) // self.kv.block_size))
+
+    def _register(self, chunks, reqs) -> None:
+        """Cache the blocks a finished step's chunks filled (their K/V is written now)."""
+        bs, requests = self.kv.block_size, self.requests
+        for c, r in zip(chunks, reqs):
+            full = (c.start_pos + len(c.token_ids)) // bs
+            if full > r.num_cached_blocks and r.status is _RUNNING and requests.get(c.request_id) is r:
+                keys = self._keys(r, full)
+                for i in range(r.num_cached_blocks, full):
+                    self.kv.register(r.request_id, i, keys[i])
+                r.num_cached_blocks = full
 
     def _make_chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         """Describe tokens [computed, computed + num_new) and mark them computed."""
@@ -280,6 +321,7 @@ class Scheduler:
         if self._pending is None or self._held is not None:
             raise RuntimeError("hold() needs a scheduled step and no other step in flight")
         self._held, self._pending = self._pending, None
+        self._held_reqs = self._pending_reqs
         requests = self.requests
         for c in self._held.chunks:
             if c.needs_sample:
@@ -321,6 +363,8 @@ class Scheduler:
         missing = [r.request_id for r in live if r.request_id not in sampled]
         if missing:
             raise ValueError(f"runner returned no sample for requests {missing}")
+        if self.kv.enable_prefix_caching:  # before any of them finishes and frees its blocks
+            self._register(step.chunks, self._held_reqs if held else self._pending_reqs)
         if held:
             self._held = None
         else:

@@ -66,6 +66,10 @@ class Metrics:
         metric("cometserve_kv_cache_blocks", "gauge", "KV cache blocks in all.", stats.num_blocks)
         metric("cometserve_prompt_tokens_total", "counter", "Prompt tokens admitted.", stats.num_prompt_tokens)
         metric("cometserve_generation_tokens_total", "counter", "Tokens generated.", stats.num_generated_tokens)
+        metric("cometserve_prefix_cache_queries_total", "counter",
+               "Prompt tokens looked up in the prefix cache.", stats.prefix_queried_tokens)
+        metric("cometserve_prefix_cache_hits_total", "counter",
+               "Prompt tokens whose K/V came from the prefix cache.", stats.prefix_hit_tokens)
         for reason, n in sorted(stats.num_finished.items()):
             metric("cometserve_request_finished_total", "counter", "Sequences finished, by reason.", n,
                    f'{{finish_reason="{reason}"}}')

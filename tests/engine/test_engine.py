@@ -148,6 +148,23 @@ def test_chunked_prefill_and_preemption_16bit(tiny16):
     assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
 
 
+@pytest.mark.parametrize("kv", ["16bit", "w4axkv4"])
+def test_prefix_cache_hits_give_the_reference_tokens(kv, tiny16, tiny_w4axkv4):
+    """Prompts sharing 1-2 leading pages (64 tokens: one INT4 group each) with an earlier request
+    start from its cached K/V, and generate exactly what the one-sequence reference does (one chunk
+    per prompt: the INT4 exactness condition above)."""
+    loaded = tiny16 if kv == "16bit" else tiny_w4axkv4
+    base, tail = prompts((150, 10), seed=3)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    engine = make_engine(loaded)
+    run(engine, [base[:130]], params)  # caches its pages 0 and 1
+    batch = [base[:64] + tail, base[:140], base[:128], base, tail]
+    got = run(engine, batch, params)
+    assert engine.scheduler.prefix_hit_tokens == 64 + 128 + 64 + 128  # base[:128]: its last page recomputed
+    want = reference(loaded, batch, params)
+    assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
+
+
 def test_async_scheduling_launches_ahead(tiny16, scheduling):
     """With async scheduling, decode steps are scheduled while the previous step is in flight (its
     samples held), and a request that stops on a token costs one dropped step, nothing else."""
@@ -275,9 +292,13 @@ def test_cuda_engine_with_kernels_and_graphs_tracks_reference(mode, tmp_path):
     batch = [[t % 4096 for t in ids] for ids in prompts((5, 63, 64, 200, 1, 130))]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     want = reference(loaded, batch, params)
-    for budget in (8192, 48):  # whole prompts; chunked prefill (continuations read the pages)
-        engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
-            max_num_seqs=8, num_pages=64, max_graph_batch=8, max_num_batched_tokens=budget))
+    engine = None
+    # whole prompts; chunked prefill (continuations read the pages); the batch again on that engine,
+    # its prompts' leading pages now from the prefix cache
+    for budget in (8192, 48, "again"):
+        if budget != "again":
+            engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
+                max_num_seqs=8, num_pages=64, max_graph_batch=8, max_num_batched_tokens=budget))
         assert engine.runner.graphs is not None, engine.runner.graphs_error
         assert engine.runner.attn.reason == "kernels"
         got = run(engine, batch, params)
@@ -285,3 +306,4 @@ def test_cuda_engine_with_kernels_and_graphs_tracks_reference(mode, tmp_path):
         first = sum(got[i][0][0] == want[i][0][0] for i in want)
         print(f"{mode} budget {budget}: {same}/{24 * len(batch)} tokens, {first}/{len(batch)} first tokens agree")
         assert first >= len(batch) - 1 and same >= 0.7 * 24 * len(batch)
+    assert engine.scheduler.prefix_hit_tokens >= 64 * 4  # 200 and 130 tokens: 3 + 2 pages, less a page

@@ -79,3 +79,40 @@ def test_invariant_check_catches_a_free_block_that_is_owned():
 def test_constructor_validates(num_blocks, block_size):
     with pytest.raises(ValueError):
         KVBlockManager(num_blocks, block_size)
+
+
+def test_prefix_cache_register_share_and_evict_oldest_first():
+    from cometserve.engine.kv_manager import block_keys
+
+    kv = KVBlockManager(num_blocks=6, block_size=2, enable_prefix_caching=True)
+    keys = block_keys([1, 2, 3, 4, 5, 6, 7], 2)  # three full blocks; the 7th token is no block
+    assert len(keys) == 3 and keys == block_keys([1, 2, 3, 4, 5, 6], 2)
+    assert block_keys([9, 2, 3, 4], 2)[1] != keys[1]  # a key covers the whole prefix, not its block alone
+    assert kv.allocate("A", 6) == [0, 1, 2]
+    for i, key in enumerate(keys):
+        kv.register("A", i, key)
+    assert kv.allocate("X", 1) == [3]
+    with pytest.raises(ValueError, match="not full"):
+        kv.register("X", 0, b"x")  # a block is cached only once written to the end
+    kv.free("X")
+    assert kv.cached_prefix(keys) == [0, 1, 2] and kv.num_cached_blocks == 3
+    assert kv.allocate_prefix("B", [0, 1], 1) == [3]  # shares 0, 1; its own block for token 5
+    assert kv.block_table("B") == [0, 1, 3] and kv.num_tokens("B") == 5
+    kv.check_invariants()
+    kv.free("A")  # 2 goes idle (cached, held by nobody); 0 and 1 stay held by B
+    assert kv.num_free_blocks == 3 and kv.num_used_blocks == 3
+    kv.free("B")  # freed tail first: idle order 2, then 1, 0 (3 was never cached: free list)
+    assert kv.num_free_blocks == 6 and kv.usage == 0.0
+    assert kv.allocate("C", 8) == [3, 4, 5, 2]  # free ids first, then the oldest idle block, uncached
+    assert kv.cached_prefix(keys) == [0, 1] and kv.num_cached_blocks == 2
+    # all or nothing: attaching 0, 1 leaves no block for the 3 new tokens' second block
+    assert kv.allocate_prefix("D", [0, 1], 3) is None and "D" not in kv
+    assert kv.num_free_blocks == 2
+    kv.check_invariants()
+
+
+def test_prefix_cache_off_frees_straight_back():
+    kv = KVBlockManager(num_blocks=4, block_size=2)  # the default: no caching, plain ids
+    kv.allocate("A", 4)
+    assert kv.free("A") == [0, 1] and kv.num_cached_blocks == 0
+    assert kv.allocate("B", 2) == [0]

@@ -20,8 +20,8 @@ from cometserve.sampling_params import SamplingParams
 S = RequestStatus
 
 
-def make(num_blocks=10, block_size=4, max_num_seqs=8, budget=64, max_model_len=256) -> Scheduler:
-    return Scheduler(KVBlockManager(num_blocks, block_size), max_num_seqs, budget, max_model_len)
+def make(num_blocks=10, block_size=4, max_num_seqs=8, budget=64, max_model_len=256, cache=False) -> Scheduler:
+    return Scheduler(KVBlockManager(num_blocks, block_size, cache), max_num_seqs, budget, max_model_len)
 
 
 def req(rid: str, prompt_len: int, max_tokens: int = 4, eos: int | None = None, **kw) -> Request:
@@ -344,10 +344,13 @@ def reference_outputs(r: Request) -> tuple[list[int], int | None]:
 class PagedFakeModel:
     """Writes each chunk's tokens into a fake paged cache at its slots, then samples from the context
     read back through the block table; every cached entry is tagged (request, incarnation, position)
-    so reading a stale, foreign or never-written slot fails at once."""
+    so reading a stale, foreign or never-written slot fails at once. With prefix caching (`sched`
+    given) a request legitimately reads another's entries, so an entry is tagged with its position
+    and a hash of the writer's whole context up to it instead, checked against the reader's."""
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, sched: Scheduler | None = None) -> None:
         self.block_size = block_size
+        self.sched = sched
         self.cache: dict[int, tuple[str, int, int, int]] = {}
         self.incarnation: dict[str, int] = {}
         self.last: dict[str, int] = {}  # the token each request sampled in the last run (PLACEHOLDER's)
@@ -361,14 +364,21 @@ class PagedFakeModel:
         for c in out.chunks:
             inc, bs = self.incarnation.get(c.request_id, 0), self.block_size
             tokens = [self.last[c.request_id] if t == PLACEHOLDER else t for t in c.token_ids]
+            if self.sched is not None:  # the context up to the chunk is the request's known tokens
+                known = self.sched.get(c.request_id).token_slice(0, c.start_pos) + tokens
+                tags = [hash(tuple(known[: p + 1])) for p in range(c.end_pos)]
             for i, (tok, slot) in enumerate(zip(tokens, c.slot_mapping)):
-                self.cache[slot] = (c.request_id, inc, c.start_pos + i, tok)
+                pos = c.start_pos + i
+                self.cache[slot] = (c.request_id, inc, pos, tok) if self.sched is None else (pos, tags[pos], tok)
             if c.needs_sample:
                 ctx = []
                 for pos in range(c.end_pos):
-                    rid, seen_inc, seen_pos, tok = self.cache[c.block_table[pos // bs] * bs + pos % bs]
-                    assert (rid, seen_inc, seen_pos) == (c.request_id, inc, pos)
-                    ctx.append(tok)
+                    entry = self.cache[c.block_table[pos // bs] * bs + pos % bs]
+                    if self.sched is None:
+                        assert entry[:3] == (c.request_id, inc, pos)
+                    else:
+                        assert entry[:2] == (pos, tags[pos]), (c.request_id, pos)
+                    ctx.append(entry[-1])
                 sampled[c.request_id] = (next_token(ctx), -1.0)
         self.last = {rid: t for rid, (t, _) in sampled.items()}
         return StepOutput(sampled)
@@ -381,21 +391,26 @@ def check_step(s: Scheduler, out: SchedulerOutput) -> None:
     assert kinds == sorted(kinds)  # decodes first
 
 
+@pytest.mark.parametrize("cache", [False, True], ids=["plain", "prefix_cache"])
 @pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("seed, num_blocks, budget", [(0, 24, 32), (1, 40, 16), (2, 18, 64), (3, 64, 7)])
-def test_randomized_stress_nothing_leaked_nothing_corrupted(seed, num_blocks, budget, ahead):
+def test_randomized_stress_nothing_leaked_nothing_corrupted(seed, num_blocks, budget, ahead, cache):
     """Random arrivals, aborts, stops, preemption; `ahead`: the engine's async scheduling (each step
-    scheduled and run before the previous one's update, whenever can_schedule_ahead())."""
+    scheduled and run before the previous one's update, whenever can_schedule_ahead()); `cache`:
+    prefix caching, with prompts drawn from a few shared stems so that prefixes repeat."""
     import random
 
     rng = random.Random(seed)
     block_size = 4
-    s = make(num_blocks=num_blocks, block_size=block_size, max_num_seqs=8, budget=budget, max_model_len=100)
-    model = PagedFakeModel(block_size)
+    s = make(num_blocks=num_blocks, block_size=block_size, max_num_seqs=8, budget=budget, max_model_len=100,
+             cache=cache)
+    model = PagedFakeModel(block_size, s if cache else None)
+    stems = [[rng.randrange(VOCAB) for _ in range(rng.randint(0, 40))] for _ in range(4)]
     todo = []
     for i in range(150):
         params = SamplingParams(max_tokens=rng.randint(1, 40), stop_token_ids=(3,) if i % 5 == 0 else ())
-        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 70))]
+        stem = rng.choice(stems) if cache else []
+        prompt = stem + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 70 - len(stem)))]
         todo.append(Request(f"r{i}", prompt, params, eos_token_id=rng.choice([None, 5])))
     added, rejected, admitted, num_preemptions = [], [], [], 0
     in_flight, ahead_steps = None, 0
@@ -411,11 +426,12 @@ def test_randomized_stress_nothing_leaked_nothing_corrupted(seed, num_blocks, bu
         if s.requests and rng.random() < 0.01:
             s.abort(rng.choice(sorted(s.requests)))
         if in_flight is None or (s.has_unfinished() and s.can_schedule_ahead()):
+            was_running = {r.request_id for r in s.running}
             out = s.schedule()
             s.check_invariants()
             check_step(s, out)
             num_preemptions += len(out.preempted_ids)
-            admitted += [s.get(c.request_id).arrival for c in out.chunks if c.start_pos == 0 and c.is_prefill]
+            admitted += [s.get(c.request_id).arrival for c in out.chunks if c.request_id not in was_running]
             result = model.run(out)  # "launched": runs before the step in flight is updated
             if in_flight is not None:
                 s.update(in_flight)
@@ -436,6 +452,7 @@ def test_randomized_stress_nothing_leaked_nothing_corrupted(seed, num_blocks, bu
     assert (ahead_steps > 100) == ahead
     assert s.kv.num_free_blocks == num_blocks and s.kv.usage == 0.0
     assert num_preemptions > 0 and len(rejected) > 0  # the scenarios exercise both paths
+    assert (s.prefix_hit_tokens > 0) == cache
     first = list(dict.fromkeys(admitted))
     assert first == sorted(first)  # FIFO: first admissions in arrival order
     for r in rejected:
@@ -449,3 +466,36 @@ def test_randomized_stress_nothing_leaked_nothing_corrupted(seed, num_blocks, bu
         else:
             assert r.status is S.FINISHED_LENGTH and stop is None
             assert r.output_token_ids == ref and r.num_output_tokens == r.sampling_params.max_tokens
+
+
+def test_prefix_cache_admission_exact_blocks_and_last_token_left():
+    s = make(num_blocks=10, block_size=4, cache=True)
+    a = req("a", 10)  # prompt 100..109: blocks [0, 1, 2], 0 and 1 full
+    s.add(a)
+    assert shape(step(s)) == [("a", 0, 10, True, True)]
+    assert s.kv.num_cached_blocks == 2  # registered once the step is updated
+    b = Request("b", a.prompt_token_ids[:8] + [7, 7, 7], SamplingParams(max_tokens=2))
+    c = Request("c", a.prompt_token_ids[:8], SamplingParams(max_tokens=2))  # all cached: recompute block 1
+    s.add(b)
+    s.add(c)
+    out = step(s)
+    assert shape(out) == [("a", 10, 1, False, True), ("b", 8, 3, True, True), ("c", 4, 4, True, True)]
+    assert s.kv.block_table("b")[:2] == [0, 1] and s.kv.block_table("c")[0] == 0
+    assert s.kv.block_table("c")[1] not in (0, 1)  # block 1 is shared and full: c writes its own
+    assert (s.prefix_queried_tokens, s.prefix_hit_tokens) == (10 + 11 + 8, 8 + 4)
+    while s.has_unfinished():
+        step(s)
+    assert s.kv.num_free_blocks == 10 and s.kv.num_cached_blocks >= 2
+
+
+def test_prefix_cache_not_matched_before_the_writing_step_is_updated():
+    s = make(num_blocks=10, block_size=4, cache=True)
+    s.add(req("a", 9))
+    out = s.schedule()  # a's blocks are being written by this step
+    s.hold()
+    s.add(req("b", 9))  # the same prompt, admitted while a's step is in flight
+    assert s.can_schedule_ahead()
+    out2 = s.schedule()
+    assert ("b", 0, 9, True, True) in shape(out2)  # no hit: nothing is registered yet
+    s.update(StepOutput({c.request_id: (1000 + c.end_pos, -0.5) for c in out.chunks if c.needs_sample}))
+    assert s.kv.num_cached_blocks == 2
