@@ -69,7 +69,8 @@ class Scheduler:
         self._finished_ids: list[str] = []  # since the last schedule(), reported to the runner
         self._pending: SchedulerOutput | None = None  # scheduled, not yet updated
         self._held: SchedulerOutput | None = None  # scheduled, in flight (hold()), not yet updated
-        # the Request of each chunk of those steps (an id may be reused after an abort)
+        # the Request of each chunk of those steps: an id aborted while its step is in flight may
+        # already name a new request when that step is updated
         self._pending_reqs: tuple[Request, ...] = ()
         self._held_reqs: tuple[Request, ...] = ()
         self.prefix_queried_tokens = 0  # prompt (+ recomputed) tokens of admitted requests
@@ -180,9 +181,8 @@ class Scheduler:
         )
         self._finished_ids.clear()
         self._pending = output
-        if self.kv.enable_prefix_caching:
-            requests = self.requests
-            self._pending_reqs = tuple(requests[c.request_id] for c in output.chunks)
+        requests = self.requests
+        self._pending_reqs = tuple(requests[c.request_id] for c in output.chunks)
         return output
 
     def _schedule_running(self, budget: int, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
@@ -277,7 +277,7 @@ class Scheduler:
         bs, requests = self.kv.block_size, self.requests
         for c, r in zip(chunks, reqs):
             full = (c.start_pos + len(c.token_ids)) // bs
-            if full > r.num_cached_blocks and r.status is _RUNNING and requests.get(c.request_id) is r:
+            if full > r.num_cached_blocks and r.status is _RUNNING and requests.get(r.request_id) is r:
                 keys = self._keys(r, full)
                 for i in range(r.num_cached_blocks, full):
                     self.kv.register(r.request_id, i, keys[i])
@@ -357,14 +357,15 @@ class Scheduler:
         unexpected = sampled.keys() - set(expected)
         if unexpected:
             raise ValueError(f"runner sampled for requests that needed no sample: {sorted(unexpected)}")
-        # aborted since schedule() (its id possibly reused by a new, waiting request): skip
-        requests = self.requests
-        live = [r for r in map(requests.get, expected) if r is not None and r.status is _RUNNING]
+        # aborted since schedule(): skip, by object (its id may name a new request by now)
+        requests, reqs = self.requests, self._held_reqs if held else self._pending_reqs
+        live = [r for c, r in zip(step.chunks, reqs)
+                if c.needs_sample and r.status is _RUNNING and requests.get(r.request_id) is r]
         missing = [r.request_id for r in live if r.request_id not in sampled]
         if missing:
             raise ValueError(f"runner returned no sample for requests {missing}")
         if self.kv.enable_prefix_caching:  # before any of them finishes and frees its blocks
-            self._register(step.chunks, self._held_reqs if held else self._pending_reqs)
+            self._register(step.chunks, reqs)
         if held:
             self._held = None
         else:

@@ -499,3 +499,19 @@ def test_prefix_cache_not_matched_before_the_writing_step_is_updated():
     assert ("b", 0, 9, True, True) in shape(out2)  # no hit: nothing is registered yet
     s.update(StepOutput({c.request_id: (1000 + c.end_pos, -0.5) for c in out.chunks if c.needs_sample}))
     assert s.kv.num_cached_blocks == 2
+
+
+def test_an_id_reused_while_its_aborted_step_is_in_flight_gets_only_its_own_samples():
+    s = make()
+    s.add(req("a", 4, max_tokens=3))
+    first = s.schedule()  # a's prefill, launched
+    s.hold()
+    s.abort("a")
+    s.add(req("a", 6, max_tokens=2))  # a new request under the same id
+    assert s.can_schedule_ahead()
+    assert shape(s.schedule()) == [("a", 0, 6, True, True)]  # admitted while the old step is in flight
+    s.update(StepOutput({"a": (1000 + first.chunks[0].end_pos, -0.5)}))  # the aborted request's sample
+    assert s.get("a").output_token_ids == []
+    s.update(StepOutput({"a": (1006, -0.5)}))
+    assert s.get("a").output_token_ids == [1006]
+    s.check_invariants()
