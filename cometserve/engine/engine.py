@@ -68,6 +68,7 @@ class RequestDelta:
     text_delta: str = ""
     logprobs: list[float] | None = None
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # on the final delta: prompt tokens read from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -241,7 +242,8 @@ class LLMEngine:
         text_delta = self._text_delta(t, final=reason is not None)
         if reason is not None:
             self._tracked.pop(r.request_id)
-        return RequestDelta(r.request_id, new, text_delta, lps, reason)
+        cached = (r.num_cached_prompt_tokens or 0) if reason is not None else 0
+        return RequestDelta(r.request_id, new, text_delta, lps, reason, cached)
 
     def _check_stop_strings(self, t: _Tracked, checked: int) -> None:
         """Finish the request (status STOPPED) once its text contains a stop string; cut the text.

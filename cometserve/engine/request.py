@@ -115,6 +115,7 @@ class Request:
         # blocks of its table are cached (attached at admission or registered once written)
         self.block_keys: list[bytes] = []
         self.num_cached_blocks = 0
+        self.num_cached_prompt_tokens: int | None = None  # found cached at its first admission
         self.stop_token_id: int | None = None
         self.error: str | None = None  # why the request was rejected
         self._status = RequestStatus.WAITING

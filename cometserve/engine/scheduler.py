@@ -252,6 +252,8 @@ class Scheduler:
                     else kv.allocate(request.request_id, num_new)) is None:
                 break  # head of line waits for pages; admitting a later request would break FIFO
             request.num_computed_tokens, request.num_cached_blocks = start, len(cached)
+            if request.num_cached_prompt_tokens is None:
+                request.num_cached_prompt_tokens = start
             self.prefix_queried_tokens += request.num_tokens
             self.prefix_hit_tokens += start
             self.waiting.popleft()

@@ -125,7 +125,7 @@ class OpenAIRoutes:
         self._check_model(req.model)
         check_unsupported(req)
         prompts = await self._completion_prompts(req)
-        fmt = CompletionFormat(self.model_name, self.tokenizer, req.logprobs is not None)
+        fmt = CompletionFormat(self.model_name, self.tokenizer, req.logprobs is not None, req.n)
         return await self._generate(request, req, prompts, req.max_tokens, fmt, arrival, "prompt")
 
     async def chat(self, request: Request):
@@ -143,7 +143,7 @@ class OpenAIRoutes:
             raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
         ids = (await asyncio.to_thread(self.tokenizer, text, add_special_tokens=False))["input_ids"]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs)
+        fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs, req.n)
         return await self._generate(request, req, [ids], max_tokens, fmt, arrival, "messages")
 
     async def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
@@ -229,6 +229,7 @@ def _accumulate(c: Choice, delta) -> None:
     c.text += delta.text_delta
     c.logprobs += delta.logprobs or []
     c.finish_reason = delta.finish_reason
+    c.cached_tokens = max(c.cached_tokens, delta.num_cached_tokens)
 
 
 def _aborted_error() -> EngineShutdown:

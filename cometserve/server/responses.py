@@ -17,6 +17,7 @@ class Choice:
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    cached_tokens: int = 0  # of its prompt, from the prefix cache
 
 
 def token_strings(tokenizer, ids: list[int]) -> list[str]:
@@ -26,17 +27,19 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.decode([t]) for t in ids]
 
 
-def usage(num_prompt_tokens: int, choices: list[Choice]) -> dict:
+def usage(num_prompt_tokens: int, choices: list[Choice], n: int) -> dict:
+    """Token counts; a prompt (counted once for its n choices) reports its first choice's cache hits."""
     completion = sum(len(c.token_ids) for c in choices)
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
-            "total_tokens": num_prompt_tokens + completion}
+            "total_tokens": num_prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in choices[::n])}}
 
 
 class CompletionFormat:
     object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl"
 
-    def __init__(self, model: str, tokenizer, logprobs: bool) -> None:
-        self.model, self.tokenizer, self.want_logprobs = model, tokenizer, logprobs
+    def __init__(self, model: str, tokenizer, logprobs: bool, n: int = 1) -> None:
+        self.model, self.tokenizer, self.want_logprobs, self.n = model, tokenizer, logprobs, n
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -56,7 +59,7 @@ class CompletionFormat:
     def response(self, choices: list[Choice], num_prompt_tokens: int) -> dict:
         body = self._head(self.object)
         body["choices"] = [self.choice(i, c) for i, c in enumerate(choices)]
-        body["usage"] = usage(num_prompt_tokens, choices)
+        body["usage"] = usage(num_prompt_tokens, choices, self.n)
         return body
 
     def choice(self, index: int, c: Choice) -> dict:
@@ -77,7 +80,7 @@ class CompletionFormat:
     def usage_chunk(self, choices: list[Choice], num_prompt_tokens: int) -> dict:
         body = self._head(self.chunk_object)
         body["choices"] = []
-        body["usage"] = usage(num_prompt_tokens, choices)
+        body["usage"] = usage(num_prompt_tokens, choices, self.n)
         return body
 
 

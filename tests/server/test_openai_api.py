@@ -8,6 +8,7 @@ import json
 
 import httpx2 as httpx
 import pytest
+import torch
 
 from cometserve.engine.engine import EngineConfig
 from cometserve.engine.llm import LLM
@@ -130,6 +131,26 @@ def test_batch_of_prompts_and_token_ids(server, llm):
     assert [c.text for c in by_ids.choices] == texts[::2]
     one = client.completions.create(model=MODEL, prompt=ids[1], max_tokens=12, temperature=0)
     assert one.choices[0].text == texts[2] and one.usage.prompt_tokens == len(ids[1])
+
+
+def test_prefix_cache_hits_in_usage_and_metrics(server):
+    """A prompt sent again reads its leading full pages (64 tokens) from the prefix cache: usage says
+    how many prompt tokens, /metrics counts them, and the greedy text is the same."""
+    client = server.client()
+    ids = torch.randint(0, 49152, (200,), generator=torch.Generator().manual_seed(7)).tolist()
+
+    def hits() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return float(text.split("\ncometserve_prefix_cache_hits_total ")[1].split()[0])
+
+    before = hits()
+    first = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0, n=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 192  # 3 pages; the last one is recomputed
+    assert again.usage.prompt_tokens == 200
+    assert [c.text for c in again.choices] == [first.choices[0].text] * 2
+    assert hits() - before == 2 * 192  # both choices of the second request hit
 
 
 def test_models_health_and_metrics(server):
