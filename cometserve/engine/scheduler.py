@@ -324,12 +324,9 @@ class Scheduler:
             raise RuntimeError("hold() needs a scheduled step and no other step in flight")
         self._held, self._pending = self._pending, None
         self._held_reqs = self._pending_reqs
-        requests = self.requests
-        for c in self._held.chunks:
-            if c.needs_sample:
-                r = requests.get(c.request_id)
-                if r is not None and r.status is _RUNNING:
-                    r.num_inflight += 1
+        for c, r in zip(self._held.chunks, self._held_reqs):
+            if c.needs_sample and r.status is _RUNNING:
+                r.num_inflight += 1
 
     def can_schedule_ahead(self) -> bool:
         """Whether schedule() can run now without preempting: every running request's next chunk

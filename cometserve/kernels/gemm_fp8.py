@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cometserve.kernels.gemm_w4ax import HALF, W_TILE
+from cometserve.kernels.weight_layout import HALF, W_TILE
 from cometserve.scheme import BLOCK_SIZE
 
 MIN_M = 1024  # rows from which this path beats the Triton kernel (benchmarks/results/*-gemm.md)

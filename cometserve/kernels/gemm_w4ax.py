@@ -8,7 +8,7 @@ weights stay 4-bit in memory and are widened in registers right before INT8 `tl.
   `inline_asm_elementwise(pack=4)`. The int32 block sums are then exactly 16x the true ones (still
   integers, |16 * 128 * 8 * 127| < 2^22), and the final fp32 sum is multiplied by 1/16 (a power of
   two: exact).
-- `prepare_weights` splits each 128-channel block in halves: byte j of a block holds channel j in
+- `prepare_weights` (weight_layout.py) splits each 128-channel block in halves: byte j of a block holds channel j in
   its low nibble and channel j + 64 in its high nibble, so the two masks give two [BN, 64] operands
   for two K=64 dots against the two activation half-tiles: no interleaving shuffle in registers.
 - Swap AB: the widened weights are the A operand (the one wgmma reads from registers) and the
@@ -38,13 +38,12 @@ import triton
 import triton.language as tl
 
 from cometserve.kernels import gemm_wgmma, pdl, timing
+from cometserve.kernels.weight_layout import HALF, W_TILE, prepare_weights  # noqa: F401 (ops interface)
 from cometserve.scheme import BLOCK_SIZE
 
-HALF = BLOCK_SIZE // 2  # channels per nibble half of a block
 # constants visible inside @triton.jit functions must be tl.constexpr globals
 _BLK = tl.constexpr(BLOCK_SIZE)
 _HALF = tl.constexpr(HALF)
-W_TILE = 64  # weight rows per contiguous tile in the prepared layout (the smallest BLOCK_N)
 _WT = tl.constexpr(W_TILE)
 
 
@@ -457,33 +456,6 @@ def can_implement(n: int, k: int, w_bits: int, device: torch.device) -> tuple[bo
     if torch.cuda.get_device_capability(device) < (8, 0):
         return False, "W4Ax Triton kernel needs INT8 tensor cores of sm_80 or newer"
     return True, ""
-
-
-def prepare_weights(qweight: torch.Tensor, w_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checkpoint layout -> kernel layout, once at load. Same shapes, other byte order.
-
-    INT4 uint8 [N, K_pad/2] (byte i = codes 2i low, 2i+1 high): within each 128-channel block, byte
-    j holds channel j (low nibble) and channel 64 + j (high nibble), so the two masks yield two
-    contiguous K=64 operands. INT8 int8 [N, K_pad]: codes unchanged.
-    Both are then tiled [N/64, nb, 64, row bytes] (stored as the same 2-D shape): the kernel reads a
-    weight tile as one contiguous 4-8 KB run. Row-major rows would give 64-byte pieces 2-14 KB
-    apart, which DRAM serves at a fraction of its streaming rate (decode is a weight stream).
-    w_scales float16 [N, G] -> float16 [G, N] contiguous: one block's BN scales are one vector load.
-    """
-    assert w_scales.dim() == 2 and w_scales.shape[0] == qweight.shape[0], f"w_scales {tuple(w_scales.shape)}"
-    n, row_bytes = qweight.shape
-    assert n % W_TILE == 0, f"N={n} must be a multiple of {W_TILE} (can_implement refuses it)"
-    if qweight.dtype == torch.uint8:
-        p = qweight.to(torch.int16)
-        codes = torch.stack((p & 0xF, (p >> 4) & 0xF), dim=-1).reshape(n, row_bytes * 2)  # nibbles
-        codes = codes.view(n, -1, 2, HALF)  # [N, nb, half, 64]
-        tiles = (codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)).to(torch.uint8)  # [N, nb, 64]
-    else:
-        assert qweight.dtype == torch.int8, f"qweight must be uint8 (INT4) or int8, got {qweight.dtype}"
-        tiles = qweight.view(n, -1, BLOCK_SIZE)  # [N, nb, 128]
-    nb = tiles.shape[1]
-    tiles = tiles.view(n // W_TILE, W_TILE, nb, -1).permute(0, 2, 1, 3)  # [N/64, nb, 64, row bytes]
-    return tiles.contiguous().view(n, row_bytes), w_scales.to(torch.float16).t().contiguous()
 
 
 def w4ax_gemm(
