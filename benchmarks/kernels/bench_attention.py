@@ -19,12 +19,10 @@ zeros, window) / time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import warnings
 
@@ -206,28 +204,6 @@ def gpu_check() -> None:
     print(f"KV4 vs bf16 attention on Gaussian K/V, relative error {err:.3f}", flush=True)
 
 
-def _meta(command: str) -> dict:
-    import triton
-
-    try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False)
-        commit = proc.stdout.strip() if proc.returncode == 0 else "unknown"
-    except OSError:
-        commit = "unknown"
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "driver": _driver(), "commit": commit, "command": command,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def _driver() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        out = ""
-    return out or "unknown"
-
-
 def md_name(res: dict) -> str:
     """The dated table of a run: <date of the run>-attention.md."""
     return f"{res['date'][:10]}-attention.md"
@@ -351,10 +327,10 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
     from cometserve.kernels import ref
+    from cometserve.kernels.timing import run_meta
 
     kv4 = ref.PagedKVCache.allocate(1, HKV, D, 1, torch.bfloat16, "cpu", 64, G).bytes_per_token()
-    meta = _meta("PYTHONPATH=. python " + " ".join(sys.argv))
-    meta["commit"] = args.commit or meta["commit"]
+    meta = run_meta("PYTHONPATH=. python " + " ".join(sys.argv), args.commit)
     res = {**meta, "rows": rows,
            "kv_bytes_per_token": {"kv4": kv4, "bf16": 2 * HKV * D * 2, "ratio": kv4 / (2 * HKV * D * 2)}}
     os.makedirs(args.out, exist_ok=True)

@@ -127,7 +127,8 @@ def build_engine(spec: ModelSpec, config: EngineConfig, tp: ParallelContext, tok
         if error is not None:
             raise error
         raise RuntimeError("building the model failed on another rank (see that rank's error)")
-    config = _agree_num_pages(loaded.model, loaded.scheme, config, tp)
+    # piecewise graphs would hold the layers' all-reduces too; not run on several GPUs yet: eager
+    config = _agree_num_pages(loaded.model, loaded.scheme, dataclasses.replace(config, max_piecewise_tokens=0), tp)
     engine = LLMEngine(loaded.model, loaded.scheme, config, tokenizer)
     if config.use_cuda_graphs and tp.device.type == "cuda":
         captured = tp.min_int(int(engine.runner.graphs is not None))

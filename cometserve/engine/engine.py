@@ -48,6 +48,8 @@ class EngineConfig:
     memory_fraction: float = 0.9
     use_cuda_graphs: bool = True
     max_graph_batch: int | None = None  # decode CUDA graphs up to this batch; None: max_num_seqs
+    # other steps (prefill, mixed) up to this many tokens replay graphs of all but attention (0: never)
+    max_piecewise_tokens: int = 2048
     async_scheduling: bool | None = None  # None: where the runner allows it, on CUDA
     enable_prefix_caching: bool = True  # reuse the cached K/V of a prompt's leading full pages
 
@@ -57,6 +59,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
+        if self.max_piecewise_tokens < 0:
+            raise ValueError(f"EngineConfig.max_piecewise_tokens must be >= 0, got {self.max_piecewise_tokens}")
 
 
 @dataclass
@@ -86,10 +90,16 @@ class _Tracked:
 
 
 def _reserve_bytes(model, cfg: EngineConfig) -> int:
-    """Working memory kept out of the KV cache: a prefill step's activations and the logits."""
+    """Working memory kept out of the KV cache: a prefill step's activations (eager, and in the
+    piecewise graphs' own pool) and the logits."""
     c = model.config
     per_token = (4 * c.intermediate_size + 8 * c.hidden_size) * 4
-    return cfg.max_num_batched_tokens * per_token + cfg.max_num_seqs * c.vocab_size * 4 * 4 + (1 << 30)
+    tokens = cfg.max_num_batched_tokens + (_piecewise_tokens(cfg) if cfg.use_cuda_graphs else 0)
+    return tokens * per_token + cfg.max_num_seqs * c.vocab_size * 4 * 4 + (1 << 30)
+
+
+def _piecewise_tokens(cfg: EngineConfig) -> int:
+    return min(cfg.max_piecewise_tokens, cfg.max_num_batched_tokens)
 
 
 class LLMEngine:
@@ -110,7 +120,7 @@ class LLMEngine:
         kv = KVBlockManager(self.storage.num_pages, self.storage.page_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
         self.runner = ModelRunner(model, self.storage, max_len, cfg.use_cuda_graphs,
-                                  cfg.max_graph_batch or cfg.max_num_seqs)
+                                  cfg.max_graph_batch or cfg.max_num_seqs, _piecewise_tokens(cfg))
         self._tracked: dict[str, _Tracked] = {}
         self._aborted: list[str] = []
         self._flight = None  # ModelRunner.launch() of the step the scheduler holds (async scheduling)

@@ -27,6 +27,7 @@ import torch
 from cometserve.engine.attention import AttentionMetadata, Bf16Attention, Int4Attention, StepCache
 from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutput
 from cometserve.engine.kv_storage import KVStorage
+from cometserve.engine.piecewise import PiecewiseGraphs
 from cometserve.engine.sampler import make_generator, sample_tensor
 
 _ALIGN = 32  # elements: each field packed by _to_device starts 128-byte aligned, as its own tensor would
@@ -117,7 +118,7 @@ class ModelRunner:
     async_ok = True  # launch() / collect() may be split by the next step's launch (LLMEngine)
 
     def __init__(self, model, storage: KVStorage, max_model_len: int, use_cuda_graphs: bool = False,
-                 max_graph_batch: int = 256) -> None:
+                 max_graph_batch: int = 256, max_piecewise_tokens: int = 0) -> None:
         self.model = model
         self.storage = storage
         self.max_model_len = max_model_len
@@ -136,6 +137,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, min(max_graph_batch, storage.max_seqs))
             if not self.graphs.ok:
                 self.graphs_error, self.graphs = self.graphs.error, None
+        self.pieces: PiecewiseGraphs | None = None
+        self.pieces_error: str | None = None
+        if use_cuda_graphs and self.device.type == "cuda" and max_piecewise_tokens > 0:
+            self.pieces = PiecewiseGraphs(self, max_piecewise_tokens)
+            if not self.pieces.ok:
+                self.pieces_error, self.pieces = self.pieces.error, None
 
     # ---- metadata ------------------------------------------------------------------------
 
@@ -234,7 +241,9 @@ class ModelRunner:
             res = self.graphs.run(inputs)
             if res is not None:
                 return (res[0], res[1:]) if inputs.sample_rows else None
-        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        hidden = None if self.pieces is None else self.pieces.run(inputs.input_ids, inputs.positions, inputs.meta)
+        if hidden is None:
+            hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         if not inputs.sample_rows:
             return None
         rows = torch.tensor(inputs.sample_rows, device=self.device)

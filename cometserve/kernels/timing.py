@@ -1,11 +1,14 @@
 """Timing kernels the way a serving step runs them: calls replayed back to back from a CUDA graph,
 each on its own copy of the weights, so neither launch overhead nor an L2-resident weight flatters a
 small kernel, and no L2 flush leaves dirty lines whose write-back the next kernel pays for
-(benchmarks/kernels/NOTES-gemm.md, item 8). Used by the benchmarks and by the GEMM tuner."""
+(benchmarks/kernels/NOTES-gemm.md, item 8). Used by the benchmarks and by the GEMM tuner; `run_meta` is what every result file records of its run."""
 
 from __future__ import annotations
 
+import datetime
 import math
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -47,3 +50,20 @@ def graph_us(calls, replays: int = 9, target_us: float = 2000.0) -> float:
         torch.cuda.synchronize()
         times.append(e0.elapsed_time(e1) * 1e3 / (inner * len(calls)))
     return sorted(times)[len(times) // 2]
+
+
+def run_meta(command: str, commit: str | None = None) -> dict:
+    """GPU, driver, torch, triton, commit (git HEAD of this tree unless given), command and UTC date."""
+    import triton
+
+    def out(*cmd: str) -> str:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(__file__).parent)
+        except OSError:
+            return ""
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "driver": out("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") or "unknown",
+            "commit": commit or out("git", "rev-parse", "HEAD") or "unknown", "command": command,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

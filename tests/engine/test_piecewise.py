@@ -1,0 +1,94 @@
+"""Piecewise CUDA graphs (engine/piecewise.py): the padded sizes on CPU; on CUDA, the graphed
+forward against the eager one on the same step inputs (a prefill step, then a mixed prefill + decode
+step) and generation through an engine with and without them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cometserve.engine.engine import EngineConfig, LLMEngine
+from cometserve.engine.interfaces import StepOutput
+from cometserve.engine.piecewise import graph_sizes
+from cometserve.sampling_params import SamplingParams
+
+
+def test_graph_sizes():
+    assert graph_sizes(2048) == [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert graph_sizes(100) == [16, 32, 48, 64, 96, 100]
+    assert graph_sizes(16) == [16] and graph_sizes(10) == [10]
+
+
+def _small_random_model(mode: str, tmp_path):
+    from cometserve.engine.random_model import build_random_model, config_path
+
+    cfg = json.loads(config_path("llama-3-8b").read_text())
+    cfg.update(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=2, vocab_size=4096)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return build_random_model(tmp_path, mode, device="cuda")
+
+
+def _step_both_ways(engine: LLMEngine) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Schedule one step, run its forward eagerly and through the pieces (the same K/V written
+    twice to the same slots), then sample it through the runner and update the scheduler."""
+    runner = engine.runner
+    out = engine.scheduler.schedule()
+    inputs = runner.prepare(out)
+    with torch.inference_mode():
+        eager = runner.forward(inputs.input_ids, inputs.positions, inputs.meta).clone()
+        graphed = runner.pieces.run(inputs.input_ids, inputs.positions, inputs.meta).clone()
+        logits, greedy = runner.logits(inputs)
+    params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
+    engine.scheduler.update(StepOutput(runner.sample(logits, greedy, inputs.sample_ids, params)))
+    return eager, graphed, inputs.input_ids.shape[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["bf16", "w4axkv4"])
+def test_pieces_match_eager_forward(mode, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    loaded = _small_random_model(mode, tmp_path)
+    cfg = EngineConfig(max_num_seqs=8, num_pages=64, max_num_batched_tokens=512, async_scheduling=False)
+    engine = LLMEngine(loaded.model, loaded.scheme, cfg)
+    assert engine.runner.pieces is not None, engine.runner.pieces_error
+    assert engine.runner.pieces.sizes[-1] == 512
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for i, n in enumerate((5, 63, 130)):
+        engine.add_request(f"a{i}", torch.randint(0, 4096, (n,), generator=g).tolist(), params)
+    eager, graphed, t = _step_both_ways(engine)  # 198 prompt tokens: the 256-token graphs
+    assert t == 198
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    engine.add_request("b", torch.randint(0, 4096, (40,), generator=g).tolist(), params)
+    eager, graphed, t = _step_both_ways(engine)  # 3 decodes + a 40-token prompt: the 48-token graphs
+    assert t == 43
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["bf16", "w4axkv4"])
+def test_engine_with_pieces_generates_like_eager(mode, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    loaded = _small_random_model(mode, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (5, 63, 64, 200, 1, 130)]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    outs = []
+    for pieces in (0, 2048):
+        engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
+            max_num_seqs=8, num_pages=64, max_num_batched_tokens=96, max_piecewise_tokens=pieces))
+        assert (engine.runner.pieces is not None) == bool(pieces), engine.runner.pieces_error
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        got: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+        while engine.has_unfinished():
+            for d in engine.step():
+                got[d.request_id] += d.new_token_ids
+        outs.append(got)
+        del engine
+    assert outs[0] == outs[1]
