@@ -107,7 +107,7 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
     # no prefix caching: cases share the seed, so a later case's prompts repeat an earlier one's
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, max_piecewise_tokens=args.max_piecewise_tokens)
     if args.tp is None:
         loaded = build_random_model(args.random_weights, mode, device="cuda", rotate=False if args.no_rotation else None)
         t_build = time.perf_counter() - t0
@@ -133,7 +133,8 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
         r = run_case(engine, i, o, n, vocab, 0, f"{label}")
         r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "case": label,
              "rotation": loaded.scheme.a_rotation == "hadamard" and not args.no_rotation and mode != "bf16",
-             "cuda_graphs": runner.graphs is not None, "tensor_parallel": args.tp.world_size if args.tp else 1, **r}
+             "cuda_graphs": runner.graphs is not None, "piecewise_graphs": runner.pieces is not None,
+             "tensor_parallel": args.tp.world_size if args.tp else 1, **r}
         rows.append(r)
         print(f"[{mode}] {label:>9} x{n:<4} max_batch {r['max_batch']:4d}  {r['output_tokens_per_s']:9.1f} out tok/s  "
               f"{r['total_tokens_per_s']:9.1f} total tok/s  {r['seconds']:6.1f} s  peak {r['peak_mem_gib']:.1f} GiB  "
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--memory-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--max-piecewise-tokens", type=int, default=EngineConfig.max_piecewise_tokens,
+                   help="piecewise CUDA graphs for steps up to this many tokens (0: those steps run eagerly)")
     p.add_argument("--no-rotation", action="store_true", help="w4axkv4 without the Hadamard rotation of INT4 blocks")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse; copies without .git)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
