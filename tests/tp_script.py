@@ -13,6 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+# run as a script, this folder is sys.path[0]: its `kernels` test package would shadow the Hub's
+# `kernels`, which transformers (5.2x) imports whenever a module of that name is importable
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
 import torch
 
 from cometserve.distributed.engine import ModelSpec, create_engine
