@@ -136,7 +136,9 @@ def cmd_serve(args) -> None:
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, num_pages=args.num_pages,
                        memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs,
-                       enable_prefix_caching=not args.no_prefix_caching)
+                       enable_prefix_caching=not args.no_prefix_caching,
+                       max_piecewise_tokens=EngineConfig.max_piecewise_tokens if args.max_piecewise_tokens is None
+                       else args.max_piecewise_tokens)
     name = args.served_model_name or (Path(args.model).name if args.model is not None
                                       else f"{Path(args.random_weights).stem}-{args.mode}")
     workers = None
@@ -185,6 +187,9 @@ def _add_serve_parser(sub) -> None:
                    help="KV cache pages (default: from free GPU memory; on CPU, one full context)")
     s.add_argument("--memory-fraction", type=float, default=0.9)
     s.add_argument("--no-cuda-graphs", action="store_true")
+    s.add_argument("--max-piecewise-tokens", type=int, default=None,
+                   help="steps up to this many tokens (prefill, mixed) replay piecewise CUDA graphs (default "
+                        "2048; 0: those steps run eagerly)")
     s.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the K/V of prompts' shared leading pages across requests")
     s.add_argument("--tensor-parallel", type=int, default=1, help="GPUs (ranks) to split the model over")
