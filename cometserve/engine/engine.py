@@ -73,6 +73,7 @@ class RequestDelta:
     logprobs: list[float] | None = None
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # on the final delta: prompt tokens read from the prefix cache
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None  # per new token, where asked for
 
     @property
     def finished(self) -> bool:
@@ -245,6 +246,7 @@ class LLMEngine:
                 self._check_stop_strings(t, before)
         new = r.output_token_ids[t.num_sent:]  # a new list: the delta owns it
         lps = r.output_logprobs[t.num_sent:] if params.logprobs else None
+        tops = r.output_top_logprobs[t.num_sent:] if params.top_logprobs else None
         t.num_sent = r.num_output_tokens
         reason = None
         if r.is_finished:
@@ -253,7 +255,7 @@ class LLMEngine:
         if reason is not None:
             self._tracked.pop(r.request_id)
         cached = (r.num_cached_prompt_tokens or 0) if reason is not None else 0
-        return RequestDelta(r.request_id, new, text_delta, lps, reason, cached)
+        return RequestDelta(r.request_id, new, text_delta, lps, reason, cached, tops)
 
     def _check_stop_strings(self, t: _Tracked, checked: int) -> None:
         """Finish the request (status STOPPED) once its text contains a stop string; cut the text.
@@ -290,7 +292,9 @@ class LLMEngine:
 
     def _final_delta(self, rid: str, reason: str) -> RequestDelta:
         t = self._tracked.pop(rid, None)
-        return RequestDelta(rid, [], "", [] if t and t.request.sampling_params.logprobs else None, reason)
+        params = t.request.sampling_params if t else None
+        return RequestDelta(rid, [], "", [] if params and params.logprobs else None, reason,
+                            top_logprobs=[] if params and params.top_logprobs else None)
 
     def completion_text(self, request: Request) -> str:
         """The whole completion text of a finished request, cut before the first stop string."""

@@ -9,7 +9,7 @@ Request objects or the block manager, and a step can be logged, replayed or fake
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from cometserve.sampling_params import SamplingParams
 
@@ -120,6 +120,8 @@ class SchedulerOutput:
 @dataclass(frozen=True)
 class StepOutput:
     """What the runner sampled: request_id -> (token_id, logprob of that token), one entry for
-    exactly the chunks of the step that had `needs_sample`."""
+    exactly the chunks of the step that had `needs_sample`; `top`: request_id -> its
+    SamplingParams.top_logprobs most likely (token_id, logprob), for the requests that ask."""
 
     sampled: dict[str, tuple[int, float]]
+    top: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)

@@ -27,6 +27,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
     logprobs: list[float] | None = None
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None  # per token: (token id, logprob), best first
 
 
 @dataclass
@@ -97,7 +98,8 @@ class LLM:
         for prompt, toks, rid, req in zip(prompts, encoded, ids, requests):
             reason = reasons.get(rid, req.finish_reason)
             lps = list(req.output_logprobs) if params.logprobs else None
-            completion = CompletionOutput(engine.completion_text(req), list(req.output_token_ids), reason, lps)
+            tops = list(req.output_top_logprobs) if params.top_logprobs else None
+            completion = CompletionOutput(engine.completion_text(req), list(req.output_token_ids), reason, lps, tops)
             outputs.append(RequestOutput(prompt, toks, [completion], seconds.get(rid, 0.0)))
         return outputs
 
@@ -153,7 +155,7 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     if not params.ignore_eos and eos is not None:
         stop_ids.add(eos)
-    tokens, logprobs = [], []
+    tokens, logprobs, tops = [], [], []
     step_ids = torch.tensor(prompt_ids, device=device)
     pos = 0
 
@@ -162,17 +164,22 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
         for s in params.stop:
             if s in text:
                 text = text[: text.index(s)]
-        return CompletionOutput(text, tokens, reason, logprobs if params.logprobs else None)
+        return CompletionOutput(text, tokens, reason, logprobs if params.logprobs else None,
+                                tops if params.top_logprobs else None)
 
     while True:
         positions = torch.arange(pos, pos + step_ids.numel(), device=device)
         hidden = model(step_ids, positions, cache)
-        token, lp = sample(model.compute_logits(hidden[-1:])[0], params, gen)
+        logits = model.compute_logits(hidden[-1:])[0]
+        token, lp = sample(logits, params, gen)
         pos += step_ids.numel()
         if token in stop_ids:
             return finish("stop")
         tokens.append(token)
         logprobs.append(lp)
+        if params.top_logprobs:
+            v, i = torch.log_softmax(logits, dim=-1).topk(params.top_logprobs)
+            tops.append(tuple(zip(i.tolist(), v.tolist())))
         if params.stop and tokenizer is not None:
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             if any(s in text for s in params.stop):

@@ -108,6 +108,7 @@ class Request:
         self.arrival = -1  # stamped by Scheduler.add: the FIFO order, unique and increasing
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float] = []
+        self.output_top_logprobs: list[tuple[tuple[int, float], ...]] = []  # () where not asked for
         self.num_computed_tokens = 0
         self.num_inflight = 0  # sampled by a step still on the device, not yet in output_token_ids (0 or 1)
         self.num_preemptions = 0
@@ -183,7 +184,7 @@ class Request:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
-    def append_output(self, token_id: int, logprob: float) -> None:
+    def append_output(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...] = ()) -> None:
         """Record one sampled token; only a running request samples."""
         if self._status is not RequestStatus.RUNNING:
             raise IllegalTransition(
@@ -191,6 +192,7 @@ class Request:
             )
         self.output_token_ids.append(token_id)
         self.output_logprobs.append(logprob)
+        self.output_top_logprobs.append(top)
 
     def is_stop_token(self, token_id: int) -> bool:
         """A stop_token_id always stops; EOS stops unless the request asked to ignore it."""

@@ -110,6 +110,7 @@ class InFlight:
     tokens: torch.Tensor  # int64 [S] on the host (pinned on CUDA)
     logprobs: torch.Tensor  # float32 [S] on the host
     done: torch.cuda.Event | None
+    top: tuple[list[int], list[int], torch.Tensor, torch.Tensor] | None = None  # _top_logprobs', on the host
 
 
 class ModelRunner:
@@ -223,7 +224,7 @@ class ModelRunner:
         params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
         tokens, logprobs = self.sample_device(*res, inputs.sample_ids, params)
         self._last = ({rid: i for i, rid in enumerate(inputs.sample_ids)}, tokens)
-        return _to_host(inputs.sample_ids, tokens, logprobs)
+        return _to_host(inputs.sample_ids, tokens, logprobs, _top_logprobs(res[0], inputs.sample_ids, params))
 
     @staticmethod
     def collect(flight: InFlight | None) -> StepOutput:
@@ -232,7 +233,12 @@ class ModelRunner:
             return StepOutput({})
         if flight.done is not None:
             flight.done.synchronize()
-        return StepOutput(dict(zip(flight.request_ids, zip(flight.tokens.tolist(), flight.logprobs.tolist()))))
+        top = {}
+        if flight.top is not None:
+            rows, ks, ids, lps = flight.top
+            top = {flight.request_ids[r]: tuple(zip(i[:k], lp[:k]))
+                   for r, k, i, lp in zip(rows, ks, ids.tolist(), lps.tolist())}
+        return StepOutput(dict(zip(flight.request_ids, zip(flight.tokens.tolist(), flight.logprobs.tolist()))), top)
 
     def logits(self, inputs: StepInputs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None:
         """Run the step's forward: (float32 logits of the sampled rows, their greedy (tokens,
@@ -280,17 +286,32 @@ class ModelRunner:
         return greedy[0].index_copy(0, idx, tokens), greedy[1].index_copy(0, idx, lps)
 
 
-def _to_host(request_ids: list[str], tokens: torch.Tensor, logprobs: torch.Tensor) -> InFlight:
+def _top_logprobs(logits: torch.Tensor, request_ids: list[str], params: dict):
+    """(rows, k per row, token ids [R, kmax], log-probabilities [R, kmax], on the device) of the
+    sampled rows whose request asks for top_logprobs, most likely first; None when none asks."""
+    rows = [i for i, rid in enumerate(request_ids) if params[rid].top_logprobs]
+    if not rows:
+        return None
+    ks = [params[request_ids[i]].top_logprobs for i in rows]
+    idx = torch.tensor(rows, device=logits.device)
+    lps, ids = torch.topk(torch.log_softmax(logits.index_select(0, idx), dim=-1), max(ks), dim=-1)
+    return rows, ks, ids, lps
+
+
+def _to_host(request_ids: list[str], tokens: torch.Tensor, logprobs: torch.Tensor, top=None) -> InFlight:
     """Start the samples' copy to the host (pinned buffers, an event to wait on) on CUDA."""
     if not tokens.is_cuda:
-        return InFlight(request_ids, tokens, logprobs, None)
-    host_t = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host_l = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
-    host_t.copy_(tokens, non_blocking=True)
-    host_l.copy_(logprobs, non_blocking=True)
+        return InFlight(request_ids, tokens, logprobs, None, top)
+    host = [_pinned_copy(t) for t in (tokens, logprobs, *(top[2:] if top else ()))]
     done = torch.cuda.Event()
     done.record()
-    return InFlight(request_ids, host_t, host_l, done)
+    return InFlight(request_ids, host[0], host[1], done, (*top[:2], *host[2:]) if top else None)
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def greedy_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -374,7 +374,7 @@ class Scheduler:
             token_id, logprob = sampled[request.request_id]
             if held:
                 request.num_inflight -= 1
-            status = self._append_sample(request, token_id, logprob)
+            status = self._append_sample(request, token_id, logprob, step_output.top.get(request.request_id, ()))
             if status is not None:
                 self._end(request, status)
                 finished.append(request)
@@ -382,12 +382,13 @@ class Scheduler:
             self.running[:] = [r for r in self.running if r.status is _RUNNING]
         return finished
 
-    def _append_sample(self, request: Request, token_id: int, logprob: float) -> RequestStatus | None:
+    def _append_sample(self, request: Request, token_id: int, logprob: float,
+                       top: tuple[tuple[int, float], ...] = ()) -> RequestStatus | None:
         """Record the sample; the finishing status if it ends the request (stop before length)."""
         if request.is_stop_token(token_id):
             request.stop_token_id = token_id
             return RequestStatus.FINISHED_STOPPED
-        request.append_output(token_id, logprob)
+        request.append_output(token_id, logprob, top)
         if request.num_output_tokens >= request.sampling_params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

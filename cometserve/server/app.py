@@ -125,7 +125,7 @@ class OpenAIRoutes:
         self._check_model(req.model)
         check_unsupported(req)
         prompts = await self._completion_prompts(req)
-        fmt = CompletionFormat(self.model_name, self.tokenizer, req.logprobs is not None, req.n)
+        fmt = CompletionFormat(self.model_name, self.tokenizer, req.logprobs is not None, req.n, req.logprobs or 0)
         return await self._generate(request, req, prompts, req.max_tokens, fmt, arrival, "prompt")
 
     async def chat(self, request: Request):
@@ -143,7 +143,7 @@ class OpenAIRoutes:
             raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
         ids = (await asyncio.to_thread(self.tokenizer, text, add_special_tokens=False))["input_ids"]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs, req.n)
+        fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs, req.n, req.top_logprobs or 0)
         return await self._generate(request, req, [ids], max_tokens, fmt, arrival, "messages")
 
     async def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
@@ -171,7 +171,7 @@ class OpenAIRoutes:
         subs = [ids for ids in prompts for _ in range(req.n)]
         limit = self.engine.max_model_len
         params = [sampling_params(req, limit - len(ids) if max_tokens is None else max_tokens, i % req.n,
-                                  fmt.want_logprobs) for i, ids in enumerate(subs)]
+                                  fmt.want_logprobs, fmt.top) for i, ids in enumerate(subs)]
         stream = await self._submit(subs, params)
         tracker = self.metrics.tracker(len(subs), arrival)
         num_prompt = sum(len(ids) for ids in prompts)
@@ -228,6 +228,7 @@ def _accumulate(c: Choice, delta) -> None:
     c.token_ids += delta.new_token_ids
     c.text += delta.text_delta
     c.logprobs += delta.logprobs or []
+    c.top_logprobs += delta.top_logprobs or []
     c.finish_reason = delta.finish_reason
     c.cached_tokens = max(c.cached_tokens, delta.num_cached_tokens)
 
@@ -282,8 +283,7 @@ async def _sse(stream: RequestStream, fmt: CompletionFormat, tracker: LatencyTra
             if d.finish_reason == "abort":
                 raise _aborted_error()
             tracker.observe(i, len(d.new_token_ids))
-            yield _event(fmt.chunk(i, choices[i], d.text_delta, d.new_token_ids, d.logprobs or [],
-                                   d.finish_reason))
+            yield _event(fmt.chunk(i, choices[i], d))
             _accumulate(choices[i], d)
         if include_usage:
             yield _event(fmt.usage_chunk(choices, num_prompt))

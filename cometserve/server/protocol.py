@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cometserve.sampling_params import SamplingParams
+from cometserve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 128  # n times the number of prompts: one API request's sub-requests
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -147,14 +147,11 @@ def check_unsupported(req: _Common) -> None:
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise APIError(400, f"'stop' takes at most {MAX_STOP} non-empty strings", "stop")
-    if isinstance(req, CompletionRequest) and req.logprobs is not None and req.logprobs != 0:
-        raise APIError(400, "this server returns the sampled token's log-probability only: use logprobs=0 "
-                       "(top alternatives are not computed)", "logprobs")
-    if isinstance(req, ChatRequest) and req.top_logprobs:
-        if not req.logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        raise APIError(400, "this server returns the sampled token's log-probability only: top_logprobs "
-                       "must be 0 (top alternatives are not computed)", "top_logprobs")
+    top = ("logprobs", req.logprobs) if isinstance(req, CompletionRequest) else ("top_logprobs", req.top_logprobs)
+    if top[1] is not None and not 0 <= top[1] <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"'{top[0]}' must be between 0 and {MAX_TOP_LOGPROBS}, got {top[1]}", top[0])
+    if isinstance(req, ChatRequest) and req.top_logprobs and not req.logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
 
 
 def check_prompt(ids: list[int], vocab_size: int, max_model_len: int, max_tokens: int | None,
@@ -172,7 +169,7 @@ def check_prompt(ids: list[int], vocab_size: int, max_model_len: int, max_tokens
                        f"context of {max_model_len} tokens", "max_tokens", "context_length_exceeded")
 
 
-def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool) -> SamplingParams:
+def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, top: int = 0) -> SamplingParams:
     """The SamplingParams of choice number `choice`; seeded choices get seed + choice so that n > 1
     samples n different completions, reproducibly."""
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
@@ -180,7 +177,7 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool) 
         return SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
             seed=None if req.seed is None else (req.seed + choice) % (MAX_SEED + 1), stop=tuple(stop),
-            ignore_eos=req.ignore_eos, logprobs=logprobs,
+            ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top,
         )
     except ValueError as e:  # SamplingParams' messages start with the field's name
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None

@@ -16,6 +16,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0  # of its prompt, from the prefix cache
 
@@ -36,17 +37,24 @@ def usage(num_prompt_tokens: int, choices: list[Choice], n: int) -> dict:
 
 
 class CompletionFormat:
+    """`logprobs`: the sampled tokens' log-probabilities are returned; `top`: with this many most
+    likely alternatives per token."""
+
     object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl"
 
-    def __init__(self, model: str, tokenizer, logprobs: bool, n: int = 1) -> None:
-        self.model, self.tokenizer, self.want_logprobs, self.n = model, tokenizer, logprobs, n
+    def __init__(self, model: str, tokenizer, logprobs: bool, n: int = 1, top: int = 0) -> None:
+        self.model, self.tokenizer, self.want_logprobs, self.n, self.top = model, tokenizer, logprobs, n, top
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def logprobs(self, ids: list[int], lps: list[float], offset: int = 0) -> dict | None:
+    def _alternatives(self, tops: list[tuple[tuple[int, float], ...]]) -> list[list[tuple[str, float]]]:
+        """Each token's alternatives as (token string, logprob), most likely first."""
+        return [list(zip(token_strings(self.tokenizer, [t for t, _ in top]), [lp for _, lp in top])) for top in tops]
+
+    def logprobs(self, ids: list[int], lps: list[float], tops: list, offset: int = 0) -> dict | None:
         if not self.want_logprobs:
             return None
         tokens = token_strings(self.tokenizer, ids)
@@ -54,7 +62,8 @@ class CompletionFormat:
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+        top = [dict(alts) for alts in self._alternatives(tops)] if self.top else None
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
     def response(self, choices: list[Choice], num_prompt_tokens: int) -> dict:
         body = self._head(self.object)
@@ -63,14 +72,14 @@ class CompletionFormat:
         return body
 
     def choice(self, index: int, c: Choice) -> dict:
-        return {"index": index, "text": c.text, "logprobs": self.logprobs(c.token_ids, c.logprobs),
-                "finish_reason": c.finish_reason}
+        return {"index": index, "text": c.text,
+                "logprobs": self.logprobs(c.token_ids, c.logprobs, c.top_logprobs), "finish_reason": c.finish_reason}
 
-    def chunk(self, index: int, c: Choice, text: str, ids: list[int], lps: list[float],
-              finish_reason: str | None) -> dict:
-        """One delta of choice `index`; `c` is the choice so far, before this delta."""
+    def chunk(self, index: int, c: Choice, delta) -> dict:
+        """One engine delta of choice `index`; `c` is the choice so far, before this delta."""
         body = self._head(self.chunk_object)
-        lp = self.logprobs(ids, lps, len(c.text)) if ids else None
+        text, ids, finish_reason = delta.text_delta, delta.new_token_ids, delta.finish_reason
+        lp = self.logprobs(ids, delta.logprobs or [], delta.top_logprobs or [], len(c.text)) if ids else None
         body["choices"] = [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}]
         return body
 
@@ -87,23 +96,25 @@ class CompletionFormat:
 class ChatFormat(CompletionFormat):
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
-    def logprobs(self, ids: list[int], lps: list[float], offset: int = 0) -> dict | None:
+    def logprobs(self, ids: list[int], lps: list[float], tops: list, offset: int = 0) -> dict | None:
         if not self.want_logprobs:
             return None
-        content = [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                   for t, lp in zip(token_strings(self.tokenizer, ids), lps)]
+        alts = self._alternatives(tops) if self.top else [[] for _ in ids]
+        content = [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                    "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())} for s, v in alt]}
+                   for t, lp, alt in zip(token_strings(self.tokenizer, ids), lps, alts)]
         return {"content": content}
 
     def choice(self, index: int, c: Choice) -> dict:
         return {"index": index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": self.logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
+                "logprobs": self.logprobs(c.token_ids, c.logprobs, c.top_logprobs), "finish_reason": c.finish_reason}
 
-    def chunk(self, index: int, c: Choice, text: str, ids: list[int], lps: list[float],
-              finish_reason: str | None) -> dict:
+    def chunk(self, index: int, c: Choice, delta) -> dict:
         body = self._head(self.chunk_object)
-        delta = {"content": text} if text or finish_reason is None else {}
-        lp = self.logprobs(ids, lps) if ids else None
-        body["choices"] = [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]
+        text, ids, finish_reason = delta.text_delta, delta.new_token_ids, delta.finish_reason
+        content = {"content": text} if text or finish_reason is None else {}
+        lp = self.logprobs(ids, delta.logprobs or [], delta.top_logprobs or []) if ids else None
+        body["choices"] = [{"index": index, "delta": content, "logprobs": lp, "finish_reason": finish_reason}]
         return body
 
     def first_chunks(self, n: int) -> list[dict]:

@@ -9,6 +9,8 @@ prefill and preemption are compared exactly in 16-bit KV, where chunking changes
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -220,6 +222,36 @@ def test_seeded_sampling_reproducible_and_equal_to_reference(tiny16):
     assert {i: g[0] for i, g in first.items()} == {i: w[0] for i, w in want.items()}
     for i in want:
         torch.testing.assert_close(torch.tensor(first[i][1]), torch.tensor(want[i][1]), rtol=1e-4, atol=1e-4)
+
+
+def test_top_logprobs_equal_reference(tiny16):
+    """top_logprobs: the k most likely tokens of each step's distribution, best first, as the reference
+    computes them; beside requests that ask for none or another k (one batched top-k per step)."""
+    batch = prompts((9, 30, 3, 17))
+    params = [SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True, top_logprobs=5),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True, logprobs=True, top_logprobs=2),
+              SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True),
+              SamplingParams(max_tokens=6, ignore_eos=True)]
+    engine = make_engine(tiny16, page_size=16)
+    for i, ids in enumerate(batch):
+        engine.add_request(str(i), ids, params[i])
+    tops: dict[str, list] = {str(i): [] for i in range(len(batch))}
+    while engine.has_unfinished():
+        for d in engine.step():
+            if d.top_logprobs is None:
+                assert not params[int(d.request_id)].top_logprobs
+            else:
+                tops[d.request_id] += d.top_logprobs
+    for i in (0, 1):
+        want = generate_reference(tiny16.model, tiny16.scheme, batch[i], params[i])
+        assert len(tops[str(i)]) == len(want.top_logprobs) == 6
+        for got, ref in zip(tops[str(i)], want.top_logprobs):
+            assert [t for t, _ in got] == [t for t, _ in ref]
+            assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-5)
+            assert len(got) == params[i].top_logprobs and all(a[1] >= b[1] for a, b in itertools.pairwise(got))
+        if params[i].greedy:  # the sampled token is the most likely one
+            assert [t[0][0] for t in tops[str(i)]] == want.token_ids
+    assert tops["2"] == tops["3"] == []
 
 
 def test_stop_strings_tokens_and_max_tokens(tiny16):

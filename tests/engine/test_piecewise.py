@@ -72,12 +72,14 @@ def test_pieces_match_eager_forward(mode, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["bf16", "w4axkv4"])
 def test_engine_with_pieces_generates_like_eager(mode, tmp_path):
+    """Also the CUDA path of top_logprobs (decode-graph logits, pinned copies): the same with and
+    without the pieces, the greedy token first."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     loaded = _small_random_model(mode, tmp_path)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (5, 63, 64, 200, 1, 130)]
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    params = SamplingParams(max_tokens=16, ignore_eos=True, logprobs=True, top_logprobs=4)
     outs = []
     for pieces in (0, 2048):
         engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
@@ -85,10 +87,13 @@ def test_engine_with_pieces_generates_like_eager(mode, tmp_path):
         assert (engine.runner.pieces is not None) == bool(pieces), engine.runner.pieces_error
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, params)
-        got: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+        got: dict[str, list] = {str(i): [[], []] for i in range(len(prompts))}
         while engine.has_unfinished():
             for d in engine.step():
-                got[d.request_id] += d.new_token_ids
+                got[d.request_id][0] += d.new_token_ids
+                got[d.request_id][1] += d.top_logprobs
         outs.append(got)
         del engine
     assert outs[0] == outs[1]
+    for tokens, tops in outs[1].values():
+        assert [t[0][0] for t in tops] == tokens and all(len(t) == 4 for t in tops)

@@ -72,6 +72,33 @@ def test_chat_greedy_equals_generate(server, llm):
     assert out.object == "chat.completion"
 
 
+def test_top_logprobs_equal_generate(server, llm):
+    """Chat top_logprobs and completions logprobs=N: the N most likely tokens per position, best first,
+    with the values LLM.generate gives (greedy: the sampled token is the first), streamed or not."""
+    want = reference(llm, CHAT, chat=True, top_logprobs=3).outputs[0]
+    client = server.client()
+    msgs = [{"role": "user", "content": CHAT}]
+    out = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, logprobs=True,
+                                         top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == len(want.token_ids)
+    for item, top in zip(content, want.top_logprobs):
+        assert [a.token for a in item.top_logprobs] == [llm.tokenizer.decode([t]) for t, _ in top]
+        assert [a.logprob for a in item.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-6)
+        assert item.top_logprobs[0].token == item.token and item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [item for ch in chunks if ch.choices and ch.choices[0].logprobs for item in ch.choices[0].logprobs.content]
+    assert [[a.logprob for a in item.top_logprobs] for item in streamed] == [
+        [a.logprob for a in item.top_logprobs] for item in content]
+    prompt = PROMPTS[0]
+    want = reference(llm, prompt, top_logprobs=2).outputs[0]
+    c = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=2).choices[0]
+    assert len(c.logprobs.top_logprobs) == len(want.token_ids)
+    for alts, top in zip(c.logprobs.top_logprobs, want.top_logprobs):
+        assert alts == pytest.approx({llm.tokenizer.decode([t]): v for t, v in reversed(top)}, abs=1e-6)
+
+
 def test_chat_stream_equals_generate(server, llm):
     want = reference(llm, CHAT, chat=True)
     chunks = list(server.client().chat.completions.create(
