@@ -73,7 +73,8 @@ def test_pieces_match_eager_forward(mode, tmp_path):
 @pytest.mark.parametrize("mode", ["bf16", "w4axkv4"])
 def test_engine_with_pieces_generates_like_eager(mode, tmp_path):
     """Also the CUDA path of top_logprobs (decode-graph logits, pinned copies): the same with and
-    without the pieces, the greedy token first."""
+    without the pieces, the greedy token among the most likely (bf16 logits tie often: which of the
+    tied tokens top-k lists first is arbitrary)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     loaded = _small_random_model(mode, tmp_path)
@@ -87,13 +88,17 @@ def test_engine_with_pieces_generates_like_eager(mode, tmp_path):
         assert (engine.runner.pieces is not None) == bool(pieces), engine.runner.pieces_error
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, params)
-        got: dict[str, list] = {str(i): [[], []] for i in range(len(prompts))}
+        got: dict[str, list] = {str(i): [[], [], []] for i in range(len(prompts))}
         while engine.has_unfinished():
             for d in engine.step():
                 got[d.request_id][0] += d.new_token_ids
-                got[d.request_id][1] += d.top_logprobs
+                got[d.request_id][1] += d.logprobs
+                got[d.request_id][2] += d.top_logprobs
         outs.append(got)
         del engine
-    assert outs[0] == outs[1]
-    for tokens, tops in outs[1].values():
-        assert [t[0][0] for t in tops] == tokens and all(len(t) == 4 for t in tops)
+    assert [v[0] for v in outs[0].values()] == [v[0] for v in outs[1].values()]
+    assert [v[2] for v in outs[0].values()] == [v[2] for v in outs[1].values()]
+    for tokens, lps, tops in outs[1].values():
+        assert all(len(t) == 4 for t in tops)
+        for token, lp, top in zip(tokens, lps, tops):
+            assert lp == pytest.approx(top[0][1], abs=1e-5) and token in [t for t, v in top if v == top[0][1]]
