@@ -158,6 +158,9 @@ class LLMEngine:
         """Queue a request; raises RequestRejected (a ValueError) if it can never fit."""
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id} is already in use")
+        vocab = self.model.config.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
+            raise ValueError(f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary [0, {vocab})")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_id)
         self.scheduler.add(request)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None

@@ -267,8 +267,9 @@ class ModelRunner:
                       request_ids: list[str], params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """logits float32 [S, vocab] -> (tokens int64 [S], their logprobs float32 [S]) on the device,
         without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
-        computed them), the others one by one with their kept seeded generators."""
-        rows = [i for i, rid in enumerate(request_ids) if not params[rid].greedy]
+        computed them), the others (and greedy rows with a logit_bias) one by one with their kept
+        seeded generators."""
+        rows = [i for i, rid in enumerate(request_ids) if not params[rid].greedy or params[rid].logit_bias]
         if len(rows) < len(request_ids):  # greedy rows: one batched pick
             greedy = greedy_out if greedy_out is not None else greedy_logprobs(logits)
             if not rows:

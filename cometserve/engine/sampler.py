@@ -23,8 +23,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 def sample_tensor(logits: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sample` without leaving the device: (token int64 [], its log-probability float32 [])."""
+    """`sample` without leaving the device: (token int64 [], its log-probability float32 []).
+    logit_bias moves the logits the token is picked from, not the reported log-probability."""
     logprobs = torch.log_softmax(logits, dim=-1)
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        logits = logits.index_add(0, torch.tensor(ids, device=logits.device),
+                                  torch.tensor(bias, dtype=logits.dtype, device=logits.device))
     if params.greedy:
         token = torch.argmax(logits)
         return token, logprobs[token]

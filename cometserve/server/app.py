@@ -37,6 +37,7 @@ from cometserve.server.protocol import (
     chat_messages,
     check_prompt,
     check_unsupported,
+    logit_bias,
     parse_body,
     sampling_params,
 )
@@ -170,8 +171,9 @@ class OpenAIRoutes:
             check_prompt(ids, self.engine.vocab_size, self.engine.max_model_len, max_tokens, param)
         subs = [ids for ids in prompts for _ in range(req.n)]
         limit = self.engine.max_model_len
+        bias = logit_bias(req, self.engine.vocab_size)
         params = [sampling_params(req, limit - len(ids) if max_tokens is None else max_tokens, i % req.n,
-                                  fmt.want_logprobs, fmt.top) for i, ids in enumerate(subs)]
+                                  fmt.want_logprobs, fmt.top, bias) for i, ids in enumerate(subs)]
         stream = await self._submit(subs, params)
         tracker = self.metrics.tracker(len(subs), arrival)
         num_prompt = sum(len(ids) for ids in prompts)

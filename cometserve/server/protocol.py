@@ -130,8 +130,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool"}
 
 def check_unsupported(req: _Common) -> None:
     """OpenAI parameters this server does not implement: refused by name instead of ignored."""
-    refuse = [("presence_penalty", req.presence_penalty != 0), ("frequency_penalty", req.frequency_penalty != 0),
-              ("logit_bias", bool(req.logit_bias))]
+    refuse = [("presence_penalty", req.presence_penalty != 0), ("frequency_penalty", req.frequency_penalty != 0)]
     if isinstance(req, CompletionRequest):
         refuse += [("echo", req.echo), ("suffix", req.suffix is not None),
                    ("best_of", req.best_of is not None and req.best_of != req.n)]
@@ -169,7 +168,23 @@ def check_prompt(ids: list[int], vocab_size: int, max_model_len: int, max_tokens
                        f"context of {max_model_len} tokens", "max_tokens", "context_length_exceeded")
 
 
-def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, top: int = 0) -> SamplingParams:
+def logit_bias(req: _Common, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias ({"token id": bias}) with integer keys inside the vocabulary, or APIError."""
+    out = {}
+    for key, bias in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise APIError(400, f"'logit_bias' token id {token} is outside the vocabulary [0, {vocab_size})",
+                           "logit_bias")
+        out[token] = bias
+    return out
+
+
+def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, top: int = 0,
+                    bias: dict[int, float] | None = None) -> SamplingParams:
     """The SamplingParams of choice number `choice`; seeded choices get seed + choice so that n > 1
     samples n different completions, reproducibly."""
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
@@ -177,7 +192,7 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
         return SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
             seed=None if req.seed is None else (req.seed + choice) % (MAX_SEED + 1), stop=tuple(stop),
-            ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top,
+            ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
         )
     except ValueError as e:  # SamplingParams' messages start with the field's name
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None

@@ -254,6 +254,30 @@ def test_top_logprobs_equal_reference(tiny16):
     assert tops["2"] == tops["3"] == []
 
 
+def test_logit_bias_equals_reference(tiny16):
+    """logit_bias moves greedy and sampled picks (a banned greedy token is replaced, a +100 token is
+    always picked), row by row beside plain greedy rows in the same step; the reported log-probability
+    stays the unbiased one. Ids outside the vocabulary are refused at add_request."""
+    batch = prompts((9, 30, 3))
+    plain = reference(tiny16, batch[:1], GREEDY)[0][0]
+    params = [SamplingParams(max_tokens=8, ignore_eos=True, logprobs=True, logit_bias={plain[0]: -100.0}),
+              SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.9, seed=4, logprobs=True,
+                             logit_bias={7: 100}),
+              SamplingParams(max_tokens=8, ignore_eos=True, logprobs=True)]
+    got = run(make_engine(tiny16, page_size=16), batch, params)
+    want = reference(tiny16, batch, params)
+    assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
+    for i in want:
+        torch.testing.assert_close(torch.tensor(got[i][1]), torch.tensor(want[i][1]), rtol=1e-4, atol=1e-4)
+    assert got[0][0][0] != plain[0] and got[1][0] == [7] * 8 and got[1][1][0] < -1.0  # unbiased: 7 is unlikely
+    assert params[0].logit_bias == ((plain[0], -100.0),)
+    with pytest.raises(ValueError, match="vocabulary"):
+        make_engine(tiny16).add_request("x", batch[0], SamplingParams(logit_bias={10**6: 1.0}))
+    for bad in ({5: 101.0}, {-1: 1.0}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+
+
 def test_stop_strings_tokens_and_max_tokens(tiny16):
     tok = CharTokenizer()
     batch = prompts((12, 40, 7))

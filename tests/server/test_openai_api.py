@@ -99,6 +99,20 @@ def test_top_logprobs_equal_generate(server, llm):
         assert alts == pytest.approx({llm.tokenizer.decode([t]): v for t, v in reversed(top)}, abs=1e-6)
 
 
+def test_logit_bias_forces_and_bans(server, llm):
+    """logit_bias as OpenAI clients send it (string token ids): +100 makes a token every pick, -100 on
+    the greedy completion's first token changes the first pick; both as LLM.generate gives them."""
+    client = server.client()
+    plain = reference(llm, PROMPTS[0]).outputs[0].token_ids
+    forced = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0.7, seed=1,
+                                       logit_bias={"42": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == llm.tokenizer.decode([42] * 5)
+    banned = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                       logit_bias={str(plain[0]): -100})
+    want = reference(llm, PROMPTS[0], logit_bias={plain[0]: -100.0}).outputs[0]
+    assert banned.choices[0].text == want.text and want.token_ids[0] != plain[0]
+
+
 def test_chat_stream_equals_generate(server, llm):
     want = reference(llm, CHAT, chat=True)
     chunks = list(server.client().chat.completions.create(
