@@ -23,6 +23,9 @@ class SamplingParams:
     # added to these tokens' logits before any sampling, greedy too (OpenAI's logit_bias); a dict is
     # accepted and kept as ((token id, bias), ...) in token order
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    # OpenAI's penalties, on the tokens generated so far (as vLLM): logit - frequency * count - presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,6 +46,9 @@ class SamplingParams:
             raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
         for t, b in self.logit_bias:
             if not isinstance(t, int) or t < 0:
                 raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {t!r}")
@@ -54,3 +60,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def batched_greedy(self) -> bool:
+        """Picked by the runner's one argmax over the step's rows (no per-row logit changes)."""
+        return self.greedy and not self.logit_bias and not self.penalized

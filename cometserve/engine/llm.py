@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.kv_manager import cdiv
-from cometserve.engine.sampler import make_generator, sample
+from cometserve.engine.sampler import make_generator, new_counts, sample
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
 
@@ -151,6 +151,7 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
     device = model.model.embed_tokens.weight.device
     cache = model.new_cache(scheme.kv_bits, scheme.kv_group_size)
     gen = make_generator(params, device)
+    counts = new_counts(params, model.config.vocab_size, device)
     stop_ids = set(params.stop_token_ids)
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     if not params.ignore_eos and eos is not None:
@@ -171,7 +172,7 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
         positions = torch.arange(pos, pos + step_ids.numel(), device=device)
         hidden = model(step_ids, positions, cache)
         logits = model.compute_logits(hidden[-1:])[0]
-        token, lp = sample(logits, params, gen)
+        token, lp = sample(logits, params, gen, counts)
         pos += step_ids.numel()
         if token in stop_ids:
             return finish("stop")

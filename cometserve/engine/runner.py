@@ -28,7 +28,7 @@ from cometserve.engine.attention import AttentionMetadata, Bf16Attention, Int4At
 from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutput
 from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.piecewise import PiecewiseGraphs
-from cometserve.engine.sampler import make_generator, sample_tensor
+from cometserve.engine.sampler import make_generator, new_counts, sample_tensor
 
 _ALIGN = 32  # elements: each field packed by _to_device starts 128-byte aligned, as its own tensor would
 
@@ -129,6 +129,7 @@ class ModelRunner:
         cls = Int4Attention if storage.kv_bits == 4 else Bf16Attention
         self.attn = cls(storage, cfg.num_heads, self.dtype, self.device)
         self.generators: dict[str, torch.Generator | None] = {}
+        self.counts: dict[str, torch.Tensor | None] = {}  # per request: generated-token counts (penalties)
         self._last: tuple[dict[str, int], torch.Tensor] | None = None  # last launch: request -> row, tokens
         self.block_tables = HostBlockTables(storage.max_seqs + 1, -(-max_model_len // storage.page_size),
                                             storage.dummy_page)
@@ -195,12 +196,14 @@ class ModelRunner:
         return StepInputs(ids_t, pos_t, meta, [cu[i + 1] - 1 for i in sampled], [chunks[i].request_id for i in sampled])
 
     def release(self, request_ids, keep_generators: bool = False) -> None:
-        """Drop per-request state: the window slot, and (finished requests) the seeded generator.
+        """Drop per-request state: the window slot, and (finished requests) the seeded generator and
+        the penalties' token counts.
         Idempotent: the engine releases at finish, the next SchedulerOutput names them again."""
         for rid in request_ids:
             self.storage.slots.release(rid)
             if not keep_generators:
                 self.generators.pop(rid, None)
+                self.counts.pop(rid, None)
 
     # ---- execution -----------------------------------------------------------------------
 
@@ -269,7 +272,7 @@ class ModelRunner:
         without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
         computed them), the others (and greedy rows with a logit_bias) one by one with their kept
         seeded generators."""
-        rows = [i for i, rid in enumerate(request_ids) if not params[rid].greedy or params[rid].logit_bias]
+        rows = [i for i, rid in enumerate(request_ids) if not params[rid].batched_greedy]
         if len(rows) < len(request_ids):  # greedy rows: one batched pick
             greedy = greedy_out if greedy_out is not None else greedy_logprobs(logits)
             if not rows:
@@ -279,7 +282,8 @@ class ModelRunner:
             rid = request_ids[i]
             if rid not in self.generators:
                 self.generators[rid] = make_generator(params[rid], self.device)
-            picked.append(sample_tensor(logits[i], params[rid], self.generators[rid]))
+                self.counts[rid] = new_counts(params[rid], logits.shape[-1], self.device)
+            picked.append(sample_tensor(logits[i], params[rid], self.generators[rid], self.counts[rid]))
         tokens, lps = torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])
         if len(rows) == len(request_ids):
             return tokens, lps

@@ -130,10 +130,8 @@ _TYPE_TAGS = {"str", "int", "float", "bool"}
 
 def check_unsupported(req: _Common) -> None:
     """OpenAI parameters this server does not implement: refused by name instead of ignored."""
-    refuse = [("presence_penalty", req.presence_penalty != 0), ("frequency_penalty", req.frequency_penalty != 0)]
-    if isinstance(req, CompletionRequest):
-        refuse += [("echo", req.echo), ("suffix", req.suffix is not None),
-                   ("best_of", req.best_of is not None and req.best_of != req.n)]
+    refuse = [("echo", req.echo), ("suffix", req.suffix is not None),
+              ("best_of", req.best_of is not None and req.best_of != req.n)] if isinstance(req, CompletionRequest) else []
     for name, used in refuse:
         if used:
             raise APIError(400, f"'{name}' is not supported by this server", name)
@@ -193,6 +191,7 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
             seed=None if req.seed is None else (req.seed + choice) % (MAX_SEED + 1), stop=tuple(stop),
             ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         )
     except ValueError as e:  # SamplingParams' messages start with the field's name
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None

@@ -94,7 +94,7 @@ def run(engine: LLMEngine, batch: list[list[int]], params, check: bool = True) -
             engine.scheduler.check_invariants()
     assert engine.scheduler.kv.num_free_blocks == engine.scheduler.kv.num_blocks, "blocks leaked"
     assert len(engine.storage.slots) == 0, "sequence slots leaked"
-    assert not engine.runner.generators, "sampler state leaked"
+    assert not engine.runner.generators and not engine.runner.counts, "sampler state leaked"
     return {int(k): tuple(v) for k, v in acc.items()}
 
 
@@ -276,6 +276,27 @@ def test_logit_bias_equals_reference(tiny16):
     for bad in ({5: 101.0}, {-1: 1.0}):
         with pytest.raises(ValueError, match="logit_bias"):
             SamplingParams(logit_bias=bad)
+
+
+def test_penalties_equal_reference_through_preemption(tiny16):
+    """presence/frequency penalties (counts of each request's generated tokens, kept on the device
+    across steps, async launches and preemption by recompute) give the reference's tokens, greedy
+    and seeded; a strong frequency penalty keeps greedy decoding from repeating a token."""
+    batch = prompts()
+    params = [SamplingParams(max_tokens=16, ignore_eos=True, logprobs=True, frequency_penalty=2.0)]
+    params += [SamplingParams(max_tokens=16, ignore_eos=True, presence_penalty=1.5, temperature=0.8, seed=i)
+               if i % 2 else SamplingParams(max_tokens=16, ignore_eos=True, frequency_penalty=-1.0)
+               for i in range(1, len(batch))]
+    engine = make_engine(tiny16, page_size=16, num_pages=14, max_num_batched_tokens=24)
+    preempted = count_preemptions(engine)
+    got = run(engine, batch, params)
+    assert preempted, "the cache is sized to force preemption"
+    want = reference(tiny16, batch, params)
+    assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
+    plain = reference(tiny16, batch[:1], GREEDY)[0][0]
+    assert len(set(got[0][0])) == 16 and len(set(plain)) < 16  # the penalty is what changed it
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=2.5)
 
 
 def test_stop_strings_tokens_and_max_tokens(tiny16):

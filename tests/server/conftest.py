@@ -93,7 +93,7 @@ class LiveServer:
         kv = eng.scheduler.kv
         assert kv.num_free_blocks == kv.num_blocks, f"{kv.num_blocks - kv.num_free_blocks} KV blocks leaked"
         assert len(eng.storage.slots) == 0, "sequence slots leaked"
-        assert not eng.runner.generators, "sampler state leaked"
+        assert not eng.runner.generators and not eng.runner.counts, "sampler state leaked"
         assert not eng._tracked, "engine still tracks requests"
 
 

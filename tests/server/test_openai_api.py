@@ -113,6 +113,21 @@ def test_logit_bias_forces_and_bans(server, llm):
     assert banned.choices[0].text == want.text and want.token_ids[0] != plain[0]
 
 
+def test_penalties_equal_generate(server, llm):
+    """presence/frequency penalties as LLM.generate applies them, greedy and seeded; a negative
+    frequency penalty makes greedy decoding repeat itself."""
+    client = server.client()
+    texts = []
+    for kw in ({"frequency_penalty": -2.0}, {"presence_penalty": 1.0, "temperature": 0.8, "seed": 5}):
+        want = reference(llm, PROMPTS[1], max_tokens=16, ignore_eos=True, **kw).outputs[0]
+        out = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
+                                        **{"temperature": 0, **kw}, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want.text
+        texts.append(want)
+    plain = reference(llm, PROMPTS[1], max_tokens=16, ignore_eos=True).outputs[0]
+    assert len(set(texts[0].token_ids)) < len(set(plain.token_ids))
+
+
 def test_chat_stream_equals_generate(server, llm):
     want = reference(llm, CHAT, chat=True)
     chunks = list(server.client().chat.completions.create(
