@@ -72,33 +72,39 @@ def test_pieces_match_eager_forward(mode, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["bf16", "w4axkv4"])
 def test_engine_with_pieces_generates_like_eager(mode, tmp_path):
-    """Also the CUDA path of top_logprobs (decode-graph logits, pinned copies): the same with and
-    without the pieces, the greedy token among the most likely (bf16 logits tie often: which of the
-    tied tokens top-k lists first is arbitrary)."""
+    """Also the CUDA paths of the sampling options: top_logprobs (decode-graph logits, pinned
+    copies; the greedy token among the most likely: bf16 logits tie often and top-k's order among
+    ties is arbitrary), logit_bias and penalties (per-row picks, counts on the device), seeded
+    sampling: the same with and without the pieces."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     loaded = _small_random_model(mode, tmp_path)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (5, 63, 64, 200, 1, 130)]
-    params = SamplingParams(max_tokens=16, ignore_eos=True, logprobs=True, top_logprobs=4)
+    base = {"max_tokens": 16, "ignore_eos": True, "logprobs": True}
+    params = [SamplingParams(**base, top_logprobs=4), SamplingParams(**base, top_logprobs=4),
+              SamplingParams(**base, logit_bias={7: 100.0}), SamplingParams(**base, frequency_penalty=-2.0),
+              SamplingParams(**base, presence_penalty=1.0, temperature=0.8, seed=3), SamplingParams(**base)]
     outs = []
     for pieces in (0, 2048):
         engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
             max_num_seqs=8, num_pages=64, max_num_batched_tokens=96, max_piecewise_tokens=pieces))
         assert (engine.runner.pieces is not None) == bool(pieces), engine.runner.pieces_error
         for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, params)
+            engine.add_request(str(i), p, params[i])
         got: dict[str, list] = {str(i): [[], [], []] for i in range(len(prompts))}
         while engine.has_unfinished():
             for d in engine.step():
                 got[d.request_id][0] += d.new_token_ids
                 got[d.request_id][1] += d.logprobs
-                got[d.request_id][2] += d.top_logprobs
+                got[d.request_id][2] += d.top_logprobs or []
         outs.append(got)
         del engine
     assert [v[0] for v in outs[0].values()] == [v[0] for v in outs[1].values()]
     assert [v[2] for v in outs[0].values()] == [v[2] for v in outs[1].values()]
-    for tokens, lps, tops in outs[1].values():
-        assert all(len(t) == 4 for t in tops)
+    got = outs[1]
+    assert got["2"][0] == [7] * 16 and len(set(got["3"][0])) <= 4  # forced; a negative penalty repeats
+    for tokens, lps, tops in (got["0"], got["1"]):
+        assert len(tops) == 16 and all(len(t) == 4 for t in tops)
         for token, lp, top in zip(tokens, lps, tops):
             assert lp == pytest.approx(top[0][1], abs=1e-5) and token in [t for t, v in top if v == top[0][1]]
