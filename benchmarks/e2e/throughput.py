@@ -155,21 +155,12 @@ def bench_hf(args, cases, rows: list[dict]) -> None:
     """Hugging Face transformers `generate` in bf16 (random weights of the same shape, eager, its
     default dynamic cache): the batch-1 case and every case of at most --hf-max-batch requests, run
     as one batch of equal-length prompts."""
-    from transformers import LlamaForCausalLM
+    from cometserve.engine.random_model import build_hf_model
 
-    from cometserve.engine.random_model import load_config
-
-    hf_config = load_config(args.random_weights)
     torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(hf_config).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = build_hf_model(args.random_weights)
     model.generation_config.eos_token_id = None
-    vocab = hf_config.vocab_size
+    vocab = model.config.vocab_size
     for label, i, o, n in cases:
         if not i or n > args.hf_max_batch:
             continue

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cometserve.engine.engine import EngineConfig, LLMEngine
-from cometserve.engine.random_model import build_random_model, load_config
+from cometserve.engine.random_model import build_hf_model, build_random_model
 from cometserve.kernels.timing import run_meta
 from cometserve.sampling_params import SamplingParams
 
@@ -82,19 +82,11 @@ def bench_engine(args, mode: str, lengths: list[int], rows: list[dict]) -> None:
 
 @torch.no_grad()
 def bench_hf(args, lengths: list[int], rows: list[dict]) -> None:
-    from transformers import LlamaForCausalLM
-
-    cfg = load_config(args.random_weights)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = build_hf_model(args.random_weights)
     g = torch.Generator().manual_seed(0)
     for n in lengths:
-        add(rows, args, "hf_bf16", False, n, timed(partial(hf_first_token, model, cfg.vocab_size, n, g), args.reps))
+        add(rows, args, "hf_bf16", False, n,
+            timed(partial(hf_first_token, model, model.config.vocab_size, n, g), args.reps))
     del model
     gc.collect()
     torch.cuda.empty_cache()

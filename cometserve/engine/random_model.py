@@ -110,3 +110,17 @@ def build_random_model(name_or_path: str | Path, mode: str = "w4axkv4", device: 
             if module._qweight is not None and module._qweight.data_ptr() != module.qweight.data_ptr():
                 module._buffers["qweight"] = None  # the kernel layout is a copy: drop the storage layout
     return LoadedModel(model.eval(), hf_config, scheme, config_path(name_or_path), None)
+
+
+def build_hf_model(name_or_path: str | Path, device: str | torch.device = "cuda"):
+    """Hugging Face transformers' LlamaForCausalLM of the same config, random bf16 weights (the
+    benchmarks' peer)."""
+    from transformers import LlamaForCausalLM
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(load_config(name_or_path)).eval()
+    finally:
+        torch.set_default_dtype(prev)
