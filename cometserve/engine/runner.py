@@ -110,7 +110,7 @@ class InFlight:
     tokens: torch.Tensor  # int64 [S] on the host (pinned on CUDA)
     logprobs: torch.Tensor  # float32 [S] on the host
     done: torch.cuda.Event | None
-    top: tuple[list[int], list[int], torch.Tensor, torch.Tensor] | None = None  # _top_logprobs', on the host
+    top: tuple[list[int], list[int], torch.Tensor, torch.Tensor] | None = None  # _top_logprobs(), tensors on the host
 
 
 class ModelRunner:
@@ -270,8 +270,8 @@ class ModelRunner:
                       request_ids: list[str], params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """logits float32 [S, vocab] -> (tokens int64 [S], their logprobs float32 [S]) on the device,
         without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
-        computed them), the others (and greedy rows with a logit_bias) one by one with their kept
-        seeded generators."""
+        computed them), the others (and greedy rows with a logit_bias or penalties) one by one with
+        their kept seeded generators and token counts."""
         rows = [i for i, rid in enumerate(request_ids) if not params[rid].batched_greedy]
         if len(rows) < len(request_ids):  # greedy rows: one batched pick
             greedy = greedy_out if greedy_out is not None else greedy_logprobs(logits)
