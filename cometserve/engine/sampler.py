@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a per-request seeded generator."""
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, with a per-request seeded generator;
+logit bias and presence / frequency penalties."""
 
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch
         drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the token that crosses
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
+    if params.min_p:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     token = torch.multinomial(probs, 1, generator=generator)[0]
     return _counted(token, counts), logprobs[token]
 

@@ -299,6 +299,20 @@ def test_penalties_equal_reference_through_preemption(tiny16):
         SamplingParams(frequency_penalty=2.5)
 
 
+def test_min_p_equals_reference(tiny16):
+    """min_p keeps tokens at least min_p times as likely as the best: 1.0 leaves only the argmax
+    (sampling then equals greedy decoding); 0.2 samples as the reference does."""
+    batch = prompts((9, 30))
+    params = [SamplingParams(max_tokens=10, temperature=1.0, min_p=1.0, seed=2, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=1.0, min_p=0.2, seed=2, ignore_eos=True)]
+    got = run(make_engine(tiny16, page_size=16), batch, params)
+    want = reference(tiny16, batch, params)
+    assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
+    assert got[0][0] == reference(tiny16, batch[:1], SamplingParams(max_tokens=10, ignore_eos=True))[0][0]
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+
+
 def test_stop_strings_tokens_and_max_tokens(tiny16):
     tok = CharTokenizer()
     batch = prompts((12, 40, 7))
