@@ -21,6 +21,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # the sampled token's log-probability
     top_logprobs: int = 0  # and this many most likely tokens' (token id, log-probability), most likely first
+    # the prompt tokens' log-probabilities (each given the tokens before it) with this many alternatives;
+    # None = off. Such a request computes its whole prompt (no prefix-cache hits), as vLLM does.
+    prompt_logprobs: int | None = None
     # added to these tokens' logits before any sampling, greedy too (OpenAI's logit_bias); a dict is
     # accepted and kept as ((token id, bias), ...) in token order
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
@@ -47,6 +50,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], "
+                             f"got {self.prompt_logprobs!r}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -74,6 +74,8 @@ class RequestDelta:
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # on the final delta: prompt tokens read from the prefix cache
     top_logprobs: list[tuple[tuple[int, float], ...]] | None = None  # per new token, where asked for
+    # SamplingParams.prompt_logprobs, on the request's first delta: per prompt position (None at 0)
+    prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -88,6 +90,7 @@ class _Tracked:
     text: str = ""  # detokenized output, cut at a stop string once one is found
     text_sent: int = 0
     stop_hit: bool = False
+    prompt_sent: bool = False  # its prompt_logprobs went out
 
 
 def _reserve_bytes(model, cfg: EngineConfig) -> int:
@@ -258,7 +261,10 @@ class LLMEngine:
         if reason is not None:
             self._tracked.pop(r.request_id)
         cached = (r.num_cached_prompt_tokens or 0) if reason is not None else 0
-        return RequestDelta(r.request_id, new, text_delta, lps, reason, cached, tops)
+        plps = None
+        if r.prompt_logprobs is not None and not t.prompt_sent:
+            plps, t.prompt_sent = list(r.prompt_logprobs), True
+        return RequestDelta(r.request_id, new, text_delta, lps, reason, cached, tops, plps)
 
     def _check_stop_strings(self, t: _Tracked, checked: int) -> None:
         """Finish the request (status STOPPED) once its text contains a stop string; cut the text.

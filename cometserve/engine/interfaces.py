@@ -125,3 +125,5 @@ class StepOutput:
 
     sampled: dict[str, tuple[int, float]]
     top: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    # request_id -> [(position, logprob of the token there, alternatives)] for SamplingParams.prompt_logprobs
+    prompt: dict[str, list[tuple[int, float, tuple[tuple[int, float], ...]]]] = field(default_factory=dict)

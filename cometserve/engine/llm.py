@@ -28,6 +28,8 @@ class CompletionOutput:
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
     logprobs: list[float] | None = None
     top_logprobs: list[tuple[tuple[int, float], ...]] | None = None  # per token: (token id, logprob), best first
+    # SamplingParams.prompt_logprobs: per prompt position (logprob, alternatives), None at position 0
+    prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]] | None] | None = None
 
 
 @dataclass
@@ -99,7 +101,8 @@ class LLM:
             reason = reasons.get(rid, req.finish_reason)
             lps = list(req.output_logprobs) if params.logprobs else None
             tops = list(req.output_top_logprobs) if params.top_logprobs else None
-            completion = CompletionOutput(engine.completion_text(req), list(req.output_token_ids), reason, lps, tops)
+            completion = CompletionOutput(engine.completion_text(req), list(req.output_token_ids), reason, lps, tops,
+                                          req.prompt_logprobs)
             outputs.append(RequestOutput(prompt, toks, [completion], seconds.get(rid, 0.0)))
         return outputs
 
@@ -159,6 +162,7 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
     tokens, logprobs, tops = [], [], []
     step_ids = torch.tensor(prompt_ids, device=device)
     pos = 0
+    prompt_lps = None
 
     def finish(reason: str) -> CompletionOutput:
         text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
@@ -166,11 +170,16 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
             if s in text:
                 text = text[: text.index(s)]
         return CompletionOutput(text, tokens, reason, logprobs if params.logprobs else None,
-                                tops if params.top_logprobs else None)
+                                tops if params.top_logprobs else None, prompt_lps)
 
     while True:
         positions = torch.arange(pos, pos + step_ids.numel(), device=device)
         hidden = model(step_ids, positions, cache)
+        if pos == 0 and params.prompt_logprobs is not None:
+            rows = torch.log_softmax(model.compute_logits(hidden[:-1]), dim=-1)
+            v, i = rows.topk(params.prompt_logprobs, dim=-1)
+            lps = rows.gather(1, step_ids[1:, None])[:, 0]
+            prompt_lps = [None] + [(lp, tuple(zip(ii, vv))) for lp, ii, vv in zip(lps.tolist(), i.tolist(), v.tolist())]
         logits = model.compute_logits(hidden[-1:])[0]
         token, lp = sample(logits, params, gen, counts)
         pos += step_ids.numel()

@@ -109,6 +109,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float] = []
         self.output_top_logprobs: list[tuple[tuple[int, float], ...]] = []  # () where not asked for
+        # SamplingParams.prompt_logprobs: per prompt position, (logprob, alternatives); None at 0
+        self.prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]] | None] | None = (
+            None if sampling_params.prompt_logprobs is None else [None] * len(self.prompt_token_ids))
         self.num_computed_tokens = 0
         self.num_inflight = 0  # sampled by a step still on the device, not yet in output_token_ids (0 or 1)
         self.num_preemptions = 0

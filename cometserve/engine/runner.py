@@ -19,7 +19,7 @@ token this step sampled, from the device, and all device work runs in stream ord
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from cometserve.engine.attention import AttentionMetadata, Bf16Attention, Int4At
 from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutput
 from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.piecewise import PiecewiseGraphs
+from cometserve.engine.prompt_logprobs import PromptLogprobs
 from cometserve.engine.sampler import make_generator, new_counts, sample_tensor
 
 _ALIGN = 32  # elements: each field packed by _to_device starts 128-byte aligned, as its own tensor would
@@ -100,6 +101,8 @@ class StepInputs:
     meta: AttentionMetadata
     sample_rows: list[int]  # row of each sampled chunk's last token in [T]
     sample_ids: list[str]  # request ids, same order
+    # prefill chunks whose request wants prompt_logprobs: PromptLogprobs.compute's chunk tuples
+    prompt_chunks: list[tuple[str, int, int, tuple[int, ...], int, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +114,7 @@ class InFlight:
     logprobs: torch.Tensor  # float32 [S] on the host
     done: torch.cuda.Event | None
     top: tuple[list[int], list[int], torch.Tensor, torch.Tensor] | None = None  # _top_logprobs(), tensors on the host
+    prompt: list[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # same
 
 
 class ModelRunner:
@@ -130,6 +134,8 @@ class ModelRunner:
         self.attn = cls(storage, cfg.num_heads, self.dtype, self.device)
         self.generators: dict[str, torch.Generator | None] = {}
         self.counts: dict[str, torch.Tensor | None] = {}  # per request: generated-token counts (penalties)
+        self.prompt_logprobs = PromptLogprobs(model)
+        self._prompt_out: list = []  # the last forward's PromptLogprobs.compute()
         self._last: tuple[dict[str, int], torch.Tensor] | None = None  # last launch: request -> row, tokens
         self.block_tables = HostBlockTables(storage.max_seqs + 1, -(-max_model_len // storage.page_size),
                                             storage.dummy_page)
@@ -193,7 +199,10 @@ class ModelRunner:
             (meta.kv_slots,) = _to_device(np.int64, dev, _context_slots(chunks, st.page_size))
             (meta.cu_seqlens_k,) = _to_device(np.int32, dev, [0, *itertools.accumulate(ctxs)])
         sampled = [i for i, c in enumerate(chunks) if c.needs_sample]
-        return StepInputs(ids_t, pos_t, meta, [cu[i + 1] - 1 for i in sampled], [chunks[i].request_id for i in sampled])
+        prompt = [(c.request_id, cu[i], c.start_pos, c.token_ids, c.sampling_params.prompt_logprobs, c.needs_sample)
+                  for i, c in enumerate(chunks) if c.is_prefill and c.sampling_params.prompt_logprobs is not None]
+        return StepInputs(ids_t, pos_t, meta, [cu[i + 1] - 1 for i in sampled], [chunks[i].request_id for i in sampled],
+                          prompt)
 
     def release(self, request_ids, keep_generators: bool = False) -> None:
         """Drop per-request state: the window slot, and (finished requests) the seeded generator and
@@ -204,6 +213,7 @@ class ModelRunner:
             if not keep_generators:
                 self.generators.pop(rid, None)
                 self.counts.pop(rid, None)
+                self.prompt_logprobs.release(rid)
 
     # ---- execution -----------------------------------------------------------------------
 
@@ -222,12 +232,14 @@ class ModelRunner:
         inputs = self.prepare(out)  # reads self._last for the placeholders
         self._last = None
         res = self.logits(inputs)
+        prompt, self._prompt_out = self._prompt_out, []
         if res is None:
-            return None
+            none = torch.empty(0, dtype=torch.int64, device=self.device)
+            return _to_host([], none, none.float(), None, prompt) if prompt else None
         params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
         tokens, logprobs = self.sample_device(*res, inputs.sample_ids, params)
         self._last = ({rid: i for i, rid in enumerate(inputs.sample_ids)}, tokens)
-        return _to_host(inputs.sample_ids, tokens, logprobs, _top_logprobs(res[0], inputs.sample_ids, params))
+        return _to_host(inputs.sample_ids, tokens, logprobs, _top_logprobs(res[0], inputs.sample_ids, params), prompt)
 
     @staticmethod
     def collect(flight: InFlight | None) -> StepOutput:
@@ -241,18 +253,24 @@ class ModelRunner:
             rows, ks, ids, lps = flight.top
             top = {flight.request_ids[r]: tuple(zip(i[:k], lp[:k]))
                    for r, k, i, lp in zip(rows, ks, ids.tolist(), lps.tolist())}
-        return StepOutput(dict(zip(flight.request_ids, zip(flight.tokens.tolist(), flight.logprobs.tolist()))), top)
+        prompt = {rid: [(first + j, lp, tuple(zip(i, v))) for j, (lp, i, v) in
+                        enumerate(zip(lps.tolist(), ids.tolist(), vals.tolist()))]
+                  for rid, first, lps, ids, vals in flight.prompt}
+        return StepOutput(dict(zip(flight.request_ids, zip(flight.tokens.tolist(), flight.logprobs.tolist()))), top,
+                          prompt)
 
     def logits(self, inputs: StepInputs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None:
         """Run the step's forward: (float32 logits of the sampled rows, their greedy (tokens,
         logprobs) when a decode graph computed them, else None), or None when nothing is sampled."""
-        if self.graphs is not None and inputs.meta.is_decode:
+        if self.graphs is not None and inputs.meta.is_decode and not inputs.prompt_chunks:
             res = self.graphs.run(inputs)
             if res is not None:
                 return (res[0], res[1:]) if inputs.sample_rows else None
         hidden = None if self.pieces is None else self.pieces.run(inputs.input_ids, inputs.positions, inputs.meta)
         if hidden is None:
             hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        if inputs.prompt_chunks:  # taken by launch()
+            self._prompt_out = self.prompt_logprobs.compute(hidden, inputs.prompt_chunks)
         if not inputs.sample_rows:
             return None
         rows = torch.tensor(inputs.sample_rows, device=self.device)
@@ -303,14 +321,16 @@ def _top_logprobs(logits: torch.Tensor, request_ids: list[str], params: dict):
     return rows, ks, ids, lps
 
 
-def _to_host(request_ids: list[str], tokens: torch.Tensor, logprobs: torch.Tensor, top=None) -> InFlight:
+def _to_host(request_ids: list[str], tokens: torch.Tensor, logprobs: torch.Tensor, top=None,
+             prompt=()) -> InFlight:
     """Start the samples' copy to the host (pinned buffers, an event to wait on) on CUDA."""
     if not tokens.is_cuda:
-        return InFlight(request_ids, tokens, logprobs, None, top)
+        return InFlight(request_ids, tokens, logprobs, None, top, list(prompt))
     host = [_pinned_copy(t) for t in (tokens, logprobs, *(top[2:] if top else ()))]
+    prompt = [(rid, first, *map(_pinned_copy, ts)) for rid, first, *ts in prompt]
     done = torch.cuda.Event()
     done.record()
-    return InFlight(request_ids, host[0], host[1], done, (*top[:2], *host[2:]) if top else None)
+    return InFlight(request_ids, host[0], host[1], done, (*top[:2], *host[2:]) if top else None, prompt)
 
 
 def _pinned_copy(t: torch.Tensor) -> torch.Tensor:

@@ -245,7 +245,8 @@ class Scheduler:
         kv = self.kv
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            cached = self._cached_blocks(request) if kv.enable_prefix_caching else []
+            whole = request.sampling_params.prompt_logprobs is not None  # needs every prompt position's logits
+            cached = self._cached_blocks(request) if kv.enable_prefix_caching and not whole else []
             start = len(cached) * kv.block_size
             num_new = min(request.num_tokens - start, budget)
             if (kv.allocate_prefix(request.request_id, cached, num_new) if cached
@@ -365,6 +366,13 @@ class Scheduler:
             raise ValueError(f"runner returned no sample for requests {missing}")
         if self.kv.enable_prefix_caching:  # before any of them finishes and frees its blocks
             self._register(step.chunks, reqs)
+        for r in reqs:  # prompt log-probabilities, from chunks that sample or not
+            entries = step_output.prompt.get(r.request_id)
+            if entries and r.prompt_logprobs is not None and requests.get(r.request_id) is r:
+                n = len(r.prompt_logprobs)
+                for pos, lp, top in entries:
+                    if pos < n:  # a recompute's chunk runs over earlier outputs too
+                        r.prompt_logprobs[pos] = (lp, top)
         if held:
             self._held = None
         else:

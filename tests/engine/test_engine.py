@@ -313,6 +313,40 @@ def test_min_p_equals_reference(tiny16):
         SamplingParams(min_p=1.5)
 
 
+@pytest.mark.parametrize("budget", [8192, 24])
+def test_prompt_logprobs_equal_reference(tiny16, budget, scheduling):
+    """prompt_logprobs: every prompt position's log-probability and top-k, as the reference's one
+    prefill forward gives them, with the prompt whole or in chunks (a chunk's last row predicts the
+    next chunk's first token), through a preemption (small budget, sync), and for a prompt whose
+    pages are in the prefix cache (such a request computes its whole prompt). Only on the request's
+    first delta."""
+    batch = prompts((5, 17, 64, 70, 130, 1))
+    batch.append(list(batch[4]))  # the same prompt again: its pages are cached by then
+    params = [SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=k % 3) for k in range(len(batch))]
+    engine = make_engine(tiny16, page_size=16, num_pages=14, max_num_batched_tokens=budget)
+    preempted = count_preemptions(engine)
+    for i, ids in enumerate(batch[:-1]):
+        engine.add_request(str(i), ids, params[i])
+    got: dict[str, list] = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            if d.prompt_logprobs is not None:
+                assert d.request_id not in got, "prompt logprobs sent twice"
+                got[d.request_id] = d.prompt_logprobs
+        if "4" in got and str(len(batch) - 1) not in engine._tracked and str(len(batch) - 1) not in got:
+            engine.add_request(str(len(batch) - 1), batch[-1], params[-1])
+    assert engine.scheduler.kv.num_free_blocks == engine.scheduler.kv.num_blocks
+    assert not engine.runner.prompt_logprobs.pending, "pending rows leaked"
+    assert preempted or budget == 8192 or scheduling, "the cache is sized to force a preemption"
+    for i, ids in enumerate(batch):
+        want = generate_reference(tiny16.model, tiny16.scheme, ids, params[i]).prompt_logprobs
+        have = got[str(i)]
+        assert len(have) == len(ids) and have[0] is None and want[0] is None
+        for h, w in zip(have[1:], want[1:]):
+            assert h[0] == pytest.approx(w[0], abs=1e-4)
+            assert [t for t, _ in h[1]] == [t for t, _ in w[1]] and len(h[1]) == params[i].prompt_logprobs
+
+
 def test_stop_strings_tokens_and_max_tokens(tiny16):
     tok = CharTokenizer()
     batch = prompts((12, 40, 7))
