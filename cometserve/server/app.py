@@ -126,7 +126,14 @@ class OpenAIRoutes:
         self._check_model(req.model)
         check_unsupported(req)
         prompts = await self._completion_prompts(req)
-        fmt = CompletionFormat(self.model_name, self.tokenizer, req.logprobs is not None, req.n, req.logprobs or 0)
+        echo = None
+        if req.echo:  # the prompt's own text where it came as text, else its tokens decoded
+            texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+            if not isinstance(texts[0], str):
+                texts = [self.tokenizer.decode(ids) if self.tokenizer is not None else "" for ids in prompts]
+            echo = list(zip(prompts, texts))
+        fmt = CompletionFormat(self.model_name, self.tokenizer, req.logprobs is not None, req.n, req.logprobs or 0,
+                               echo)
         return await self._generate(request, req, prompts, req.max_tokens, fmt, arrival, "prompt")
 
     async def chat(self, request: Request):
@@ -172,8 +179,9 @@ class OpenAIRoutes:
         subs = [ids for ids in prompts for _ in range(req.n)]
         limit = self.engine.max_model_len
         bias = logit_bias(req, self.engine.vocab_size)
+        prompt_k = fmt.top if fmt.echo is not None and fmt.want_logprobs else None
         params = [sampling_params(req, limit - len(ids) if max_tokens is None else max_tokens, i % req.n,
-                                  fmt.want_logprobs, fmt.top, bias) for i, ids in enumerate(subs)]
+                                  fmt.want_logprobs, fmt.top, bias, prompt_k) for i, ids in enumerate(subs)]
         stream = await self._submit(subs, params)
         tracker = self.metrics.tracker(len(subs), arrival)
         num_prompt = sum(len(ids) for ids in prompts)
@@ -231,6 +239,7 @@ def _accumulate(c: Choice, delta) -> None:
     c.text += delta.text_delta
     c.logprobs += delta.logprobs or []
     c.top_logprobs += delta.top_logprobs or []
+    c.prompt_logprobs = delta.prompt_logprobs or c.prompt_logprobs
     c.finish_reason = delta.finish_reason
     c.cached_tokens = max(c.cached_tokens, delta.num_cached_tokens)
 

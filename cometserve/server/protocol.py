@@ -131,11 +131,12 @@ _TYPE_TAGS = {"str", "int", "float", "bool"}
 
 def check_unsupported(req: _Common) -> None:
     """OpenAI parameters this server does not implement: refused by name instead of ignored."""
-    refuse = [("echo", req.echo), ("suffix", req.suffix is not None),
-              ("best_of", req.best_of is not None and req.best_of != req.n)] if isinstance(req, CompletionRequest) else []
-    for name, used in refuse:
+    refuse = [("echo", req.echo and req.stream, "with 'stream'"), ("suffix", req.suffix is not None, ""),
+              ("best_of", req.best_of is not None and req.best_of != req.n, "other than n")
+              ] if isinstance(req, CompletionRequest) else []
+    for name, used, how in refuse:
         if used:
-            raise APIError(400, f"'{name}' is not supported by this server", name)
+            raise APIError(400, f"'{name}'{' ' + how if how else ''} is not supported by this server", name)
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     if not 1 <= req.n <= MAX_CHOICES:
@@ -183,7 +184,7 @@ def logit_bias(req: _Common, vocab_size: int) -> dict[int, float]:
 
 
 def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, top: int = 0,
-                    bias: dict[int, float] | None = None) -> SamplingParams:
+                    bias: dict[int, float] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The SamplingParams of choice number `choice`; seeded choices get seed + choice so that n > 1
     samples n different completions, reproducibly."""
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
@@ -193,6 +194,7 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
             seed=None if req.seed is None else (req.seed + choice) % (MAX_SEED + 1), stop=tuple(stop),
             ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as e:  # SamplingParams' messages start with the field's name
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None

@@ -17,6 +17,7 @@ class Choice:
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+    prompt_logprobs: list | None = None  # echo: the engine's prompt_logprobs of its prompt
     finish_reason: str | None = None
     cached_tokens: int = 0  # of its prompt, from the prefix cache
 
@@ -38,12 +39,15 @@ def usage(num_prompt_tokens: int, choices: list[Choice], n: int) -> dict:
 
 class CompletionFormat:
     """`logprobs`: the sampled tokens' log-probabilities are returned; `top`: with this many most
-    likely alternatives per token."""
+    likely alternatives per token; `echo`: per prompt (token ids, text), put before each of its
+    choices (completions' echo; the prompt's first token has no log-probability: None)."""
 
     object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl"
 
-    def __init__(self, model: str, tokenizer, logprobs: bool, n: int = 1, top: int = 0) -> None:
+    def __init__(self, model: str, tokenizer, logprobs: bool, n: int = 1, top: int = 0,
+                 echo: list[tuple[list[int], str]] | None = None) -> None:
         self.model, self.tokenizer, self.want_logprobs, self.n, self.top = model, tokenizer, logprobs, n, top
+        self.echo = echo
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -51,8 +55,9 @@ class CompletionFormat:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def _alternatives(self, tops: list[tuple[tuple[int, float], ...]]) -> list[list[tuple[str, float]]]:
-        """Each token's alternatives as (token string, logprob), most likely first."""
-        return [list(zip(token_strings(self.tokenizer, [t for t, _ in top]), [lp for _, lp in top])) for top in tops]
+        """Each token's alternatives as (token string, logprob), most likely first (None stays None)."""
+        return [None if top is None else list(zip(token_strings(self.tokenizer, [t for t, _ in top]),
+                                                  [lp for _, lp in top])) for top in tops]
 
     def logprobs(self, ids: list[int], lps: list[float], tops: list, offset: int = 0) -> dict | None:
         if not self.want_logprobs:
@@ -62,7 +67,7 @@ class CompletionFormat:
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        top = [dict(alts) for alts in self._alternatives(tops)] if self.top else None
+        top = [None if alts is None else dict(alts) for alts in self._alternatives(tops)] if self.top else None
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
     def response(self, choices: list[Choice], num_prompt_tokens: int) -> dict:
@@ -72,8 +77,15 @@ class CompletionFormat:
         return body
 
     def choice(self, index: int, c: Choice) -> dict:
-        return {"index": index, "text": c.text,
-                "logprobs": self.logprobs(c.token_ids, c.logprobs, c.top_logprobs), "finish_reason": c.finish_reason}
+        text, ids, lps, tops = c.text, c.token_ids, c.logprobs, c.top_logprobs
+        if self.echo is not None:
+            p_ids, p_text = self.echo[index // self.n]
+            entries = c.prompt_logprobs or [None] * len(p_ids)
+            text, ids = p_text + text, p_ids + ids
+            lps = [e and e[0] for e in entries] + lps
+            tops = [e and e[1] for e in entries] + tops
+        return {"index": index, "text": text, "logprobs": self.logprobs(ids, lps, tops),
+                "finish_reason": c.finish_reason}
 
     def chunk(self, index: int, c: Choice, delta) -> dict:
         """One engine delta of choice `index`; `c` is the choice so far, before this delta."""

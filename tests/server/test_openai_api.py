@@ -128,6 +128,29 @@ def test_penalties_equal_generate(server, llm):
     assert len(set(texts[0].token_ids)) < len(set(plain.token_ids))
 
 
+def test_echo_returns_prompt_logprobs_like_generate(server, llm):
+    """echo with logprobs (what lm-eval's loglikelihood requests send): the prompt's text and tokens
+    before the completion's, the first prompt token without a log-probability, the others as
+    LLM.generate's prompt_logprobs; the completion part as without echo."""
+    client = server.client()
+    prompt = PROMPTS[1]
+    want = reference(llm, prompt, max_tokens=3, prompt_logprobs=2, top_logprobs=2).outputs[0]
+    ids = llm.encode(prompt)
+    c = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                  logprobs=2).choices[0]
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=2).choices[0]
+    assert c.text == prompt + plain.text
+    lp = c.logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.tokens[len(ids):] == plain.logprobs.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([e[0] for e in want.prompt_logprobs[1:]], abs=1e-5)
+    for alts, e in zip(lp.top_logprobs[1:len(ids)], want.prompt_logprobs[1:]):
+        assert alts == pytest.approx({llm.tokenizer.decode([t]): v for t, v in reversed(e[1])}, abs=1e-5)
+    assert lp.token_logprobs[len(ids):] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-6)
+    ids_echo = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True).choices[0]
+    assert ids_echo.text.startswith(llm.tokenizer.decode(ids)) and ids_echo.logprobs is None
+
+
 def test_chat_stream_equals_generate(server, llm):
     want = reference(llm, CHAT, chat=True)
     chunks = list(server.client().chat.completions.create(
