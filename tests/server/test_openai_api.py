@@ -149,6 +149,17 @@ def test_echo_returns_prompt_logprobs_like_generate(server, llm):
     assert lp.token_logprobs[len(ids):] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-6)
     ids_echo = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True).choices[0]
     assert ids_echo.text.startswith(llm.tokenizer.decode(ids)) and ids_echo.logprobs is None
+    # lm-eval's loglikelihood request (local-completions): token-id prompts in a batch, one sampled token
+    batch = [llm.encode(p) for p in PROMPTS]
+    out = client.completions.create(model=MODEL, prompt=batch, max_tokens=1, logprobs=1, temperature=0, seed=1234,
+                                    echo=True)
+    for choice, toks in zip(sorted(out.choices, key=lambda c: c.index), batch):
+        ctx = 2  # score tokens [2, len) given the first two, as lm-eval slices [ctxlen:-1]
+        scored = choice.logprobs.token_logprobs[ctx:-1]
+        want = reference(llm, llm.tokenizer.decode(toks), max_tokens=1, prompt_logprobs=1).outputs[0]
+        assert sum(scored) == pytest.approx(sum(e[0] for e in want.prompt_logprobs[ctx:]), abs=1e-4)
+        greedy = [lp == max(top.values()) for lp, top in zip(scored, choice.logprobs.top_logprobs[ctx:-1])]
+        assert greedy == [e[1][0][1] == e[0] for e in want.prompt_logprobs[ctx:]]
 
 
 def test_chat_stream_equals_generate(server, llm):
