@@ -222,8 +222,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> InFlight | None:
-        """Prepare, run and sample the step on the device and start copying the samples to the host;
-        None when it samples nothing. Returns before the device is done."""
+        """Prepare, run and sample the step on the device and start copying the samples (and prompt
+        log-probabilities) to the host; None when it has neither. Returns before the device is done."""
         if out.is_empty:
             self._last = None
             self.release(out.preempted_ids, keep_generators=True)
