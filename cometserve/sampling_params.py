@@ -30,6 +30,9 @@ class SamplingParams:
     # OpenAI's penalties, on the tokens generated so far (as vLLM): logit - frequency * count - presence * (count > 0)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's / HF's: the logits of tokens in the prompt or generated so far divided by it where positive,
+    # multiplied where negative; 1 = off. Such a request computes its whole prompt (no prefix-cache hits).
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +62,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
         for t, b in self.logit_bias:
             if not isinstance(t, int) or t < 0:
                 raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {t!r}")
@@ -73,7 +78,12 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty)
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def whole_prompt(self) -> bool:
+        """The runner must see every prompt token (prompt log-probabilities, repetition penalty)."""
+        return self.prompt_logprobs is not None or self.repetition_penalty != 1.0
 
     @property
     def batched_greedy(self) -> bool:

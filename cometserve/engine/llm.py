@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.kv_manager import cdiv
-from cometserve.engine.sampler import make_generator, new_counts, sample
+from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
 
@@ -155,6 +155,8 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
     cache = model.new_cache(scheme.kv_bits, scheme.kv_group_size)
     gen = make_generator(params, device)
     counts = new_counts(params, model.config.vocab_size, device)
+    if counts is not None:
+        mark_prompt(counts, prompt_ids)
     stop_ids = set(params.stop_token_ids)
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     if not params.ignore_eos and eos is not None:

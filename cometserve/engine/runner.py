@@ -29,7 +29,7 @@ from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutpu
 from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.piecewise import PiecewiseGraphs
 from cometserve.engine.prompt_logprobs import PromptLogprobs
-from cometserve.engine.sampler import make_generator, new_counts, sample_tensor
+from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample_tensor
 
 _ALIGN = 32  # elements: each field packed by _to_device starts 128-byte aligned, as its own tensor would
 
@@ -198,6 +198,9 @@ class ModelRunner:
         if st.kv_bits == 16 and max_seqlen_q > 1 and any(starts):
             (meta.kv_slots,) = _to_device(np.int64, dev, _context_slots(chunks, st.page_size))
             (meta.cu_seqlens_k,) = _to_device(np.int32, dev, [0, *itertools.accumulate(ctxs)])
+        for c in chunks:  # the repetition penalty's prompt tokens (such requests prefill their whole prompt)
+            if c.is_prefill and c.sampling_params.repetition_penalty != 1.0:
+                mark_prompt(self._sampler_state(c.request_id, c.sampling_params)[1], c.token_ids)
         sampled = [i for i, c in enumerate(chunks) if c.needs_sample]
         prompt = [(c.request_id, cu[i], c.start_pos, c.token_ids, c.sampling_params.prompt_logprobs, c.needs_sample)
                   for i, c in enumerate(chunks) if c.is_prefill and c.sampling_params.prompt_logprobs is not None]
@@ -297,16 +300,21 @@ class ModelRunner:
                 return greedy
         picked = []
         for i in rows:
-            rid = request_ids[i]
-            if rid not in self.generators:
-                self.generators[rid] = make_generator(params[rid], self.device)
-                self.counts[rid] = new_counts(params[rid], logits.shape[-1], self.device)
-            picked.append(sample_tensor(logits[i], params[rid], self.generators[rid], self.counts[rid]))
+            p = params[request_ids[i]]
+            picked.append(sample_tensor(logits[i], p, *self._sampler_state(request_ids[i], p)))
         tokens, lps = torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])
         if len(rows) == len(request_ids):
             return tokens, lps
         idx = torch.tensor(rows, device=logits.device)
         return greedy[0].index_copy(0, idx, tokens), greedy[1].index_copy(0, idx, lps)
+
+
+    def _sampler_state(self, rid: str, params) -> tuple[torch.Generator | None, torch.Tensor | None]:
+        """The request's seeded generator and penalty counts, made at its first use."""
+        if rid not in self.generators:
+            self.generators[rid] = make_generator(params, self.device)
+            self.counts[rid] = new_counts(params, self.model.config.vocab_size, self.device)
+        return self.generators[rid], self.counts[rid]
 
 
 def _top_logprobs(logits: torch.Tensor, request_ids: list[str], params: dict):

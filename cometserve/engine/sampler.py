@@ -24,8 +24,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def new_counts(params: SamplingParams, vocab: int, device) -> torch.Tensor | None:
-    """A request's generated-token counts (float32 [vocab]) where its penalties need them."""
-    return torch.zeros(vocab, dtype=torch.float32, device=device) if params.penalized else None
+    """A request's token counts where its penalties need them: float32 [2, vocab], row 0 the
+    generated tokens' counts, row 1 set to 1 for the prompt's tokens (mark_prompt)."""
+    return torch.zeros(2, vocab, dtype=torch.float32, device=device) if params.penalized else None
+
+
+def mark_prompt(counts: torch.Tensor, token_ids) -> None:
+    """Record prompt tokens (any order, repeats allowed) for the repetition penalty, on the device."""
+    counts[1].index_fill_(0, torch.as_tensor(token_ids, device=counts.device), 1.0)
 
 
 def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
@@ -36,7 +42,11 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch
     then counts the picked token, on the device."""
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.penalized:
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+        out = counts[0]
+        if params.repetition_penalty != 1.0:
+            p, seen = params.repetition_penalty, (counts > 0).any(dim=0)
+            logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+        logits = logits - params.frequency_penalty * out - params.presence_penalty * (out > 0).float()
     if params.logit_bias:
         ids, bias = zip(*params.logit_bias)
         logits = logits.index_add(0, torch.tensor(ids, device=logits.device),
@@ -62,5 +72,5 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch
 
 def _counted(token: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
     if counts is not None:
-        counts.index_put_((token,), torch.ones((), dtype=counts.dtype, device=counts.device), accumulate=True)
+        counts[0].index_put_((token,), torch.ones((), dtype=counts.dtype, device=counts.device), accumulate=True)
     return token

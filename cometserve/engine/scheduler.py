@@ -245,7 +245,7 @@ class Scheduler:
         kv = self.kv
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            whole = request.sampling_params.prompt_logprobs is not None  # needs every prompt position's logits
+            whole = request.sampling_params.whole_prompt  # the runner must see every prompt token
             cached = self._cached_blocks(request) if kv.enable_prefix_caching and not whole else []
             start = len(cached) * kv.block_size
             num_new = min(request.num_tokens - start, budget)

@@ -57,8 +57,9 @@ class _Common(_Strict):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    top_k: int = 0  # extensions (vLLM's names): top-k and min-p sampling, and run to max_tokens past EOS
-    min_p: float = 0.0
+    top_k: int = 0  # extensions (vLLM's names): top-k and min-p sampling, repetition penalty, and run
+    min_p: float = 0.0  # to max_tokens past EOS
+    repetition_penalty: float = 1.0
     ignore_eos: bool = False
 
 
@@ -194,7 +195,7 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
             seed=None if req.seed is None else (req.seed + choice) % (MAX_SEED + 1), stop=tuple(stop),
             ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            prompt_logprobs=prompt_logprobs,
+            prompt_logprobs=prompt_logprobs, repetition_penalty=req.repetition_penalty,
         )
     except ValueError as e:  # SamplingParams' messages start with the field's name
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None

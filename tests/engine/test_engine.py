@@ -347,6 +347,33 @@ def test_prompt_logprobs_equal_reference(tiny16, budget, scheduling):
             assert [t for t, _ in h[1]] == [t for t, _ in w[1]] and len(h[1]) == params[i].prompt_logprobs
 
 
+@pytest.mark.parametrize("budget", [8192, 24])
+def test_repetition_penalty_equals_reference(tiny16, budget):
+    """repetition_penalty over prompt and generated tokens (the prompt marked chunk by chunk as it is
+    prefilled, the whole of it: a prompt whose pages are cached is recomputed), greedy and seeded."""
+    batch = prompts((5, 17, 64, 130, 1))
+    batch.append(list(batch[3]))  # the same prompt again: its pages are cached by then
+    params = [SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=2.0, temperature=0.7 * (i % 2),
+                             seed=i) for i in range(len(batch))]
+    engine = make_engine(tiny16, page_size=16, num_pages=40, max_num_batched_tokens=budget)
+    for i, ids in enumerate(batch[:-1]):
+        engine.add_request(str(i), ids, params[i])
+    got: dict[str, list[int]] = {str(i): [] for i in range(len(batch))}
+    while engine.has_unfinished():
+        for d in engine.step():
+            got[d.request_id] += d.new_token_ids
+            if d.request_id == "3" and d.finished:
+                engine.add_request(str(len(batch) - 1), batch[-1], params[-1])
+    assert not engine.runner.counts and not engine.runner.generators
+    want = {str(i): generate_reference(tiny16.model, tiny16.scheme, ids, params[i]).token_ids
+            for i, ids in enumerate(batch)}
+    assert got == want
+    plain = reference(tiny16, batch, SamplingParams(max_tokens=12, ignore_eos=True))
+    assert any(got[str(i)] != plain[i][0] for i in range(0, len(batch), 2))  # greedy ones: the penalty acts
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0.0)
+
+
 def test_stop_strings_tokens_and_max_tokens(tiny16):
     tok = CharTokenizer()
     batch = prompts((12, 40, 7))

@@ -114,14 +114,15 @@ def test_logit_bias_forces_and_bans(server, llm):
 
 
 def test_penalties_equal_generate(server, llm):
-    """presence/frequency penalties as LLM.generate applies them, greedy and seeded; a negative
-    frequency penalty makes greedy decoding repeat itself."""
+    """presence/frequency penalties (greedy and seeded) and the repetition penalty (vLLM's extension)
+    as LLM.generate applies them; a negative frequency penalty makes greedy decoding repeat itself."""
     client = server.client()
     texts = []
-    for kw in ({"frequency_penalty": -2.0}, {"presence_penalty": 1.0, "temperature": 0.8, "seed": 5}):
-        want = reference(llm, PROMPTS[1], max_tokens=16, ignore_eos=True, **kw).outputs[0]
+    for kw, extra in (({"frequency_penalty": -2.0}, {}), ({"presence_penalty": 1.0, "temperature": 0.8, "seed": 5}, {}),
+                      ({}, {"repetition_penalty": 1.7})):
+        want = reference(llm, PROMPTS[1], max_tokens=16, ignore_eos=True, **kw, **extra).outputs[0]
         out = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
-                                        **{"temperature": 0, **kw}, extra_body={"ignore_eos": True})
+                                        **{"temperature": 0, **kw}, extra_body={"ignore_eos": True, **extra})
         assert out.choices[0].text == want.text
         texts.append(want)
     plain = reference(llm, PROMPTS[1], max_tokens=16, ignore_eos=True).outputs[0]
