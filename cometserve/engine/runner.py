@@ -198,12 +198,16 @@ class ModelRunner:
         if st.kv_bits == 16 and max_seqlen_q > 1 and any(starts):
             (meta.kv_slots,) = _to_device(np.int64, dev, _context_slots(chunks, st.page_size))
             (meta.cu_seqlens_k,) = _to_device(np.int32, dev, [0, *itertools.accumulate(ctxs)])
-        for c in chunks:  # the repetition penalty's prompt tokens (such requests prefill their whole prompt)
-            if c.is_prefill and c.sampling_params.repetition_penalty != 1.0:
-                mark_prompt(self._sampler_state(c.request_id, c.sampling_params)[1], c.token_ids)
+        prompt = []  # one pass over the prefill chunks for the options that read the prompt
+        for i, c in enumerate(chunks):
+            p = c.sampling_params
+            if not c.is_prefill or (p.repetition_penalty == 1.0 and p.prompt_logprobs is None):
+                continue
+            if p.repetition_penalty != 1.0:  # its prompt tokens (such requests prefill their whole prompt)
+                mark_prompt(self._sampler_state(c.request_id, p)[1], c.token_ids)
+            if p.prompt_logprobs is not None:
+                prompt.append((c.request_id, cu[i], c.start_pos, c.token_ids, p.prompt_logprobs, c.needs_sample))
         sampled = [i for i, c in enumerate(chunks) if c.needs_sample]
-        prompt = [(c.request_id, cu[i], c.start_pos, c.token_ids, c.sampling_params.prompt_logprobs, c.needs_sample)
-                  for i, c in enumerate(chunks) if c.is_prefill and c.sampling_params.prompt_logprobs is not None]
         return StepInputs(ids_t, pos_t, meta, [cu[i + 1] - 1 for i in sampled], [chunks[i].request_id for i in sampled],
                           prompt)
 

@@ -1,5 +1,5 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, with a per-request seeded generator;
-logit bias and presence / frequency penalties."""
+logit bias and presence / frequency / repetition penalties."""
 
 from __future__ import annotations
 

@@ -366,7 +366,7 @@ class Scheduler:
             raise ValueError(f"runner returned no sample for requests {missing}")
         if self.kv.enable_prefix_caching:  # before any of them finishes and frees its blocks
             self._register(step.chunks, reqs)
-        for r in reqs:  # prompt log-probabilities, from chunks that sample or not
+        for r in reqs if step_output.prompt else ():  # prompt log-probabilities, from chunks that sample or not
             entries = step_output.prompt.get(r.request_id)
             if entries and r.prompt_logprobs is not None and requests.get(r.request_id) is r:
                 n = len(r.prompt_logprobs)

@@ -1,7 +1,8 @@
 """Timing kernels the way a serving step runs them: calls replayed back to back from a CUDA graph,
 each on its own copy of the weights, so neither launch overhead nor an L2-resident weight flatters a
 small kernel, and no L2 flush leaves dirty lines whose write-back the next kernel pays for
-(benchmarks/kernels/NOTES-gemm.md, item 8). Used by the benchmarks and by the GEMM tuner; `run_meta` is what every result file records of its run."""
+(benchmarks/kernels/NOTES-gemm.md, item 8). Used by the benchmarks and by the GEMM tuner. `run_meta`:
+what a result file records of its run."""
 
 from __future__ import annotations
 
