@@ -270,7 +270,10 @@ def _geo(xs):
 def summarize(res) -> str:
     rows = [r for r in res["rows"] if r["int4_fraction"] == 0.84]
     lines = [(f"GPU {res['gpu']}, driver {res['driver']}, torch {res['torch']}, triton {res['triton']}, "
-              f"commit {res['commit']}"), f"command: `{res['command']}`", "",
+              f"commit {res['commit']}"), f"command: `{res['command']}`"]
+    lines += [f"Rows at M {', '.join(map(str, r['M']))} re-timed at commit {r['commit']} on {r['date']} with their "
+              f"peers in that run: `{r['command']}`" for r in res.get("reruns", [])]
+    lines += ["",
              "| bucket | W4Ax vs bf16 (geomean) | W4Ax vs FP8 (geomean) | min vs FP8 |", "|---|---|---|---|"]
     for label, lo, hi in BUCKETS:
         sel = [r for r in rows if lo <= r["M"] <= hi]
@@ -345,6 +348,8 @@ def main() -> None:
     p.add_argument("--diag", action="store_true", help="also print the compiler report per config")
     p.add_argument("--out", default="benchmarks/results", help="folder for gemm.json / md / png")
     p.add_argument("--render", help="only render md + png from this gemm.json")
+    p.add_argument("--ms", help="only re-time these M values (comma-separated), every shape and fraction as "
+                   "usual, and replace their rows in the existing gemm.json (the run is listed under 'reruns')")
     p.add_argument("--act-only", action="store_true",
                    help="only re-time the fused act-quant and replace that part of an existing gemm.json")
     args = p.parse_args()
@@ -357,6 +362,22 @@ def main() -> None:
         res["act"] = {**run_act(MS_ACT, torch.device("cuda")), "commit": env["commit"], "command": env["command"]}
         (out / "gemm.json").write_text(json.dumps(res, indent=1))
         render(res, out / f"{res['date']}-gemm.md", out / "gemm.png")
+        print(summarize(res))
+        return
+    if args.ms:
+        import torch
+
+        res = json.loads((out / "gemm.json").read_text())
+        ms = [int(v) for v in args.ms.split(",")]
+        env = _env(args)
+        assert env["gpu"] == res["gpu"], f"gemm.json is from {res['gpu']}, this GPU is {env['gpu']}"
+        new = run_gemm(list(SHAPES), ms, FRACTIONS, torch.device("cuda"))
+        res["rows"] = [r for r in res["rows"] if r["M"] not in ms] + new
+        res["rows"].sort(key=lambda r: (list(SHAPES).index(r["shape"]), r["M"], -r["int4_fraction"]))
+        res.setdefault("reruns", []).append({"M": ms, "commit": env["commit"], "command": env["command"],
+                                             "date": env["date"]})
+        (out / "gemm.json").write_text(json.dumps(res, indent=1))
+        render(res, out / f"{env['date']}-gemm.md", out / "gemm.png")
         print(summarize(res))
         return
     if args.render:

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cometserve.kernels import gemm_wgmma, pdl, timing
+from cometserve.kernels import gemm_wgmma, gemv_w4ax, pdl, timing
 from cometserve.kernels.weight_layout import HALF, W_TILE, prepare_weights  # noqa: F401 (ops interface)
 from cometserve.scheme import BLOCK_SIZE
 
@@ -240,7 +240,7 @@ class GemmConfig:
     num_stages: int = 4
     prefetch: bool = True  # load block b+1's scales during block b (costs registers)
     n_sub: int = 1  # sub-tiles of block_n sharing one activation tile (1 or 2)
-    backend: str = "triton"  # or "wgmma": the CUDA kernel of gemm_wgmma.py (block_n 128, split_k 1)
+    backend: str = "triton"  # or "wgmma": the CUDA kernel of gemm_wgmma.py (block_n 128); "gemv": gemv_w4ax.py
 
 
 class _State:
@@ -261,10 +261,13 @@ MAX_SEMAPHORES = 1 << 16
 TUNE_ROTATE_BYTES = 128e6
 GRAPH_TUNE_M = 256
 STREAM_M = 64  # above this many rows the wgmma kernel joins the candidates
+USE_GEMV = True  # the CUDA GEMV among the candidates at 1-4 rows (benchmarks switch it off for A/B)
 
 
 def _m_bucket(m: int) -> int:
-    return min(max(16, triton.next_power_of_2(m)), 4096)
+    """Tuned-table bucket: 1, 2, 4 (where the GEMV joins the candidates), then 16, 32, ... 4096."""
+    p = triton.next_power_of_2(m)
+    return p if p <= gemv_w4ax.MAX_M else min(max(16, p), 4096)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -327,6 +330,8 @@ WGMMA_SHAPES = ((128, 4), (64, 6))
 def candidates(m: int, n: int, nb: int, device: torch.device, w_bits: int = 4,
                out_dtype: torch.dtype = torch.bfloat16) -> list[GemmConfig]:
     out = _candidate_list(m, n, nb, device)
+    if USE_GEMV and gemv_w4ax.can_implement(m, n, nb * BLOCK_SIZE, w_bits, out_dtype, device)[0]:
+        out.append(GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, 8, 1, backend="gemv"))
     if m > STREAM_M and gemm_wgmma.can_implement(n, w_bits, out_dtype, device)[0]:
         out += [GemmConfig(128, bm, 1, 8, 12, st, backend="wgmma") for bm, st in WGMMA_SHAPES]
         if m <= GRAPH_TUNE_M:  # K splits where the tiles leave SMs idle (wins at M = 128 on down_proj)
@@ -350,8 +355,11 @@ def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, use_
     m, k_pad = a_codes.shape
     n = y.shape[1]
     nb = k_pad // BLOCK_SIZE
-    if cfg.backend == "wgmma" and not gemm_wgmma.operands_ok(a_codes, bias, y):
+    if (cfg.backend == "wgmma" and not gemm_wgmma.operands_ok(a_codes, bias, y)) or (
+            cfg.backend == "gemv" and not gemv_w4ax.operands_ok(a_codes, bias, y)):
         cfg = _candidate_list(m, n, nb, y.device)[0]
+    if cfg.backend == "gemv":
+        return gemv_w4ax.launch(a_codes, a_scales, qweight, w_scales, bias, y)
     tiles = (n // cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = max(1, min(cfg.split_k, nb))
     if split * m * n >= 2**31:

@@ -1,6 +1,6 @@
 // W4Ax GEMM for many tokens on sm_90a: warp-specialized, persistent, wgmma with the widened INT4
 // weights as the register operand (gemm_wgmma.py has the design notes and the launcher). Needs
-// mma_int4.cuh (typedefs, float_to_half, grid_dep_wait) in the same NVRTC unit.
+// mma_int4.cuh (typedefs, float_to_half, store_out, grid_dep_wait) in the same NVRTC unit.
 //
 // Y[m, n] = sum_b int32(A_b . W_b^T)[m, n] * a_scale[m, b] * w_scale[b, n] / 16 (+ bias[n]): the
 // reference's numerics (kernels/ref.py) in the Triton kernel's order: one fp32 FMA per output and
@@ -105,18 +105,6 @@ struct Tile {  // CTA tile coordinates: GROUP_N weight tiles sweep all token til
     m0 = ((tile % width) / group) * BT;
   }
 };
-
-// OUT: 0 bfloat16, 1 float16, 2 float32 (Y and bias)
-template <int OUT>
-DEV void store_out(u8* p, float v) {
-  if constexpr (OUT == 2) *reinterpret_cast<float*>(p) = v;
-  else *reinterpret_cast<u16*>(p) = float_to_half<OUT == 0>(v);
-}
-template <int OUT>
-DEV float load_bias(const void* bias, int n) {
-  if constexpr (OUT == 2) return reinterpret_cast<const float*>(bias)[n];
-  else return half_to_float<OUT == 0>(reinterpret_cast<const u16*>(bias)[n], 0);
-}
 
 // SPLIT: K split over work units, a separate instance (the fix-up switched off at run time left
 // the unsplit kernel ~10% slower in a recorded run; as an instance it times as before, NOTES item 23)

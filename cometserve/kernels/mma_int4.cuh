@@ -1,5 +1,6 @@
 // Register-level helpers of the INT4-KV attention kernels (paged_decode.cu): 16-bit pair packing,
-// mask-and-or widening, mma.sync m16n8k16, vector loads and cp.async. Self-contained (NVRTC
+// mask-and-or widening, mma.sync m16n8k16, vector loads and cp.async; the 16-bit conversions and
+// output stores are shared with the GEMM kernels (gemm_wgmma.cu, gemv_w4ax.cu). Self-contained (NVRTC
 // compiles it without CUDA headers).
 
 typedef unsigned int u32;
@@ -55,6 +56,18 @@ DEV u16 float_to_half(float x) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
   return h;
 }
+// GEMM outputs (gemm_wgmma.cu, gemv_w4ax.cu), OUT: 0 bfloat16, 1 float16, 2 float32 (Y and bias)
+template <int OUT>
+DEV void store_out(u8* p, float v) {
+  if constexpr (OUT == 2) *reinterpret_cast<float*>(p) = v;
+  else *reinterpret_cast<u16*>(p) = float_to_half<OUT == 0>(v);
+}
+template <int OUT>
+DEV float load_bias(const void* bias, int n) {
+  if constexpr (OUT == 2) return reinterpret_cast<const float*>(bias)[n];
+  else return half_to_float<OUT == 0>(reinterpret_cast<const u16*>(bias)[n], 0);
+}
+
 DEV float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

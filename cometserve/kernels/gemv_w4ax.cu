@@ -1,0 +1,123 @@
+// W4Ax GEMV for decode batches of at most 4 tokens: the weight stream on the CUDA cores (dp4a), no
+// tensor cores, no split-K fix-up. Compiled at run time with NVRTC by gemv_w4ax.py (design and
+// measurements there); mma_int4.cuh (typedefs, 16-bit conversions, store_out, griddepcontrol) is
+// put in front of this file.
+//
+// Y[m, n] = sum_b int32(A_b . W_b^T)[m, n] * a_scale[m, b] * w_scale[b, n] / 16 (+ bias[n]), per
+// block fma(float(block sum), w_scale * a_scale, acc) as the Triton kernel computes it; the blocks
+// are summed in another order (each warp over its own blocks, then the warps in order): within the
+// reference's tolerance, and deterministic.
+//
+// CTA = GV_WARPS warps over 32 weight rows (half of a prepared 64-row tile) and all K. Warp w takes
+// blocks w, w + GV_WARPS, ...: the slab's 2 KB of block b are four fully coalesced 512-byte warp
+// loads, lane l holding bytes 16 l .. of each, i.e. a 16-byte quarter (l % 4) of rows 8 q + l / 4,
+// q = 0..3. Byte j of a row holds channel j (low nibble) and 64 + j (high nibble): masked into the
+// high nibble of an int8 (code * 16, as the Triton kernel's mask widening) they meet the activation
+// codes of channels 16 (l % 4) .. and 64 + 16 (l % 4) .. in dp4a. The four lanes of a row add their
+// int32 sums with two shuffles (exact) before the fold. The next block's weights are in flight while
+// one block is computed; the first block's are requested before the wait for the previous kernel
+// (weights are never written by one). Activation codes and scales are staged in shared memory once.
+
+constexpr int GV_WARPS = 16, GV_ROWS = 32, GV_THREADS = 32 * GV_WARPS, GV_TILE_BYTES = 64 * 64;
+
+DEV int dp4a(u32 a, u32 b, int c) {
+  int d;
+  asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+struct GvBlock {
+  uint4 w[4];  // quarter l % 4 of rows 8 q + l / 4
+  float ws;    // w_scale of row `lane` of the slab
+};
+
+DEV void gv_load(GvBlock& t, const u8* slab, const u16* ws_col, int b, int stride_wsb, int lane) {
+  const uint4* p = reinterpret_cast<const uint4*>(slab + (long long)b * GV_TILE_BYTES) + lane;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) t.w[q] = __ldg(p + 32 * q);
+  t.ws = half_to_float<false>(__ldg(ws_col + (long long)b * stride_wsb), 0);
+}
+
+template <int MT>
+DEV void gv_block(float (&acc)[MT][4], const GvBlock& t, const u8* act, const float* sa, int b, int kpad,
+                  int nb, int lane) {
+  const int part = lane % 4;
+  uint4 alo[MT], ahi[MT];  // channels 16 part .. + 15 and 64 + 16 part .. of block b
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    alo[m] = *reinterpret_cast<const uint4*>(act + m * kpad + b * 128 + 16 * part);
+    ahi[m] = *reinterpret_cast<const uint4*>(act + m * kpad + b * 128 + 64 + 16 * part);
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const u32 w[4] = {t.w[q].x, t.w[q].y, t.w[q].z, t.w[q].w};
+    int s[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const u32 lo_a[4] = {alo[m].x, alo[m].y, alo[m].z, alo[m].w}, hi_a[4] = {ahi[m].x, ahi[m].y, ahi[m].z, ahi[m].w};
+      s[m] = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[m] = dp4a((w[i] << 4) & 0xF0F0F0F0u, lo_a[i], s[m]);
+        s[m] = dp4a(w[i] & 0xF0F0F0F0u, hi_a[i], s[m]);
+      }
+      s[m] += __shfl_xor_sync(0xffffffffu, s[m], 1);  // the row's four quarters: exact int32 sum
+      s[m] += __shfl_xor_sync(0xffffffffu, s[m], 2);
+    }
+    const float ws = __shfl_sync(0xffffffffu, t.ws, 8 * q + lane / 4);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[m][q] = __fmaf_rn((float)s[m], __fmul_rn(ws, sa[m * nb + b]), acc[m][q]);
+  }
+}
+
+// grid (N / 32); rows m >= M of the MT-row instance are zero codes and never stored
+template <int MT, int OUT, bool BIAS>
+__global__ void __launch_bounds__(GV_THREADS) w4ax_gemv(
+    const u8* __restrict__ a_codes, const float* __restrict__ a_scales, const u8* __restrict__ w,
+    const u16* __restrict__ w_scales, const void* __restrict__ bias, u8* __restrict__ y, int M, int NB,
+    int stride_am, int stride_asm, int stride_wsb, int stride_ym) {
+  extern __shared__ __align__(16) u8 act[];  // activation codes [MT][K_pad], then scales fp32 [MT][NB]
+  __shared__ float red[GV_WARPS][MT][GV_ROWS];
+  constexpr int OSZ = OUT == 2 ? 4 : 2;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kpad = NB * 128;
+  const int n0 = blockIdx.x * GV_ROWS;
+  const u8* slab = w + (long long)(n0 / 64) * NB * GV_TILE_BYTES + (n0 % 64) * 64;
+  const u16* ws_col = w_scales + n0 + lane;
+  GvBlock cur, nxt;
+  if (warp < NB) gv_load(cur, slab, ws_col, warp, stride_wsb, lane);
+  grid_dep_wait();  // the activations and Y are shared with earlier kernels
+  float* sa = reinterpret_cast<float*>(act + MT * kpad);
+  for (int i = 16 * tid; i < MT * kpad; i += 16 * GV_THREADS) {
+    const int m = i / kpad, k = i % kpad;
+    *reinterpret_cast<uint4*>(act + i) =
+        m < M ? *reinterpret_cast<const uint4*>(a_codes + (long long)m * stride_am + k) : uint4{0u, 0u, 0u, 0u};
+  }
+  for (int i = tid; i < MT * NB; i += GV_THREADS) sa[i] = i / NB < M ? a_scales[(long long)(i / NB) * stride_asm + i % NB] : 0.0f;
+  __syncthreads();
+  float acc[MT][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[m][q] = 0.0f;
+  for (int b = warp; b < NB; b += GV_WARPS) {
+    if (b + GV_WARPS < NB) gv_load(nxt, slab, ws_col, b + GV_WARPS, stride_wsb, lane);
+    gv_block<MT>(acc, cur, act, sa, b, kpad, NB, lane);
+    cur = nxt;
+  }
+  grid_dep_launch();  // after the main loop, as the Triton kernel (earlier measured no better)
+  if (lane % 4 == 0)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) red[warp][m][8 * q + lane / 4] = acc[m][q];
+  __syncthreads();
+  if (tid < MT * GV_ROWS) {
+    const int m = tid / GV_ROWS, r = tid % GV_ROWS;
+    float v = red[0][m][r];
+#pragma unroll
+    for (int i = 1; i < GV_WARPS; ++i) v = __fadd_rn(v, red[i][m][r]);
+    v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
+    if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, n0 + r));
+    if (m < M) store_out<OUT>(y + ((long long)m * stride_ym + n0 + r) * OSZ, v);
+  }
+}

@@ -1,0 +1,85 @@
+"""W4Ax GEMV for decode batches of 1-4 tokens: a CUDA kernel (gemv_w4ax.cu, NVRTC on first use), one
+of the tuner's candidates in gemm_w4ax.py at those M.
+
+Why: at M = 1 the Triton kernel pads the tokens to a 16-row MMA tile, splits K over 2-6 waves of CTAs
+and sums the fp32 partials in the last CTA of each tile; on the H200 the four Llama-3-8B matrices took
+7-22 us each, 5-10 us over their byte floor (NOTES-gemm.md item 24). Here the weights stream through
+the CUDA cores (dp4a on the mask-widened nibbles), each CTA owns 32 weight rows over all of K, its
+warps take interleaved blocks with the next block's loads in flight, and the warps' partial sums meet
+in shared memory in a fixed order: one launch, no partial buffers or semaphores, deterministic.
+
+Same operands as the other two kernels (prepare_weights' tiled INT4 layout, int8 activation codes,
+fp32 activation scales, fp16 weight scales [nb or 1, N]); per block the same fp32 FMA as the Triton
+kernel, the blocks summed in another order (the reference's tolerance; integer-exact with unit
+scales, as tested).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from cometserve.kernels import cuda_launch, pdl
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = (os.path.join(_HERE, "mma_int4.cuh"), os.path.join(_HERE, "gemv_w4ax.cu"))
+MAX_M = 4
+ROWS = 32  # weight rows per CTA
+THREADS = 512  # gemv_w4ax.cu's GV_WARPS warps
+SMEM_MAX = 160 * 1024  # staged activations (K_pad 28672 at 4 tokens: 116 KB); the opt-in limit is 227 KB
+_OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def smem_bytes(m: int, k_pad: int) -> int:
+    """The staged activation codes and scales of an instance for up to `m` tokens."""
+    mt = 1 << (m - 1).bit_length()
+    return mt * k_pad + mt * (k_pad // 128) * 4
+
+
+@functools.cache
+def _device_ok(device_index: int) -> tuple[bool, str]:
+    if not cuda_launch.available():
+        return False, "torch.cuda._compile_kernel (NVRTC) missing in this PyTorch"
+    if torch.cuda.get_device_capability(device_index) < (8, 0):
+        return False, "needs sm_80 or newer"
+    return True, ""
+
+
+def can_implement(m: int, n: int, k_pad: int, w_bits: int, out_dtype: torch.dtype,
+                  device: torch.device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"needs a CUDA device, got {device.type}"
+    if not 1 <= m <= MAX_M:
+        return False, f"M={m}: the GEMV takes 1 to {MAX_M} tokens"
+    if w_bits != 4:
+        return False, f"INT4 weights only, got {w_bits} bits"
+    if n % 64:
+        return False, f"N={n} is not a multiple of the 64-row weight tile"
+    if out_dtype not in _OUT:
+        return False, f"output dtype {out_dtype}"
+    if smem_bytes(m, k_pad) > SMEM_MAX:
+        return False, f"K_pad={k_pad}: {smem_bytes(m, k_pad)} B of staged activations exceed shared memory"
+    return _device_ok(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def operands_ok(a_codes: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
+    """Per-call checks: 16-byte activation rows, the bias in Y's dtype, at most MAX_M rows."""
+    return (a_codes.shape[0] <= MAX_M and a_codes.data_ptr() % 16 == 0 and a_codes.stride(0) % 16 == 0
+            and (bias is None or bias.dtype == y.dtype))
+
+
+def launch(a_codes, a_scales, qweight, w_scales, bias, y) -> None:
+    """Y = W4Ax(a_codes, a_scales, prepared qweight / w_scales) (+ bias) into y [M, N], M <= MAX_M."""
+    m, k_pad = a_codes.shape
+    mt = 1 << (m - 1).bit_length()
+    smem = smem_bytes(m, k_pad)
+    name = f"w4ax_gemv<{mt}, {_OUT[y.dtype]}, {'true' if bias is not None else 'false'}>"
+    k = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX if smem > 48 * 1024 else 0)  # one compile per instance
+    cuda_launch.launch(k, (y.shape[1] // ROWS, 1, 1), THREADS,
+                       [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y,
+                        m, k_pad // 128, a_codes.stride(0), a_scales.stride(0),
+                        w_scales.stride(0) if w_scales.shape[0] > 1 else 0, y.stride(0)],
+                       pdl.launch_kwargs(y)["PDL"], smem)
