@@ -77,7 +77,7 @@ def launch(a_codes, a_scales, qweight, w_scales, bias, y) -> None:
     mt = 1 << (m - 1).bit_length()
     smem = smem_bytes(m, k_pad)
     name = f"w4ax_gemv<{mt}, {_OUT[y.dtype]}, {'true' if bias is not None else 'false'}>"
-    k = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX if smem > 48 * 1024 else 0)  # one compile per instance
+    k = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX)  # opt-in always: the static reduction buffer adds to it
     cuda_launch.launch(k, (y.shape[1] // ROWS, 1, 1), THREADS,
                        [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y,
                         m, k_pad // 128, a_codes.stride(0), a_scales.stride(0),
