@@ -331,7 +331,7 @@ def candidates(m: int, n: int, nb: int, device: torch.device, w_bits: int = 4,
                out_dtype: torch.dtype = torch.bfloat16) -> list[GemmConfig]:
     out = _candidate_list(m, n, nb, device)
     if USE_GEMV and gemv_w4ax.can_implement(m, n, nb * BLOCK_SIZE, w_bits, out_dtype, device)[0]:
-        out.append(GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, 8, 1, backend="gemv"))
+        out.append(GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, gemv_w4ax.THREADS // 32, 1, backend="gemv"))
     if m > STREAM_M and gemm_wgmma.can_implement(n, w_bits, out_dtype, device)[0]:
         out += [GemmConfig(128, bm, 1, 8, 12, st, backend="wgmma") for bm, st in WGMMA_SHAPES]
         if m <= GRAPH_TUNE_M:  # K splits where the tiles leave SMs idle (wins at M = 128 on down_proj)

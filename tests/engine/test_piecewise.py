@@ -108,3 +108,38 @@ def test_engine_with_pieces_generates_like_eager(mode, tmp_path):
         assert len(tops) == 16 and all(len(t) == 4 for t in tops)
         for token, lp, top in zip(tokens, lps, tops):
             assert lp == pytest.approx(top[0][1], abs=1e-5) and token in [t for t, v in top if v == top[0][1]]
+
+
+@pytest.mark.gpu
+def test_prompt_reading_options_on_cuda(tmp_path):
+    """min_p, repetition_penalty and prompt_logprobs on CUDA (prompt rows through the LM head on the
+    device, prompt tokens marked per prefill chunk, pinned copies), prompts chunked over several
+    steps: the same tokens and prompt log-probabilities with and without the pieces; each prompt
+    position's log-probability is at most the best alternative's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    loaded = _small_random_model("w4axkv4", tmp_path)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (150, 7, 90)]
+    base = {"max_tokens": 12, "ignore_eos": True}
+    params = [SamplingParams(**base, prompt_logprobs=3), SamplingParams(**base, repetition_penalty=1.5),
+              SamplingParams(**base, min_p=0.2, temperature=1.0, seed=5)]
+    outs = []
+    for pieces in (0, 2048):
+        engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
+            max_num_seqs=8, num_pages=64, max_num_batched_tokens=96, max_piecewise_tokens=pieces))
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params[i])
+        got: dict[str, list] = {str(i): [[], None] for i in range(len(prompts))}
+        while engine.has_unfinished():
+            for d in engine.step():
+                got[d.request_id][0] += d.new_token_ids
+                got[d.request_id][1] = d.prompt_logprobs if d.prompt_logprobs is not None else got[d.request_id][1]
+        outs.append(got)
+        del engine
+    assert outs[0] == outs[1]
+    plps = outs[1]["0"][1]
+    assert len(plps) == 150 and plps[0] is None
+    for lp, alts in plps[1:]:
+        assert len(alts) == 3 and lp <= alts[0][1] + 1e-5 and all(v <= 0 for _, v in alts)
+    assert all(len(v[0]) == 12 for v in outs[1].values())

@@ -260,7 +260,7 @@ def test_gpu_gemv_kernel(m):
 
     if not gemv_w4ax.can_implement(m, 384, 1152, 4, torch.bfloat16, torch.device("cuda"))[0]:
         pytest.skip("needs NVRTC and sm_80+")
-    cfg = (32, 4, 1, 1, 8, 1, True, 1, "gemv")
+    cfg = (32, 4, 1, 1, 16, 1, True, 1, "gemv")
     for i, (dt, bias) in enumerate((("bf16", True), ("fp16", False), ("fp32", True))):
         res = check_case(m, 384, 1152, 4, 0.16 * i, DTYPES[dt], bias, "cuda", cfg=cfg)
         assert res["finite"] and res["max_excess"] <= 0, (dt, res)
