@@ -21,6 +21,8 @@ weights stay 4-bit in memory and are widened in registers right before INT8 `tl.
   A weight tile is therefore split into N_SUB sub-tiles that share one activation tile.
 - Above STREAM_M rows the tuner also times a warp-specialized CUDA kernel (gemm_wgmma.py) that
   overlaps one warpgroup's MMAs with another's per-block scaling, which Triton will not do.
+- At 1-4 tokens the tuner also times a CUDA GEMV (gemv_w4ax.py: dp4a on the CUDA cores, no 16-row
+  MMA padding, no split-K partials), the batch-1 decode's choice on every benchmark shape.
 - Small M (decode) is a weight stream: split-K over the 128-channel blocks fills all SMs; each split
   writes an fp32 partial, the last split of a tile (counted on a semaphore) sums the partials in
   split order (deterministic), adds the bias, stores Y and resets the semaphore: ONE launch, no
