@@ -132,26 +132,30 @@ class LLMEngine:
 
     def warm_up(self) -> None:
         """Run the step shapes serving meets (a full prefill chunk, a prefill continuing over its
-        cached prefix beside a fresh one, decodes; on CUDA also one prefill per GEMM tuning bucket,
-        with a row count that is and one that is not a multiple of 16, the two integer
-        specializations Triton compiles), so that kernel compilation and tuning happen here and not
-        in a user's step (measured on the H100: 1.9 s and, for a 600-1000-row step, 1.2 s stalls).
+        cached prefix beside a fresh one, decodes; on CUDA also decodes of 1, 2 and 4 sequences and
+        one prefill per GEMM tuning bucket, with a row count that is and one that is not a multiple
+        of 16, the two integer specializations Triton compiles), so that kernel compilation and
+        tuning happen here and not in a user's step (measured on the H100: 1.9 s and, for a
+        600-1000-row step, 1.2 s stalls).
         Ordinary requests and steps (a tensor-parallel driver steps its workers as usual); leaves
         the engine empty."""
         vocab, page = self.model.config.vocab_size, self.storage.page_size
         fits = min(self.max_model_len - 4, self.storage.num_pages * page // 2)
         long = min(self.config.max_num_batched_tokens + 64, fits)
         g = torch.Generator().manual_seed(0)
-        rounds = [(long, 16)]
+        rounds = [((long, 16), 4)]  # (prompt lengths, max_tokens)
         if self.runner.device.type == "cuda":
+            # decodes of 1, 2 and 4 sequences: the GEMM's buckets below 16 rows, tuned here also when
+            # the decode graphs (whose capture tunes them) are off
+            rounds += [((16,) * k, 3) for k in (1, 2, 4) if k <= self.config.max_num_seqs]
             cap, b = min(self.config.max_num_batched_tokens, fits), 32
             while b // 2 < cap:  # rows b/2+1 .. b share a bucket (kernels/gemm_w4ax._m_bucket)
-                rounds += [(n,) for n in (min(b, cap) - 1, min(b, cap) - 16) if n > b // 2]
+                rounds += [((n,), 1) for n in (min(b, cap) - 1, min(b, cap) - 16) if n > b // 2]
                 b *= 2
-        for i, lengths in enumerate(rounds):
+        for i, (lengths, max_tokens) in enumerate(rounds):
             for j, n in enumerate(lengths):
                 self.add_request(f"__warm_up_{i}_{j}", torch.randint(0, vocab, (n,), generator=g).tolist(),
-                                 SamplingParams(max_tokens=4 if i == 0 else 1, ignore_eos=True))
+                                 SamplingParams(max_tokens=max_tokens, ignore_eos=True))
             while self.has_unfinished():
                 self.step()
 
