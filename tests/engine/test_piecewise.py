@@ -143,3 +143,20 @@ def test_prompt_reading_options_on_cuda(tmp_path):
     for lp, alts in plps[1:]:
         assert len(alts) == 3 and lp <= alts[0][1] + 1e-5 and all(v <= 0 for _, v in alts)
     assert all(len(v[0]) == 12 for v in outs[1].values())
+
+
+@pytest.mark.gpu
+def test_warm_up_tunes_the_small_decode_buckets_without_graphs(tmp_path):
+    """Without decode graphs (whose capture tunes their batch sizes) warm_up still tunes the GEMM's
+    buckets of 1, 2 and 4 rows, so no served decode step stalls on tuning."""
+    from cometserve.kernels import gemm_w4ax
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    loaded = _small_random_model("w4axkv4", tmp_path)
+    engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
+        max_num_seqs=8, num_pages=64, max_num_batched_tokens=96, use_cuda_graphs=False))
+    gemm_w4ax._STATE.tuned.clear()
+    engine.warm_up()
+    buckets = {key[1] for key in gemm_w4ax._STATE.tuned}
+    assert {1, 2, 4} <= buckets, buckets
