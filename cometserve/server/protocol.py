@@ -132,7 +132,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool"}
 
 def check_unsupported(req: _Common) -> None:
     """OpenAI parameters this server does not implement: refused by name instead of ignored."""
-    refuse = [("echo", req.echo and req.stream, "with 'stream'"), ("suffix", req.suffix is not None, ""),
+    refuse = [("suffix", req.suffix is not None, ""),
               ("best_of", req.best_of is not None and req.best_of != req.n, "other than n")
               ] if isinstance(req, CompletionRequest) else []
     for name, used, how in refuse:

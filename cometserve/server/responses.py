@@ -48,6 +48,7 @@ class CompletionFormat:
                  echo: list[tuple[list[int], str]] | None = None) -> None:
         self.model, self.tokenizer, self.want_logprobs, self.n, self.top = model, tokenizer, logprobs, n, top
         self.echo = echo
+        self._echoed: set[int] = set()  # streamed choices whose prompt went out (in their first chunk)
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -76,22 +77,32 @@ class CompletionFormat:
         body["usage"] = usage(num_prompt_tokens, choices, self.n)
         return body
 
+    def _with_prompt(self, index: int, prompt_logprobs, text: str, ids: list[int], lps: list, tops: list):
+        """Echo: the prompt's text, tokens and log-probabilities (None where there are none) first."""
+        p_ids, p_text = self.echo[index // self.n]
+        entries = prompt_logprobs or [None] * len(p_ids)
+        return (p_text + text, p_ids + ids, [e and e[0] for e in entries] + lps,
+                [e and e[1] for e in entries] + tops)
+
     def choice(self, index: int, c: Choice) -> dict:
         text, ids, lps, tops = c.text, c.token_ids, c.logprobs, c.top_logprobs
         if self.echo is not None:
-            p_ids, p_text = self.echo[index // self.n]
-            entries = c.prompt_logprobs or [None] * len(p_ids)
-            text, ids = p_text + text, p_ids + ids
-            lps = [e and e[0] for e in entries] + lps
-            tops = [e and e[1] for e in entries] + tops
+            text, ids, lps, tops = self._with_prompt(index, c.prompt_logprobs, text, ids, lps, tops)
         return {"index": index, "text": text, "logprobs": self.logprobs(ids, lps, tops),
                 "finish_reason": c.finish_reason}
 
     def chunk(self, index: int, c: Choice, delta) -> dict:
-        """One engine delta of choice `index`; `c` is the choice so far, before this delta."""
+        """One engine delta of choice `index`; `c` is the choice so far, before this delta. With echo
+        the choice's first chunk starts with its prompt (text offsets then count from the prompt)."""
         body = self._head(self.chunk_object)
         text, ids, finish_reason = delta.text_delta, delta.new_token_ids, delta.finish_reason
-        lp = self.logprobs(ids, delta.logprobs or [], delta.top_logprobs or [], len(c.text)) if ids else None
+        lps, tops, offset = delta.logprobs or [], delta.top_logprobs or [], len(c.text)
+        if self.echo is not None and index not in self._echoed:
+            self._echoed.add(index)
+            text, ids, lps, tops = self._with_prompt(index, delta.prompt_logprobs, text, ids, lps, tops)
+        elif self.echo is not None:
+            offset += len(self.echo[index // self.n][1])
+        lp = self.logprobs(ids, lps, tops, offset) if ids else None
         body["choices"] = [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}]
         return body
 

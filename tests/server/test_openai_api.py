@@ -163,6 +163,26 @@ def test_echo_returns_prompt_logprobs_like_generate(server, llm):
         assert greedy == [e[1][0][1] == e[0] for e in want.prompt_logprobs[ctx:]]
 
 
+def test_echo_streamed_equals_echo_whole(server):
+    """echo with stream: each choice's first chunk starts with its prompt (text, tokens, prompt
+    log-probabilities); the chunks joined equal the whole response, text offsets included; n = 2."""
+    client = server.client()
+    kw = {"model": MODEL, "prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 5, "temperature": 0, "echo": True,
+          "logprobs": 2, "n": 2}
+    whole = sorted(client.completions.create(**kw).choices, key=lambda c: c.index)
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert len(whole) == 4
+    for c in whole:
+        mine = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == c.index]
+        assert mine[0].text.startswith(PROMPTS[c.index // 2]) and mine[0].logprobs.token_logprobs[0] is None
+        assert "".join(ch.text for ch in mine) == c.text
+        lps = [ch.logprobs for ch in mine if ch.logprobs is not None]
+        assert [t for lp in lps for t in lp.tokens] == c.logprobs.tokens
+        assert [o for lp in lps for o in lp.text_offset] == c.logprobs.text_offset
+        assert [v for lp in lps for v in lp.token_logprobs] == pytest.approx(c.logprobs.token_logprobs, abs=1e-6)
+        assert mine[-1].finish_reason == c.finish_reason
+
+
 def test_chat_stream_equals_generate(server, llm):
     want = reference(llm, CHAT, chat=True)
     chunks = list(server.client().chat.completions.create(
