@@ -31,6 +31,18 @@ def graph_sizes(max_tokens: int) -> list[int]:
     return [s for s in sizes if s < max_tokens] + [max_tokens]
 
 
+def capture_or_clear(capture, *captured: dict) -> str | None:
+    """Run `capture` (a graph class's capture of all its sizes); on any failure empty what it filled
+    and return the error, so the caller runs eagerly (shared by the decode and piecewise graphs)."""
+    try:
+        capture()
+    except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+        for d in captured:
+            d.clear()
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 class PiecewiseGraphs:
     """Capture failure is not fatal: `ok` stays False and steps run eagerly (`error` says why)."""
 
@@ -48,13 +60,7 @@ class PiecewiseGraphs:
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         self.calls: list[tuple[float, object]] = []  # each layer's (scale, rotary), as its attend() passed them
-        self.error: str | None = None
-        try:
-            self._capture_all()
-        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
-            self.graphs.clear()
-            self.hidden.clear()
-            self.error = f"{type(e).__name__}: {e}"
+        self.error = capture_or_clear(self._capture_all, self.graphs, self.hidden)
 
     @property
     def ok(self) -> bool:

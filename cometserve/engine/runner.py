@@ -27,7 +27,7 @@ import torch
 from cometserve.engine.attention import AttentionMetadata, Bf16Attention, Int4Attention, StepCache
 from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutput
 from cometserve.engine.kv_storage import KVStorage
-from cometserve.engine.piecewise import PiecewiseGraphs
+from cometserve.engine.piecewise import PiecewiseGraphs, capture_or_clear
 from cometserve.engine.prompt_logprobs import PromptLogprobs
 from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample_tensor
 
@@ -387,13 +387,7 @@ class DecodeGraphs:
         self.logits = torch.empty(n, runner.model.config.vocab_size, dtype=torch.float32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.error: str | None = None
-        try:
-            self._capture_all()
-        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
-            self.graphs.clear()
-            self.outputs.clear()
-            self.error = f"{type(e).__name__}: {e}"
+        self.error = capture_or_clear(self._capture_all, self.graphs, self.outputs)
 
     def _view(self, bs: int) -> AttentionMetadata:
         m = self.meta

@@ -32,9 +32,14 @@ SMEM_MAX = 160 * 1024  # staged activations (K_pad 28672 at 4 tokens: 116 KB); t
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
+def _instance_rows(m: int) -> int:
+    """The kernel instance (1, 2 or 4 rows) that runs m tokens."""
+    return 1 << (m - 1).bit_length()
+
+
 def smem_bytes(m: int, k_pad: int) -> int:
-    """The staged activation codes and scales of an instance for up to `m` tokens."""
-    mt = 1 << (m - 1).bit_length()
+    """The staged activation codes and scales of the instance for `m` tokens."""
+    mt = _instance_rows(m)
     return mt * k_pad + mt * (k_pad // 128) * 4
 
 
@@ -74,9 +79,8 @@ def operands_ok(a_codes: torch.Tensor, bias: torch.Tensor | None, y: torch.Tenso
 def launch(a_codes, a_scales, qweight, w_scales, bias, y) -> None:
     """Y = W4Ax(a_codes, a_scales, prepared qweight / w_scales) (+ bias) into y [M, N], M <= MAX_M."""
     m, k_pad = a_codes.shape
-    mt = 1 << (m - 1).bit_length()
     smem = smem_bytes(m, k_pad)
-    name = f"w4ax_gemv<{mt}, {_OUT[y.dtype]}, {'true' if bias is not None else 'false'}>"
+    name = f"w4ax_gemv<{_instance_rows(m)}, {_OUT[y.dtype]}, {'true' if bias is not None else 'false'}>"
     k = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX)  # opt-in always: the static reduction buffer adds to it
     cuda_launch.launch(k, (y.shape[1] // ROWS, 1, 1), THREADS,
                        [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y,

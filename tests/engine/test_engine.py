@@ -140,14 +140,20 @@ def test_greedy_equals_reference_w4axkv4(tiny_w4axkv4):
     assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
 
 
-def test_chunked_prefill_and_preemption_16bit(tiny16):
-    batch = prompts()
-    engine = make_engine(tiny16, page_size=16, num_pages=14, max_num_batched_tokens=24)
+def run_preempted_like_reference(loaded, batch, params) -> dict:
+    """Run `batch` on a cache sized to force preemption (and chunked prefill); the tokens must equal
+    the one-sequence reference's. Returns run()'s outputs."""
+    engine = make_engine(loaded, page_size=16, num_pages=14, max_num_batched_tokens=24)
     preempted = count_preemptions(engine)
-    got = run(engine, batch, GREEDY)
+    got = run(engine, batch, params)
     assert preempted, "the cache is sized to force preemption"
-    want = reference(tiny16, batch, GREEDY)
+    want = reference(loaded, batch, params)
     assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
+    return got
+
+
+def test_chunked_prefill_and_preemption_16bit(tiny16):
+    run_preempted_like_reference(tiny16, prompts(), GREEDY)
 
 
 @pytest.mark.parametrize("kv", ["16bit", "w4axkv4"])
@@ -287,12 +293,7 @@ def test_penalties_equal_reference_through_preemption(tiny16):
     params += [SamplingParams(max_tokens=16, ignore_eos=True, presence_penalty=1.5, temperature=0.8, seed=i)
                if i % 2 else SamplingParams(max_tokens=16, ignore_eos=True, frequency_penalty=-1.0)
                for i in range(1, len(batch))]
-    engine = make_engine(tiny16, page_size=16, num_pages=14, max_num_batched_tokens=24)
-    preempted = count_preemptions(engine)
-    got = run(engine, batch, params)
-    assert preempted, "the cache is sized to force preemption"
-    want = reference(tiny16, batch, params)
-    assert {i: g[0] for i, g in got.items()} == {i: w[0] for i, w in want.items()}
+    got = run_preempted_like_reference(tiny16, batch, params)
     plain = reference(tiny16, batch[:1], GREEDY)[0][0]
     assert len(set(got[0][0])) == 16 and len(set(plain)) < 16  # the penalty is what changed it
     with pytest.raises(ValueError, match="frequency_penalty"):
