@@ -42,6 +42,7 @@ SMEM_LIMIT = 48 * 1024  # static shared memory per CTA: the warps' rings, or the
 # loads (latency-bound: fewer steps per warp), larger ones 2 warps with a 2-stage ring.
 DECODE_CUDA_CONFIG = {"num_warps": None, "stages": None, "min_tiles_per_warp": 1}
 SMALL_TILES = 4096
+WINDOW_TILE = 16  # paged_decode.cu's WINDOW_TILE
 
 
 def _kernel(name: str):
@@ -108,8 +109,8 @@ def decode(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor, con
         return out
     if max_context_len is None:
         max_context_len = int(context_lens.max())
-    tt = min(g, 64)  # tokens per warp tile
-    max_tiles = max(1, -(-max_context_len // tt))
+    tt = min(g, 64)  # tokens per quantized tile; the 16-bit window (< g tokens) in WINDOW_TILE chunks
+    max_tiles = max(1, max_context_len // g * (g // tt) + -(-min(g - 1, max_context_len) // WINDOW_TILE))
     nw, stages = _shape(cfg, b * h * max_tiles, rep, d, tt)
     bf16 = "true" if q.dtype == torch.bfloat16 else "false"
     name = f"paged_decode_int4<{d}, {g}, {p}, {rep}, {nw}, {bf16}, {stages}>"
@@ -127,7 +128,7 @@ def decode(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor, con
     scale_bits = struct.unpack("<i", struct.pack("<f", scale * LOG2E))[0]
     _launch(name, (splits, h, b), nw * 32,
             [q, *cache.tensors(), block_tables, context_lens, seq_slots, out, part_o, part_ml,
-             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), h, tps, splits,
+             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), h, splits,
              scale_bits], use_pdl)
     if splits > 1:
         _launch(f"merge_splits<{d}, {bf16}>", (b * hq, 1, 1), d,

@@ -219,7 +219,7 @@ DEV void window_tile(State<D, (REP > 8 ? 2 : 1)>& st, const u16* __restrict__ q_
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.f;
-    __syncwarp();  // keeps the compiler from hoisting every row's loads (registers of the main path)
+    if constexpr (NT > 2) __syncwarp();  // keeps the compiler from hoisting every row's loads (registers)
     const int t = w0 + 8 * j + gq;
     u32 kw[2][CH / 2];
 #pragma unroll
@@ -251,7 +251,7 @@ DEV void window_tile(State<D, (REP > 8 ? 2 : 1)>& st, const u16* __restrict__ q_
   // channels r*HALF + gq*VB + k of n-tile (r, k), rows 2l, 2l+1, 2l+8, 2l+9
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
-    __syncwarp();
+    if constexpr (KS > 1) __syncwarp();
     u32 vw[4][2][VB / 2];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -274,6 +274,8 @@ DEV void window_tile(State<D, (REP > 8 ? 2 : 1)>& st, const u16* __restrict__ q_
       }
   }
 }
+
+constexpr int WINDOW_TILE = 16;  // tokens per window chunk (decode_cuda.py counts tiles with it)
 
 // Copies quantized tile `t` (codes, then k_scale, k_zero, v_scale, v_zero) into a ring stage.
 template <int D, int G, int P, int TT>
@@ -301,8 +303,12 @@ DEV void issue_tile(u8* stage, int page, int t, int h, int H, const u8* __restri
   }
 }
 
-// Grid (splits, Hkv, B), NW warps. Split s covers tiles [s * tiles_per_split, ...) of its sequence:
-// ctx // G full groups as G / TT quantized tiles each, then the window in chunks of TT.
+// Grid (splits, Hkv, B), NW warps. Each sequence spreads its own tiles over the splits, whole rounds
+// of the warps per split (a CUDA graph sizes the grid for the longest context the model takes: a
+// short sequence is spread over the splits too, not crowded into the first ones). Tiles:
+// ctx // G full groups as G / TT quantized tiles each, then the 16-bit window in chunks of WT tokens
+// (a small chunk loads its rows at once and spreads the window over warps: the window's loads had
+// been one round trip per 8 rows, 3.5 us of a 9.4 us batch-1 call at context 552).
 // STAGES > 0: each warp streams its quantized tiles through a STAGES-deep cp.async ring in shared
 // memory (loads of the next tiles overlap this tile's math); 0: straight from global memory.
 // num_splits == 1: writes out, else unnormalized partials for merge_splits.
@@ -313,9 +319,9 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_int4(
     const u16* __restrict__ v_zeros, const u16* __restrict__ k_window, const u16* __restrict__ v_window,
     const int* __restrict__ block_tables, const int* __restrict__ context_lens, const int* __restrict__ seq_slots,
     u16* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml, int stride_qb, int stride_qh, int stride_ob, int stride_oh, int stride_bt, int num_kv_heads,
-    int tiles_per_split, int num_splits, int scale_bits) {
+    int num_splits, int scale_bits) {
   constexpr int NR = REP > 8 ? 2 : 1, HALF = D / 2, CH = D / 8, NWD = CH / 4, KST = D / 16;
-  constexpr int TT = G < 64 ? G : 64, TPG = G / TT, STAGE = TT * D + 8 * D;
+  constexpr int TT = G < 64 ? G : 64, TPG = G / TT, STAGE = TT * D + 8 * D, WT = WINDOW_TILE;
   constexpr int RING = NW * STAGES * STAGE, MERGE = NW * REP * (D + 2) * 4;
   static_assert(REP <= 16 && TT % 16 == 0 && P % G == 0, "unsupported shape");
   __shared__ __align__(16) u8 smem[RING > MERGE ? RING : MERGE];
@@ -326,8 +332,9 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_int4(
   grid_dep_launch();
   const int ctx = context_lens[b];
   const int n_groups = ctx / G, n_win = ctx - n_groups * G, n_qt = n_groups * TPG;
-  const int n_tiles = n_qt + (n_win + TT - 1) / TT;
-  const int t_begin = split * tiles_per_split, t_end = min(t_begin + tiles_per_split, n_tiles);
+  const int n_tiles = n_qt + (n_win + WT - 1) / WT;
+  const int tps = (n_tiles + num_splits * NW - 1) / (num_splits * NW) * NW;  // tiles per split
+  const int t_begin = split * tps, t_end = min(t_begin + tps, n_tiles);
   const u16* q_row0 = q + (u64)b * stride_qb + (u64)h * REP * stride_qh;
 
   State<D, NR> st;
@@ -387,7 +394,7 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_int4(
   }
   for (int t = first + n_mine * NW; t < t_end; t += NW) {  // window chunks (t >= n_qt)
     const u64 wbase = (u64)(seq_slots[b] * H + h) * G * D;
-    window_tile<D, REP, TT, BF16>(st, q_row0, stride_qh, k_window + wbase, v_window + wbase, (t - n_qt) * TT,
+    window_tile<D, REP, WT, BF16>(st, q_row0, stride_qh, k_window + wbase, v_window + wbase, (t - n_qt) * WT,
                                   n_win, sm_scale, gq, l);
   }
   // ---- merge the warps (shared memory, once), then store ----
