@@ -42,7 +42,6 @@ SMEM_LIMIT = 48 * 1024  # static shared memory per CTA: the warps' rings, or the
 # loads (latency-bound: fewer steps per warp), larger ones 2 warps with a 2-stage ring.
 DECODE_CUDA_CONFIG = {"num_warps": None, "stages": None, "min_tiles_per_warp": 1}
 SMALL_TILES = 4096
-WINDOW_TILE = 16  # paged_decode.cu's WINDOW_TILE
 
 
 def _kernel(name: str):
@@ -109,8 +108,10 @@ def decode(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor, con
         return out
     if max_context_len is None:
         max_context_len = int(context_lens.max())
-    tt = min(g, 64)  # tokens per quantized tile; the 16-bit window (< g tokens) in WINDOW_TILE chunks
-    max_tiles = max(1, max_context_len // g * (g // tt) + -(-min(g - 1, max_context_len) // WINDOW_TILE))
+    tt = min(g, 64)  # tokens per quantized tile
+    # sizes the grid only: the kernel spreads each sequence's own tiles (its window in 16-token chunks)
+    # over the splits, so every tile is covered whatever this count
+    max_tiles = max(1, -(-max_context_len // tt))
     nw, stages = _shape(cfg, b * h * max_tiles, rep, d, tt)
     bf16 = "true" if q.dtype == torch.bfloat16 else "false"
     name = f"paged_decode_int4<{d}, {g}, {p}, {rep}, {nw}, {bf16}, {stages}>"

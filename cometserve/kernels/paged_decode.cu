@@ -275,7 +275,7 @@ DEV void window_tile(State<D, (REP > 8 ? 2 : 1)>& st, const u16* __restrict__ q_
   }
 }
 
-constexpr int WINDOW_TILE = 16;  // tokens per window chunk (decode_cuda.py counts tiles with it)
+constexpr int WINDOW_TILE = 16;  // tokens per window chunk
 
 // Copies quantized tile `t` (codes, then k_scale, k_zero, v_scale, v_zero) into a ring stage.
 template <int D, int G, int P, int TT>
