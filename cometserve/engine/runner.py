@@ -201,7 +201,7 @@ class ModelRunner:
         prompt = []  # one pass over the prefill chunks for the options that read the prompt
         for i, c in enumerate(chunks):
             p = c.sampling_params
-            if not c.is_prefill or (p.repetition_penalty == 1.0 and p.prompt_logprobs is None):
+            if not c.is_prefill or not p.whole_prompt:
                 continue
             if p.repetition_penalty != 1.0:  # its prompt tokens (such requests prefill their whole prompt)
                 mark_prompt(self._sampler_state(c.request_id, p)[1], c.token_ids)
