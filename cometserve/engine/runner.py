@@ -364,8 +364,14 @@ class DecodeGraphs:
     batch are 1-token decodes of a dummy sequence (dummy page, dummy window slot, context 1), so
     padding never touches a live sequence. The grid-shaping host values are fixed at capture:
     max_seqlen_q = 1 and max_context_len = max_model_len (kernels stop at each row's own length).
+    Batches of at most SHORT_BATCH also get a graph captured for contexts of at most SHORT_CONTEXT,
+    taken while every sequence fits: there the INT4 decode attention runs as one split, without the
+    merge launch a max_model_len grid needs (batch-1 step 2.26 -> see NOTES-attention.md session 15).
     Capture failure is not fatal: `ok` stays False and the runner runs eagerly.
     """
+
+    SHORT_BATCH = 4
+    SHORT_CONTEXT = 512
 
     def __init__(self, runner: ModelRunner, max_batch: int) -> None:
         self.runner = runner
@@ -385,28 +391,34 @@ class DecodeGraphs:
             cu_seqlens_host=[],
         )
         self.logits = torch.empty(n, runner.model.config.vocab_size, dtype=torch.float32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # keyed by (padded batch, the max_context_len captured)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self.error = capture_or_clear(self._capture_all, self.graphs, self.outputs)
 
-    def _view(self, bs: int) -> AttentionMetadata:
+    def _view(self, bs: int, max_context_len: int) -> AttentionMetadata:
         m = self.meta
         return AttentionMetadata(m.block_tables[:bs], m.cu_seqlens_q[: bs + 1], m.context_lens[:bs],
-                                 m.seq_slots[:bs], m.slot_mapping[:bs], 1, m.max_context_len, [], [], [])
+                                 m.seq_slots[:bs], m.slot_mapping[:bs], 1, max_context_len, [], [], [])
+
+    def _key(self, bs: int, max_context_len: int) -> tuple[int, int]:
+        short = bs <= self.SHORT_BATCH and max_context_len <= self.SHORT_CONTEXT < self.meta.max_context_len
+        return bs, self.SHORT_CONTEXT if short else self.meta.max_context_len
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
         for bs in reversed(self.sizes):
-            meta = self._view(bs)
-            for _ in range(2):  # warm-up: compiles kernels and tunes the GEMMs for this M outside capture
-                self._forward(bs, meta)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[bs] = self._forward(bs, meta)
-            pool = g.pool()
-            self.graphs[bs] = g
+            for key in dict.fromkeys((self._key(bs, self.meta.max_context_len), self._key(bs, 1))):
+                meta = self._view(*key)
+                for _ in range(2):  # warm-up: compiles kernels and tunes the GEMMs for this M outside capture
+                    self._forward(bs, meta)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self.outputs[key] = self._forward(bs, meta)
+                pool = g.pool()
+                self.graphs[key] = g
         torch.cuda.synchronize()
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -426,7 +438,8 @@ class DecodeGraphs:
         graph that fits, or None."""
         b = inputs.input_ids.shape[0]
         bs = next((s for s in self.sizes if s >= b), None)
-        if bs is None or bs not in self.graphs:
+        key = self._key(bs, inputs.meta.max_context_len) if bs is not None else None
+        if key not in self.graphs:
             return None
         m, st = self.meta, self.runner.storage
         self.input_ids[:b].copy_(inputs.input_ids)
@@ -444,9 +457,9 @@ class DecodeGraphs:
             m.context_lens[b:bs].fill_(1)
             m.seq_slots[b:bs].fill_(st.dummy_slot)
             m.slot_mapping[b:bs].fill_(st.dummy_page * st.page_size)
-        self.graphs[bs].replay()
+        self.graphs[key].replay()
         rows = inputs.sample_rows
         if rows == list(range(b)):
-            return tuple(t[:b] for t in self.outputs[bs])
+            return tuple(t[:b] for t in self.outputs[key])
         idx = torch.tensor(rows, device=self.input_ids.device)
-        return tuple(t[idx] for t in self.outputs[bs])
+        return tuple(t[idx] for t in self.outputs[key])

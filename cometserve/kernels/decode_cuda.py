@@ -39,9 +39,14 @@ SMEM_LIMIT = 48 * 1024  # static shared memory per CTA: the warps' rings, or the
 # Measured in NOTES-attention.md; decode_attention(config=...) overrides them for tuning.
 # stages: depth of each warp's cp.async ring (0: fragments loaded straight from global memory).
 # None: problems of at most SMALL_TILES tiles (B x Hkv x 64-token tiles) take 4 warps with direct
-# loads (latency-bound: fewer steps per warp), larger ones 2 warps with a 2-stage ring.
+# loads (latency-bound: fewer steps per warp), larger ones 2 warps with a 2-stage ring. 8 warps where
+# the grid has at most FEW_CTAS (sequence, KV head) pairs, or up to 4x that when one round of 8 warps
+# covers every sequence (a single split: no merge launch). Batch-1 decode graph sized for 8192
+# tokens, attention plus the next act-quant: 10.5 -> 8.8 us at context 256, 16.3 -> 15.1 at 8064;
+# at batch 4 with splits, 8 warps lost 0.4-0.7 us (H200, NOTES-attention.md session 15).
 DECODE_CUDA_CONFIG = {"num_warps": None, "stages": None, "min_tiles_per_warp": 1}
 SMALL_TILES = 4096
+FEW_CTAS = 8
 
 
 def _kernel(name: str):
@@ -57,10 +62,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _shape(cfg: dict, tiles: int, rep: int, d: int, tile: int) -> tuple[int, int]:
-    """(warps, stages) for a problem of `tiles` tiles, within the static shared memory limit."""
-    small = tiles <= SMALL_TILES
-    nw = cfg["num_warps"] or (4 if small else 2)
+def _shape(cfg: dict, pairs: int, max_tiles: int, rep: int, d: int, tile: int) -> tuple[int, int]:
+    """(warps, stages) for `pairs` (sequence, KV head) pairs of up to `max_tiles` tiles each, within
+    the static shared memory limit."""
+    small = pairs * max_tiles <= SMALL_TILES
+    wide = small and (pairs <= FEW_CTAS or (pairs <= 4 * FEW_CTAS and max_tiles <= 8 * cfg["min_tiles_per_warp"]))
+    nw = cfg["num_warps"] or (8 if wide else 4 if small else 2)
     stages = cfg["stages"] if cfg["stages"] is not None else (0 if small else 2)
     merge, stage = rep * (d + 2) * 4, tile * d + 8 * d
     while nw > 1 and nw * max(merge, stages * stage) > SMEM_LIMIT:
@@ -112,7 +119,7 @@ def decode(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor, con
     # sizes the grid only: the kernel spreads each sequence's own tiles (its window in 16-token chunks)
     # over the splits, so every tile is covered whatever this count
     max_tiles = max(1, -(-max_context_len // tt))
-    nw, stages = _shape(cfg, b * h * max_tiles, rep, d, tt)
+    nw, stages = _shape(cfg, b * h, max_tiles, rep, d, tt)
     bf16 = "true" if q.dtype == torch.bfloat16 else "false"
     name = f"paged_decode_int4<{d}, {g}, {p}, {rep}, {nw}, {bf16}, {stages}>"
     if num_splits is None:

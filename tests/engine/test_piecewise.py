@@ -1,6 +1,7 @@
 """Piecewise CUDA graphs (engine/piecewise.py): the padded sizes on CPU; on CUDA, the graphed
 forward against the eager one on the same step inputs (a prefill step, then a mixed prefill + decode
-step) and generation through an engine with and without them."""
+step) and generation through an engine with and without them. Also the decode graphs' short-context
+variant (runner.DecodeGraphs) against the eager forward."""
 
 from __future__ import annotations
 
@@ -160,3 +161,41 @@ def test_warm_up_tunes_the_small_decode_buckets_without_graphs(tmp_path):
     engine.warm_up()
     buckets = {key[1] for key in gemm_w4ax._STATE.tuned}
     assert {1, 2, 4} <= buckets, buckets
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["bf16", "w4axkv4"])
+def test_short_context_decode_graph_matches_eager(mode, tmp_path):
+    """Batch-1 decodes on either side of DecodeGraphs.SHORT_CONTEXT: within it the short-context
+    graph runs, whose INT4 attention takes the eager step's split plan (one split): the same logits
+    bit for bit; past it the max_model_len graph (other splits: the merge's rounding only)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    loaded = _small_random_model(mode, tmp_path)
+    engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(
+        max_num_seqs=4, num_pages=64, max_piecewise_tokens=0, async_scheduling=False))
+    runner, graphs = engine.runner, engine.runner.graphs
+    assert graphs is not None, engine.runner.graphs_error
+    short, full = graphs.SHORT_CONTEXT, graphs.meta.max_context_len
+    assert full > short and {(1, short), (1, full), (4, short), (4, full)} <= set(graphs.graphs)
+    g = torch.Generator().manual_seed(0)
+    engine.add_request("a", torch.randint(0, 4096, (short - 3,), generator=g).tolist(),
+                       SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()  # the prompt
+    seen = set()
+    for _ in range(6):  # contexts short - 2 .. short + 3 (a group fills at `short`)
+        out = engine.scheduler.schedule()
+        inputs = runner.prepare(out)
+        ctx = inputs.meta.max_context_len
+        with torch.inference_mode():
+            eager = runner.model.compute_logits(runner.forward(inputs.input_ids, inputs.positions, inputs.meta))
+            graphed = graphs.run(inputs)[0].clone()
+            logits, greedy = runner.logits(inputs)
+        seen.add(graphs._key(1, ctx))
+        if ctx <= short and mode == "w4axkv4":
+            torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(graphed, eager, rtol=0, atol=2e-2 * float(eager.abs().max()))
+        params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
+        engine.scheduler.update(StepOutput(runner.sample(logits, greedy, inputs.sample_ids, params)))
+    assert seen == {(1, short), (1, full)}
