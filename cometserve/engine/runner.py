@@ -366,7 +366,7 @@ class DecodeGraphs:
     max_seqlen_q = 1 and max_context_len = max_model_len (kernels stop at each row's own length).
     Batches of at most SHORT_BATCH also get a graph captured for contexts of at most SHORT_CONTEXT,
     taken while every sequence fits: there the INT4 decode attention runs as one split, without the
-    merge launch a max_model_len grid needs (batch-1 step 2.26 -> see NOTES-attention.md session 15).
+    merge launch a max_model_len grid needs (benchmarks/kernels/NOTES-attention.md, session 15).
     Capture failure is not fatal: `ok` stays False and the runner runs eagerly.
     """
 
