@@ -409,6 +409,7 @@ class DecodeGraphs:
     def _capture_all(self) -> None:
         pool = None
         for bs in reversed(self.sizes):
+            # the max_model_len graph, and the short-context one where the batch takes it
             for key in dict.fromkeys((self._key(bs, self.meta.max_context_len), self._key(bs, 1))):
                 meta = self._view(*key)
                 for _ in range(2):  # warm-up: compiles kernels and tunes the GEMMs for this M outside capture

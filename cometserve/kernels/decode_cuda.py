@@ -40,8 +40,8 @@ SMEM_LIMIT = 48 * 1024  # static shared memory per CTA: the warps' rings, or the
 # stages: depth of each warp's cp.async ring (0: fragments loaded straight from global memory).
 # None: problems of at most SMALL_TILES tiles (B x Hkv x 64-token tiles) take 4 warps with direct
 # loads (latency-bound: fewer steps per warp), larger ones 2 warps with a 2-stage ring. 8 warps where
-# the grid has at most FEW_CTAS (sequence, KV head) pairs, or up to 4x that when one round of 8 warps
-# covers every sequence (a single split: no merge launch). Batch-1 decode graph sized for 8192
+# the grid has at most FEW_CTAS (sequence, KV head) pairs, or up to 4x that when 8 warps leave a single
+# split (no merge launch: contexts up to 512 tokens). Batch-1 decode graph sized for 8192
 # tokens, attention plus the next act-quant: 10.5 -> 8.8 us at context 256, 16.3 -> 15.1 at 8064;
 # at batch 4 with splits, 8 warps lost 0.4-0.7 us (H200, NOTES-attention.md session 15).
 DECODE_CUDA_CONFIG = {"num_warps": None, "stages": None, "min_tiles_per_warp": 1}
