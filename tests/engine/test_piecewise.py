@@ -42,9 +42,14 @@ def _step_both_ways(engine: LLMEngine) -> tuple[torch.Tensor, torch.Tensor, int]
         eager = runner.forward(inputs.input_ids, inputs.positions, inputs.meta).clone()
         graphed = runner.pieces.run(inputs.input_ids, inputs.positions, inputs.meta).clone()
         logits, greedy = runner.logits(inputs)
-    params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
-    engine.scheduler.update(StepOutput(runner.sample(logits, greedy, inputs.sample_ids, params)))
+    _sample_and_update(engine, out, inputs, logits, greedy)
     return eager, graphed, inputs.input_ids.shape[0]
+
+
+def _sample_and_update(engine: LLMEngine, out, inputs, logits, greedy) -> None:
+    """Sample a step's logits through the runner and hand the samples to the scheduler."""
+    params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
+    engine.scheduler.update(StepOutput(engine.runner.sample(logits, greedy, inputs.sample_ids, params)))
 
 
 @pytest.mark.gpu
@@ -194,12 +199,10 @@ def test_short_context_decode_graph_matches_eager(mode, tmp_path):
         with torch.inference_mode():
             eager = {m.max_context_len: runner.model.compute_logits(runner.forward(inputs.input_ids, inputs.positions, m))
                      for m in (inputs.meta, as_graph)}
-            graphed = graphs.run(inputs)[0].clone()
-            logits, greedy = runner.logits(inputs)
+            graphed, *greedy = graphs.run(inputs)  # (logits, greedy tokens, logprobs): runner.logits' split
         seen.append(key)
         torch.testing.assert_close(graphed, eager[key[1]], rtol=0, atol=0)
         if key[1] == short and mode == "w4axkv4":
             torch.testing.assert_close(graphed, eager[inputs.meta.max_context_len], rtol=0, atol=0)
-        params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
-        engine.scheduler.update(StepOutput(runner.sample(logits, greedy, inputs.sample_ids, params)))
+        _sample_and_update(engine, out, inputs, graphed, tuple(greedy))
     assert seen == [(1, short)] * 3 + [(1, full)] * 3
