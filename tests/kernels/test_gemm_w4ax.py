@@ -268,3 +268,50 @@ def test_gpu_gemv_kernel(m):
         res = check_case(m, 128, k, 4, 0.16, torch.bfloat16, True, "cuda", cfg=cfg)
         assert res["finite"] and res["max_excess"] <= 0, (k, res)
     assert check_case(m, 256, 1024, 4, 0.25, torch.float32, False, "cuda", cfg=cfg, unit=True)["exact"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [4096, 14336, 576, 8192])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_gemv_quant_fused(k, dtype):
+    """One token with the act-quant fused into the GEMV (gemv_w4ax.quant_gemv) against the two
+    launches it replaces (quant_act.quant_act, then the GEMV): every combination of permutation,
+    RMSNorm, residual and rotation; with bias; K past the 16-byte rows' multiple of 128 (576) and
+    up to 4 row pieces per thread (14336). Bit-identical without RMSNorm (same codes, same GEMV
+    arithmetic); with it the sum of squares runs in another order, so a rare code may differ by one:
+    within 1% of the largest output. x + residual is bit-identical."""
+    import itertools
+
+    from cometserve.kernels import gemm_w4ax, gemv_w4ax, quant_act
+
+    dev, dt = torch.device("cuda"), DTYPES[dtype]
+    n = 384
+    if not gemv_w4ax.can_implement(1, n, 1152, 4, dt, dev)[0]:
+        pytest.skip("needs NVRTC and sm_80+")
+    g = torch.Generator(device=dev).manual_seed(k)
+    qw, ws = _operands(1, n, k, 4, 0.16, dev)[2:4]
+    pq, ps = gemm_w4ax.prepare_weights(qw, ws)
+    bits = torch.where(torch.rand(-(-k // 128), device=dev, generator=g) < 0.16, 8, 4).to(torch.uint8)
+    perm = torch.randperm(k, device=dev, generator=g).to(torch.int32)
+    nw = (torch.rand(k, device=dev, generator=g) + 0.5).to(dt)
+    x = (torch.randn(1, k, device=dev, generator=g) * 3).to(dt)
+    res = torch.randn(1, k, device=dev, generator=g).to(dt)
+    bias = torch.randn(n, device=dev, generator=g).to(dt)
+    for use_perm, use_norm, use_res, rotate in itertools.product((False, True), repeat=4):
+        args = (x, perm if use_perm else None, bits, nw if use_norm else None, 1e-5, rotate,
+                res if use_res else None)
+        assert gemv_w4ax.fused_ok(x, args[1], bits, args[3], False, args[6], pq, ps, bias, dt)
+        got = gemv_w4ax.quant_gemv(*args, pq, ps, bias)
+        codes, scales, *total = quant_act.quant_act(*args[:6], residual=args[6])
+        want = torch.empty(1, n, dtype=dt, device=dev)
+        gemv_w4ax.launch(codes, scales, pq, ps, bias, want)
+        y = got[0] if use_res else got
+        case = (use_perm, use_norm, use_res, rotate)
+        if use_res:
+            assert torch.equal(got[1], total[0]), case
+        assert torch.isfinite(y).all(), case
+        if use_norm:
+            err = (y.float() - want.float()).abs().max().item()
+            assert err <= 0.01 * want.float().abs().max().item(), (case, err)
+        else:
+            assert torch.equal(y, want), case
