@@ -157,8 +157,11 @@ DEV void unpack8(float* v, uint4 w) {
 }
 
 // pairs H apart become (a + b, a - b), H = 1 .. 64 in order; across lanes the lane whose bit is clear
-// keeps a + b and its partner computes fma(-1, b, a) = a - b (one rounding, as the subtraction)
+// keeps a + b and its partner computes fma(-1, b, a) = a - b (one rounding, as the subtraction). Only
+// the block's 8 lanes take part (a warp's 4 blocks may mix INT4 and INT8: a full-warp shuffle here
+// would wait for lanes that never come).
 DEV void fwht_block(float (&v)[QB_VALS], int lane) {
+  const u32 group = 0xFFu << (lane & ~(QB_LANES - 1));
 #pragma unroll
   for (int h = 1; h < QB_VALS; h <<= 1)
 #pragma unroll
@@ -171,7 +174,7 @@ DEV void fwht_block(float (&v)[QB_VALS], int lane) {
   for (int mask = 1; mask < QB_LANES; mask <<= 1) {
     const float sgn = lane & mask ? -1.0f : 1.0f;
 #pragma unroll
-    for (int i = 0; i < QB_VALS; ++i) v[i] = __fmaf_rn(sgn, v[i], __shfl_xor_sync(0xffffffffu, v[i], mask));
+    for (int i = 0; i < QB_VALS; ++i) v[i] = __fmaf_rn(sgn, v[i], __shfl_xor_sync(group, v[i], mask));
   }
 #pragma unroll
   for (int i = 0; i < QB_VALS; ++i) v[i] = __fmul_rn(v[i], HADAMARD_NORM);
