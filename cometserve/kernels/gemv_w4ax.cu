@@ -31,11 +31,13 @@ struct GvBlock {
   float ws;    // w_scale of row `lane` of the slab
 };
 
-DEV void gv_load(GvBlock& t, const u8* slab, const u16* ws_col, int b, int stride_wsb, int lane) {
-  const uint4* p = reinterpret_cast<const uint4*>(slab + (long long)b * GV_TILE_BYTES) + lane;
+DEV void gv_load(GvBlock& t, const u8* w, const u16* w_scales, int slab, int NB, int b, int stride_wsb, int lane) {
+  const int n0 = slab * GV_ROWS;  // the 32-row slab is half (n0 % 64) of a prepared 64-row tile
+  const uint4* p =
+      reinterpret_cast<const uint4*>(w + ((long long)(n0 / 64) * NB + b) * GV_TILE_BYTES + (n0 % 64) * 64) + lane;
 #pragma unroll
   for (int q = 0; q < 4; ++q) t.w[q] = __ldg(p + 32 * q);
-  t.ws = half_to_float<false>(__ldg(ws_col + (long long)b * stride_wsb), 0);
+  t.ws = half_to_float<false>(__ldg(w_scales + n0 + lane + (long long)b * stride_wsb), 0);
 }
 
 template <int MT>
@@ -70,40 +72,47 @@ DEV void gv_block(float (&acc)[MT][4], const GvBlock& t, const u8* act, const fl
   }
 }
 
-// The weight stream of one CTA once its activation codes and scales are in shared memory: the main
-// loop (the first block's weights already in `cur`), the warps' sums joined in warp order, Y stored.
+// The weight stream of one CTA once its activation codes and scales are in shared memory: slabs
+// slab, slab + step, ... < slabs, the first block of the first already in `cur`; the main loop keeps
+// the next block in flight, across slab ends too (the next slab's first block); per slab the warps'
+// sums are joined in warp order and Y stored.
 template <int MT, int OUT, bool BIAS>
-DEV void gv_stream(const u8* act, const float* sa, GvBlock& cur, const u8* slab, const u16* ws_col,
-                   const void* bias, u8* y, int M, int NB, int stride_wsb, int stride_ym, int n0) {
+DEV void gv_stream(const u8* act, const float* sa, GvBlock& cur, const u8* w, const u16* w_scales,
+                   const void* bias, u8* y, int M, int NB, int stride_wsb, int stride_ym, int slab, int slabs,
+                   int step) {
   __shared__ float red[GV_WARPS][MT][GV_ROWS];
   constexpr int OSZ = OUT == 2 ? 4 : 2;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kpad = NB * 128;
-  GvBlock nxt;
-  float acc[MT][4];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) acc[m][q] = 0.0f;
-  for (int b = warp; b < NB; b += GV_WARPS) {
-    if (b + GV_WARPS < NB) gv_load(nxt, slab, ws_col, b + GV_WARPS, stride_wsb, lane);
-    gv_block<MT>(acc, cur, act, sa, b, kpad, NB, lane);
-    cur = nxt;
-  }
-  grid_dep_launch();  // after the main loop, as the Triton kernel (earlier measured no better)
-  if (lane % 4 == 0)
+  for (; slab < slabs; slab += step) {
+    GvBlock nxt;
+    float acc[MT][4];
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) red[warp][m][8 * q + lane / 4] = acc[m][q];
-  __syncthreads();
-  if (tid < MT * GV_ROWS) {
-    const int m = tid / GV_ROWS, r = tid % GV_ROWS;
-    float v = red[0][m][r];
+      for (int q = 0; q < 4; ++q) acc[m][q] = 0.0f;
+    for (int b = warp; b < NB; b += GV_WARPS) {
+      if (b + GV_WARPS < NB) gv_load(nxt, w, w_scales, slab, NB, b + GV_WARPS, stride_wsb, lane);
+      else if (slab + step < slabs) gv_load(nxt, w, w_scales, slab + step, NB, warp, stride_wsb, lane);
+      gv_block<MT>(acc, cur, act, sa, b, kpad, NB, lane);
+      cur = nxt;
+    }
+    grid_dep_launch();  // after the main loop, as the Triton kernel (earlier measured no better)
+    if (lane % 4 == 0)
 #pragma unroll
-    for (int i = 1; i < GV_WARPS; ++i) v = __fadd_rn(v, red[i][m][r]);
-    v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
-    if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, n0 + r));
-    if (m < M) store_out<OUT>(y + ((long long)m * stride_ym + n0 + r) * OSZ, v);
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) red[warp][m][8 * q + lane / 4] = acc[m][q];
+    __syncthreads();
+    if (tid < MT * GV_ROWS) {
+      const int m = tid / GV_ROWS, r = tid % GV_ROWS, n = slab * GV_ROWS + r;
+      float v = red[0][m][r];
+#pragma unroll
+      for (int i = 1; i < GV_WARPS; ++i) v = __fadd_rn(v, red[i][m][r]);
+      v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
+      if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, n));
+      if (m < M) store_out<OUT>(y + ((long long)m * stride_ym + n) * OSZ, v);
+    }
+    __syncthreads();  // red is the next slab's
   }
 }
 
@@ -115,11 +124,8 @@ __global__ void __launch_bounds__(GV_THREADS) w4ax_gemv(
     int stride_am, int stride_asm, int stride_wsb, int stride_ym) {
   extern __shared__ __align__(16) u8 act[];  // activation codes [MT][K_pad], then scales fp32 [MT][NB]
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kpad = NB * 128;
-  const int n0 = blockIdx.x * GV_ROWS;
-  const u8* slab = w + (long long)(n0 / 64) * NB * GV_TILE_BYTES + (n0 % 64) * 64;
-  const u16* ws_col = w_scales + n0 + lane;
   GvBlock cur;
-  if (warp < NB) gv_load(cur, slab, ws_col, warp, stride_wsb, lane);
+  if (warp < NB) gv_load(cur, w, w_scales, blockIdx.x, NB, warp, stride_wsb, lane);
   grid_dep_wait();  // the activations and Y are shared with earlier kernels
   float* sa = reinterpret_cast<float*>(act + MT * kpad);
   for (int i = 16 * tid; i < MT * kpad; i += 16 * GV_THREADS) {
@@ -129,7 +135,8 @@ __global__ void __launch_bounds__(GV_THREADS) w4ax_gemv(
   }
   for (int i = tid; i < MT * NB; i += GV_THREADS) sa[i] = i / NB < M ? a_scales[(long long)(i / NB) * stride_asm + i % NB] : 0.0f;
   __syncthreads();
-  gv_stream<MT, OUT, BIAS>(act, sa, cur, slab, ws_col, bias, y, M, NB, stride_wsb, stride_ym, n0);
+  gv_stream<MT, OUT, BIAS>(act, sa, cur, w, w_scales, bias, y, M, NB, stride_wsb, stride_ym, blockIdx.x,
+                           blockIdx.x + 1, 1);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -204,26 +211,24 @@ DEV void quantize_block(float (&v)[QB_VALS], int nbits, int lane, bool store, u8
   if (lane % QB_LANES == 0) *scale = __fdiv_rn(amax, qmax);
 }
 
-// grid (N / 32); x, residual, total: one contiguous row of K (K % 8 == 0, K <= 8 CH GV_THREADS).
+// Persistent: grid min(N / 32, resident CTAs), CTA c takes slabs c, c + grid, ... (the prologue once
+// per CTA, not per slab). x, residual, total: one contiguous row of K (K % 8 == 0, K <= 8 CH GV_THREADS).
 // Shared memory: codes [K_pad], scales fp32 [NB rounded up to 4], the row fp32 [K].
-template <int OUT, bool BIAS, bool BF16, bool HAS_PERM, bool HAS_NORM, bool ROTATE, bool RESIDUAL, int CH>
-__global__ void __launch_bounds__(GV_THREADS) w4ax_gemv_quant(
+template <int OUT, bool BIAS, bool BF16, bool HAS_PERM, bool HAS_NORM, bool ROTATE, bool RESIDUAL, int CH, int MIN_CTAS>
+__global__ void __launch_bounds__(GV_THREADS, MIN_CTAS) w4ax_gemv_quant(
     const u16* __restrict__ x, const u16* __restrict__ res, u16* __restrict__ total, const int* __restrict__ perm,
     const u8* __restrict__ bits, const u16* __restrict__ nw, const u8* __restrict__ w,
     const u16* __restrict__ w_scales, const void* __restrict__ bias, u8* __restrict__ y, int K, int NB,
-    int stride_wsb, int eps_bits) {
+    int slabs, int stride_wsb, int eps_bits) {
   extern __shared__ __align__(16) u8 act[];
   __shared__ float ssq[GV_WARPS];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kpad = NB * 128;
   float* sa = reinterpret_cast<float*>(act + kpad);
   float* row = sa + ((NB + 3) & ~3);
-  const int n0 = blockIdx.x * GV_ROWS;
-  const u8* slab = w + (long long)(n0 / 64) * NB * GV_TILE_BYTES + (n0 % 64) * 64;
-  const u16* ws_col = w_scales + n0 + lane;
   // before the wait, what no earlier kernel writes: the first weight block, the norm weight, the
   // first group's gather sources
   GvBlock cur;
-  if (warp < NB) gv_load(cur, slab, ws_col, warp, stride_wsb, lane);
+  if (warp < NB) gv_load(cur, w, w_scales, blockIdx.x, NB, warp, stride_wsb, lane);
   uint4 nwv[CH];
   if constexpr (HAS_NORM)
 #pragma unroll
@@ -313,5 +318,5 @@ __global__ void __launch_bounds__(GV_THREADS) w4ax_gemv_quant(
     quantize_block<ROTATE>(q, b < NB ? bits[b] : 4, lane, b < NB, act + b * 128, sa + b);
   }
   __syncthreads();
-  gv_stream<1, OUT, BIAS>(act, sa, cur, slab, ws_col, bias, y, 1, NB, stride_wsb, 0, n0);
+  gv_stream<1, OUT, BIAS>(act, sa, cur, w, w_scales, bias, y, 1, NB, stride_wsb, 0, blockIdx.x, slabs, gridDim.x);
 }

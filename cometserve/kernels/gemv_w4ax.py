@@ -32,6 +32,7 @@ THREADS = 512  # gemv_w4ax.cu's GV_WARPS warps
 SMEM_MAX = 160 * 1024  # staged activations (K_pad 28672 at 4 tokens: 116 KB); the opt-in limit is 227 KB
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 FUSE_ACT_QUANT = True  # one token: quantize the activation inside the GEMV (quant_gemv); False for A/B runs
+FUSED_CTAS_PER_SM = 2  # quant_gemv's register bound (__launch_bounds__ min CTAs): 2 caps it at 64 registers
 
 
 def _instance_rows(m: int) -> int:
@@ -96,6 +97,11 @@ def _fused_smem(k: int, nb: int) -> int:
     return nb * 128 + 4 * ((nb + 3) // 4 * 4) + 4 * k
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def fused_ok(x: torch.Tensor, perm, block_bits: torch.Tensor, norm_weight, gated: bool, residual,
              qweight: torch.Tensor, w_scales: torch.Tensor, bias, out_dtype: torch.dtype) -> bool:
     """Whether quant_gemv takes this call: one 16-bit token row (K % 8 == 0, at most 8 x THREADS
@@ -125,15 +131,16 @@ def quant_gemv(x, perm, block_bits, norm_weight, eps, rotate, residual, qweight,
     ch = -(-k // (8 * THREADS))
     flags = [x.dtype == torch.bfloat16, perm is not None, norm_weight is not None, rotate, residual is not None]
     name = (f"w4ax_gemv_quant<{_OUT[x.dtype]}, {'true' if bias is not None else 'false'}, "
-            + ", ".join("true" if f else "false" for f in flags) + f", {ch}>")
+            + ", ".join("true" if f else "false" for f in flags) + f", {ch}, {FUSED_CTAS_PER_SM}>")
     smem = _fused_smem(k, nb)
     kern = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX)
     eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]
-    cuda_launch.launch(kern, (n // ROWS, 1, 1), THREADS,
+    resident = _sm_count(x.device.index) * cuda_launch.ctas_per_sm(kern, THREADS, smem)
+    cuda_launch.launch(kern, (min(n // ROWS, resident), 1, 1), THREADS,
                        [x, residual if residual is not None else x, total if total is not None else y,
                         perm if perm is not None else x, block_bits,
                         norm_weight if norm_weight is not None else x, qweight, w_scales,
-                        bias if bias is not None else y, y, k, nb,
+                        bias if bias is not None else y, y, k, nb, n // ROWS,
                         w_scales.stride(0) if w_scales.shape[0] > 1 else 0, eps_bits],
                        pdl.launch_kwargs(y)["PDL"], smem)
     return y if residual is None else (y, total)
