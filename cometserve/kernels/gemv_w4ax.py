@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import struct
 
 import torch
 
@@ -31,8 +30,6 @@ ROWS = 32  # weight rows per CTA
 THREADS = 512  # gemv_w4ax.cu's GV_WARPS warps
 SMEM_MAX = 160 * 1024  # staged activations (K_pad 28672 at 4 tokens: 116 KB); the opt-in limit is 227 KB
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-FUSE_ACT_QUANT = True  # one token: quantize the activation inside the GEMV (quant_gemv); False for A/B runs
-FUSED_CTAS_PER_SM = 2  # quant_gemv's register bound (__launch_bounds__ min CTAs): 2 caps it at 64 registers
 
 
 def _instance_rows(m: int) -> int:
@@ -90,57 +87,3 @@ def launch(a_codes, a_scales, qweight, w_scales, bias, y) -> None:
                         m, k_pad // 128, a_codes.stride(0), a_scales.stride(0),
                         w_scales.stride(0) if w_scales.shape[0] > 1 else 0, y.stride(0)],
                        pdl.launch_kwargs(y)["PDL"], smem)
-
-
-def _fused_smem(k: int, nb: int) -> int:
-    """Codes [K_pad], scales fp32 [nb rounded up to 4], the row fp32 [K]."""
-    return nb * 128 + 4 * ((nb + 3) // 4 * 4) + 4 * k
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def fused_ok(x: torch.Tensor, perm, block_bits: torch.Tensor, norm_weight, gated: bool, residual,
-             qweight: torch.Tensor, w_scales: torch.Tensor, bias, out_dtype: torch.dtype) -> bool:
-    """Whether quant_gemv takes this call: one 16-bit token row (K % 8 == 0, at most 8 x THREADS
-    channels), no SiLU-and-multiply, the norm weight and residual in x's dtype, and a shape the
-    GEMV itself takes."""
-    m, k = x.shape
-    if not (FUSE_ACT_QUANT and m == 1 and not gated and x.dtype in (torch.float16, torch.bfloat16)
-            and x.dtype == out_dtype and k % 8 == 0 and k <= 4 * 8 * THREADS and x.stride(1) == 1
-            and x.data_ptr() % 16 == 0 and block_bits.dtype == torch.uint8):
-        return False
-    for t, dtype in ((perm, torch.int32), (norm_weight, x.dtype), (residual, x.dtype)):
-        if t is not None and (t.dtype != dtype or not t.is_contiguous() or t.data_ptr() % 16):
-            return False
-    nb = block_bits.numel()
-    return (_fused_smem(k, nb) <= SMEM_MAX and (bias is None or bias.dtype == out_dtype)
-            and can_implement(1, qweight.shape[0], nb * 128, 4 if qweight.dtype == torch.uint8 else 8, out_dtype,
-                          x.device)[0])
-
-
-def quant_gemv(x, perm, block_bits, norm_weight, eps, rotate, residual, qweight, w_scales, bias):
-    """One token: quant_act.quant_act(x, perm, block_bits, norm_weight, eps, rotate, residual=residual)
-    followed by the GEMV, in one launch (fused_ok must hold). -> y [1, N] in x's dtype, and
-    x + residual [1, K] when `residual` is given."""
-    k, nb, n = x.shape[1], block_bits.numel(), qweight.shape[0]
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    total = torch.empty_like(residual) if residual is not None else None
-    ch = -(-k // (8 * THREADS))
-    flags = [x.dtype == torch.bfloat16, perm is not None, norm_weight is not None, rotate, residual is not None]
-    name = (f"w4ax_gemv_quant<{_OUT[x.dtype]}, {'true' if bias is not None else 'false'}, "
-            + ", ".join("true" if f else "false" for f in flags) + f", {ch}, {FUSED_CTAS_PER_SM}>")
-    smem = _fused_smem(k, nb)
-    kern = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX)
-    eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]
-    resident = _sm_count(x.device.index) * cuda_launch.ctas_per_sm(kern, THREADS, smem)
-    cuda_launch.launch(kern, (min(n // ROWS, resident), 1, 1), THREADS,
-                       [x, residual if residual is not None else x, total if total is not None else y,
-                        perm if perm is not None else x, block_bits,
-                        norm_weight if norm_weight is not None else x, qweight, w_scales,
-                        bias if bias is not None else y, y, k, nb, n // ROWS,
-                        w_scales.stride(0) if w_scales.shape[0] > 1 else 0, eps_bits],
-                       pdl.launch_kwargs(y)["PDL"], smem)
-    return y if residual is None else (y, total)

@@ -104,8 +104,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         norm_w, eps = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
         r2 = residual.reshape(x2.shape) if residual is not None else None
-        y, *total = self._ops.quant_gemm(x2, self.perm, self.block_bits, norm_w, eps, self.rotate, gated, r2,
-                                         self._qweight, self._w_scales, self.bias)
+        codes, scales, *total = self._ops.quant_act(x2, self.perm, self.block_bits, norm_w, eps, self.rotate, gated,
+                                                    r2)
+        y = self._ops.w4ax_gemm(codes, scales, self._qweight, self._w_scales, self.bias, x.dtype)
         y = y.reshape(*lead, self.out_features)
         return y if residual is None else (y, total[0].reshape(residual.shape))
 
@@ -131,26 +132,17 @@ def select_gemm_ops(n: int, k: int, w_bits: int, device: torch.device, block_bit
         try:
             from cometserve.kernels import gemm_fp8, gemm_w4ax, quant_act
         except ImportError:
-            return FloatOps()
+            return FloatOps
         ok, _reason = gemm_w4ax.can_implement(n, padded_k(k), w_bits, device)
         if ok:
             act_ok, _reason = quant_act.can_implement(k, device)
             fp8_ok = block_bits is not None and gemm_fp8.can_implement(n, padded_k(k), w_bits, dtype, device)[0]
             return _KernelOps(gemm_w4ax, quant_act.quant_act if act_ok else ref.quant_act,
                               (gemm_fp8, gemm_fp8.plan(block_bits)) if fp8_ok else None)
-    return FloatOps()
+    return FloatOps
 
 
-class _QuantThenGemm:
-    """quant_gemm: the activation quantization, then the W4Ax product (two launches)."""
-
-    def quant_gemm(self, x, perm, block_bits, norm_w, eps, rotate, gated, residual, qweight, w_scales, bias):
-        """-> (y,) or (y, x + residual) when `residual` is given."""
-        codes, scales, *total = self.quant_act(x, perm, block_bits, norm_w, eps, rotate, gated, residual)
-        return (self.w4ax_gemm(codes, scales, qweight, w_scales, bias, x.dtype), *total)
-
-
-class FloatOps(_QuantThenGemm):
+class FloatOps:
     """Where no kernel runs (CPU, or a shape the kernels refuse): the reference's act-quant, and the
     W4Ax product as ONE float32 matmul of scaled codes. sum_b (a_b * a_scale_b) . (w_b * w_scale_b)^T
     is ref.w4ax_gemm's sum of exact per-block integer products times their scales, up to float32
@@ -177,25 +169,16 @@ class FloatOps(_QuantThenGemm):
         return nn.functional.linear(a, w_scaled, None if bias is None else bias.float()).to(out_dtype)
 
 
-class _KernelOps(_QuantThenGemm):
+class _KernelOps:
     """The kernels chosen once for a layer, behind the reference's three-function interface:
-    Triton act-quant and W4Ax GEMM, from gemm_fp8.MIN_M rows the cuBLAS FP8 path where `fp8`
-    (the gemm_fp8 module and the layer's plan) is given, and for one token the GEMV with the
-    act-quant fused in (gemv_w4ax.quant_gemv) where it takes the call."""
+    Triton act-quant and W4Ax GEMM, and from gemm_fp8.MIN_M rows the cuBLAS FP8 path where `fp8`
+    (the gemm_fp8 module and the layer's plan) is given."""
 
     def __init__(self, gemm, quant_act, fp8=None) -> None:
         self.prepare_weights = gemm.prepare_weights
         self.quant_act = quant_act
         self._gemm = gemm.w4ax_gemm
         self._fp8 = fp8
-
-    def quant_gemm(self, x, perm, block_bits, norm_w, eps, rotate, gated, residual, qweight, w_scales, bias):
-        from cometserve.kernels import gemv_w4ax
-
-        if gemv_w4ax.fused_ok(x, perm, block_bits, norm_w, gated, residual, qweight, w_scales, bias, x.dtype):
-            y = gemv_w4ax.quant_gemv(x, perm, block_bits, norm_w, eps, rotate, residual, qweight, w_scales, bias)
-            return y if residual is not None else (y,)
-        return super().quant_gemm(x, perm, block_bits, norm_w, eps, rotate, gated, residual, qweight, w_scales, bias)
 
     def w4ax_gemm(self, a_codes, a_scales, qweight, w_scales, bias, out_dtype) -> torch.Tensor:
         if self._fp8 is not None and a_codes.shape[0] >= self._fp8[0].MIN_M:
