@@ -33,7 +33,6 @@ Activation codes are always int8 containers (scheme.py), so the GEMM never needs
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -244,7 +243,6 @@ class GemmConfig:
     prefetch: bool = True  # load block b+1's scales during block b (costs registers)
     n_sub: int = 1  # sub-tiles of block_n sharing one activation tile (1 or 2)
     backend: str = "triton"  # or "wgmma": the CUDA kernel of gemm_wgmma.py (block_n 128); "gemv": gemv_w4ax.py
-    # (one CTA per 32 rows); "gemv_sk": the same kernel, stream-K over the resident CTAs
 
 
 class _State:
@@ -335,10 +333,7 @@ def candidates(m: int, n: int, nb: int, device: torch.device, w_bits: int = 4,
                out_dtype: torch.dtype = torch.bfloat16) -> list[GemmConfig]:
     out = _candidate_list(m, n, nb, device)
     if USE_GEMV and gemv_w4ax.can_implement(m, n, nb * BLOCK_SIZE, w_bits, out_dtype, device)[0]:
-        gemv = GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, gemv_w4ax.THREADS // 32, 1, backend="gemv")
-        out.append(gemv)
-        if gemv_w4ax.stream_k_grid(m, n, nb * BLOCK_SIZE, device):
-            out.append(dataclasses.replace(gemv, backend="gemv_sk"))
+        out.append(GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, gemv_w4ax.THREADS // 32, 1, backend="gemv"))
     if m > STREAM_M and gemm_wgmma.can_implement(n, w_bits, out_dtype, device)[0]:
         out += [GemmConfig(128, bm, 1, 8, 12, st, backend="wgmma") for bm, st in WGMMA_SHAPES]
         if m <= GRAPH_TUNE_M:  # K splits where the tiles leave SMs idle (wins at M = 128 on down_proj)
@@ -363,13 +358,10 @@ def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, use_
     n = y.shape[1]
     nb = k_pad // BLOCK_SIZE
     if (cfg.backend == "wgmma" and not gemm_wgmma.operands_ok(a_codes, bias, y)) or (
-            cfg.backend.startswith("gemv") and not gemv_w4ax.operands_ok(a_codes, bias, y)):
+            cfg.backend == "gemv" and not gemv_w4ax.operands_ok(a_codes, bias, y)):
         cfg = _candidate_list(m, n, nb, y.device)[0]
     if cfg.backend == "gemv":
         return gemv_w4ax.launch(a_codes, a_scales, qweight, w_scales, bias, y)
-    if cfg.backend == "gemv_sk":
-        grid = gemv_w4ax.stream_k_grid(m, n, k_pad, y.device)
-        return gemv_w4ax.launch(a_codes, a_scales, qweight, w_scales, bias, y, grid, _semaphores(y.device, n))
     tiles = (n // cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = max(1, min(cfg.split_k, nb))
     if split * m * n >= 2**31:

@@ -31,13 +31,11 @@ struct GvBlock {
   float ws;    // w_scale of row `lane` of the slab
 };
 
-DEV void gv_load(GvBlock& t, const u8* w, const u16* w_scales, int slab, int NB, int b, int stride_wsb, int lane) {
-  const int n0 = slab * GV_ROWS;  // the 32-row slab is half (n0 % 64) of a prepared 64-row tile
-  const uint4* p =
-      reinterpret_cast<const uint4*>(w + ((long long)(n0 / 64) * NB + b) * GV_TILE_BYTES + (n0 % 64) * 64) + lane;
+DEV void gv_load(GvBlock& t, const u8* slab, const u16* ws_col, int b, int stride_wsb, int lane) {
+  const uint4* p = reinterpret_cast<const uint4*>(slab + (long long)b * GV_TILE_BYTES) + lane;
 #pragma unroll
   for (int q = 0; q < 4; ++q) t.w[q] = __ldg(p + 32 * q);
-  t.ws = half_to_float<false>(__ldg(w_scales + n0 + lane + (long long)b * stride_wsb), 0);
+  t.ws = half_to_float<false>(__ldg(ws_col + (long long)b * stride_wsb), 0);
 }
 
 template <int MT>
@@ -72,39 +70,22 @@ DEV void gv_block(float (&acc)[MT][4], const GvBlock& t, const u8* act, const fl
   }
 }
 
-// Work split (stream-K): the S * NB units (32-row slab, 128-channel block) are divided evenly over the
-// G CTAs, CTA c taking units [start(c), start(c + 1)), start(c) = c * S * NB / G, slab-major. With G = S
-// every CTA owns one whole slab; with more CTAs than slabs or a ragged last wave (G = the resident
-// CTAs) every CTA streams the same bytes. A slab split between CTAs: each writes its partial sum
-// (its warps' sums in warp order) to part[2 c + (0: its first slab, 1: its last)], and the last to
-// arrive (per-slab counter in sems, reset by it) adds the partials in CTA order: deterministic.
-DEV int sk_start(int c, long long units, int G) { return (int)(c * units / G); }
-DEV int sk_owner(int u, long long units, int G) {  // the CTA whose range holds unit u
-  int c = (int)((long long)u * G / units);
-  while (c + 1 < G && sk_start(c + 1, units, G) <= u) ++c;
-  while (sk_start(c, units, G) > u) --c;
-  return c;
-}
-
-// grid (G; without SK, G = S: one whole slab per CTA, no partials); rows m >= M of the MT-row instance
-// are zero codes and never stored
-template <int MT, int OUT, bool BIAS, bool SK>
-__global__ void __launch_bounds__(GV_THREADS, MT == 1 ? 2 : 1) w4ax_gemv(
+// grid (N / 32); rows m >= M of the MT-row instance are zero codes and never stored
+template <int MT, int OUT, bool BIAS>
+__global__ void __launch_bounds__(GV_THREADS) w4ax_gemv(
     const u8* __restrict__ a_codes, const float* __restrict__ a_scales, const u8* __restrict__ w,
-    const u16* __restrict__ w_scales, const void* __restrict__ bias, u8* __restrict__ y, float* __restrict__ part,
-    int* __restrict__ sems, int M, int NB, int S, int stride_am, int stride_asm, int stride_wsb, int stride_ym) {
+    const u16* __restrict__ w_scales, const void* __restrict__ bias, u8* __restrict__ y, int M, int NB,
+    int stride_am, int stride_asm, int stride_wsb, int stride_ym) {
   extern __shared__ __align__(16) u8 act[];  // activation codes [MT][K_pad], then scales fp32 [MT][NB]
   __shared__ float red[GV_WARPS][MT][GV_ROWS];
-  __shared__ int last;
   constexpr int OSZ = OUT == 2 ? 4 : 2;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kpad = NB * 128, G = gridDim.x, c = blockIdx.x;
-  const long long units = (long long)S * NB;
-  const int u0 = SK ? sk_start(c, units, G) : c * NB, u1 = SK ? sk_start(c + 1, units, G) : u0 + NB;
-  const int s0 = SK ? u0 / NB : c;
-  int s = s0, b0 = u0 - s0 * NB, b1 = min(u1 - s0 * NB, NB);  // this segment: blocks [b0, b1) of slab s
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kpad = NB * 128;
+  const int n0 = blockIdx.x * GV_ROWS;
+  const u8* slab = w + (long long)(n0 / 64) * NB * GV_TILE_BYTES + (n0 % 64) * 64;
+  const u16* ws_col = w_scales + n0 + lane;
   GvBlock cur, nxt;
-  if (b0 + warp < b1) gv_load(cur, w, w_scales, s, NB, b0 + warp, stride_wsb, lane);
-  grid_dep_wait();  // the activations, Y and the partials are shared with earlier kernels
+  if (warp < NB) gv_load(cur, slab, ws_col, warp, stride_wsb, lane);
+  grid_dep_wait();  // the activations and Y are shared with earlier kernels
   float* sa = reinterpret_cast<float*>(act + MT * kpad);
   for (int i = 16 * tid; i < MT * kpad; i += 16 * GV_THREADS) {
     const int m = i / kpad, k = i % kpad;
@@ -113,59 +94,30 @@ __global__ void __launch_bounds__(GV_THREADS, MT == 1 ? 2 : 1) w4ax_gemv(
   }
   for (int i = tid; i < MT * NB; i += GV_THREADS) sa[i] = i / NB < M ? a_scales[(long long)(i / NB) * stride_asm + i % NB] : 0.0f;
   __syncthreads();
-  while (b0 < b1) {
-    const int nb1 = SK ? max(0, min(u1 - (s + 1) * NB, NB)) : 0;  // the next segment: blocks [0, nb1) of slab s + 1
-    if (b0 + warp >= b1 && warp < nb1) gv_load(cur, w, w_scales, s + 1, NB, warp, stride_wsb, lane);  // idle: ahead
-    float acc[MT][4];
+  float acc[MT][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[m][q] = 0.0f;
+  for (int b = warp; b < NB; b += GV_WARPS) {
+    if (b + GV_WARPS < NB) gv_load(nxt, slab, ws_col, b + GV_WARPS, stride_wsb, lane);
+    gv_block<MT>(acc, cur, act, sa, b, kpad, NB, lane);
+    cur = nxt;
+  }
+  grid_dep_launch();  // after the main loop, as the Triton kernel (earlier measured no better)
+  if (lane % 4 == 0)
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) acc[m][q] = 0.0f;
-    for (int b = b0 + warp; b < b1; b += GV_WARPS) {  // the next block in flight, across the segment's end too
-      const bool here = b + GV_WARPS < b1;
-      if (here || warp < nb1) gv_load(nxt, w, w_scales, here ? s : s + 1, NB, here ? b + GV_WARPS : warp, stride_wsb, lane);
-      gv_block<MT>(acc, cur, act, sa, b, kpad, NB, lane);
-      cur = nxt;
-    }
-    grid_dep_launch();  // after the main loop, as the Triton kernel (earlier measured no better)
-    if (lane % 4 == 0)
+      for (int q = 0; q < 4; ++q) red[warp][m][8 * q + lane / 4] = acc[m][q];
+  __syncthreads();
+  if (tid < MT * GV_ROWS) {
+    const int m = tid / GV_ROWS, r = tid % GV_ROWS;
+    float v = red[0][m][r];
 #pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) red[warp][m][8 * q + lane / 4] = acc[m][q];
-    __syncthreads();
-    const bool whole = !SK || (b0 == 0 && b1 == NB);
-    const int m = tid / GV_ROWS, r = tid % GV_ROWS, n = s * GV_ROWS + r;
-    float v = 0.0f;
-    if (tid < MT * GV_ROWS) {
-      v = red[0][m][r];
-#pragma unroll
-      for (int i = 1; i < GV_WARPS; ++i) v = __fadd_rn(v, red[i][m][r]);
-      if (!whole) part[((2 * c + (s != s0)) * MT + m) * GV_ROWS + r] = v;
-    }
-    if (!whole) {  // the last of the slab's CTAs to arrive adds the partials in CTA order
-      const int c_first = sk_owner(s * NB, units, G), c_last = sk_owner(s * NB + NB - 1, units, G);
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) {
-        last = atomicAdd(sems + s, 1) == c_last - c_first;
-        if (last) sems[s] = 0;
-      }
-      __syncthreads();
-      if (last && tid < MT * GV_ROWS) {
-        __threadfence();
-        for (int cc = c_first; cc <= c_last; ++cc) {
-          const float p = __ldcg(part + ((2 * cc + (s != sk_start(cc, units, G) / NB)) * MT + m) * GV_ROWS + r);
-          v = cc == c_first ? p : __fadd_rn(v, p);
-        }
-      }
-    }
-    if (tid < MT * GV_ROWS && (whole || last)) {
-      v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
-      if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, n));
-      if (m < M) store_out<OUT>(y + ((long long)m * stride_ym + n) * OSZ, v);
-    }
-    __syncthreads();  // red and `last` are the next segment's
-    ++s, b0 = 0, b1 = nb1;
+    for (int i = 1; i < GV_WARPS; ++i) v = __fadd_rn(v, red[i][m][r]);
+    v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
+    if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, n0 + r));
+    if (m < M) store_out<OUT>(y + ((long long)m * stride_ym + n0 + r) * OSZ, v);
   }
 }

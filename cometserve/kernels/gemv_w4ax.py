@@ -76,39 +76,14 @@ def operands_ok(a_codes: torch.Tensor, bias: torch.Tensor | None, y: torch.Tenso
             and (bias is None or bias.dtype == y.dtype))
 
 
-def stream_k_grid(m: int, n: int, k_pad: int, device: torch.device) -> int:
-    """The stream-K grid (the resident CTAs), or 0 where it has no use: the slabs alone fill the
-    resident CTAs evenly, or the units would leave a warp fewer than 2 blocks on average."""
-    return _stream_k_grid(_instance_rows(m), n, k_pad, device.index if device.index is not None
-                          else torch.cuda.current_device())
-
-
-@functools.cache
-def _stream_k_grid(mt: int, n: int, k_pad: int, device_index: int) -> int:
-    k = cuda_launch.kernel(SOURCES, _name(mt, 0, False, True), None, SMEM_MAX)
-    ctas = (torch.cuda.get_device_properties(device_index).multi_processor_count
-            * cuda_launch.ctas_per_sm(k, THREADS, smem_bytes(mt, k_pad)))
-    slabs = n // ROWS
-    return ctas if slabs % ctas and slabs * (k_pad // 128) >= 2 * (THREADS // 32) * ctas else 0
-
-
-def _name(mt: int, out: int, bias: bool, stream_k: bool) -> str:
-    return f"w4ax_gemv<{mt}, {out}, {'true' if bias else 'false'}, {'true' if stream_k else 'false'}>"
-
-
-def launch(a_codes, a_scales, qweight, w_scales, bias, y, grid: int = 0, sems: torch.Tensor | None = None) -> None:
-    """Y = W4Ax(a_codes, a_scales, prepared qweight / w_scales) (+ bias) into y [M, N], M <= MAX_M.
-    grid 0: one CTA per 32-row slab; else stream-K over `grid` CTAs (stream_k_grid), with `sems`
-    int32 zeros, one per slab (left zero)."""
+def launch(a_codes, a_scales, qweight, w_scales, bias, y) -> None:
+    """Y = W4Ax(a_codes, a_scales, prepared qweight / w_scales) (+ bias) into y [M, N], M <= MAX_M."""
     m, k_pad = a_codes.shape
-    slabs = y.shape[1] // ROWS
-    grid = min(grid, slabs * (k_pad // 128))  # no CTA without units (the kernel's count assumes it)
     smem = smem_bytes(m, k_pad)
-    k = cuda_launch.kernel(SOURCES, _name(_instance_rows(m), _OUT[y.dtype], bias is not None, grid > 0), None,
-                           SMEM_MAX)  # opt-in always: the static reduction buffer adds to it
-    part = torch.empty((2 * grid, _instance_rows(m), ROWS), dtype=torch.float32, device=y.device) if grid else y
-    cuda_launch.launch(k, (grid or slabs, 1, 1), THREADS,
-                       [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y, part,
-                        sems if grid else y, m, k_pad // 128, slabs, a_codes.stride(0), a_scales.stride(0),
+    name = f"w4ax_gemv<{_instance_rows(m)}, {_OUT[y.dtype]}, {'true' if bias is not None else 'false'}>"
+    k = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX)  # opt-in always: the static reduction buffer adds to it
+    cuda_launch.launch(k, (y.shape[1] // ROWS, 1, 1), THREADS,
+                       [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y,
+                        m, k_pad // 128, a_codes.stride(0), a_scales.stride(0),
                         w_scales.stride(0) if w_scales.shape[0] > 1 else 0, y.stride(0)],
                        pdl.launch_kwargs(y)["PDL"], smem)

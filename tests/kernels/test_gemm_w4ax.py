@@ -268,37 +268,3 @@ def test_gpu_gemv_kernel(m):
         res = check_case(m, 128, k, 4, 0.16, torch.bfloat16, True, "cuda", cfg=cfg)
         assert res["finite"] and res["max_excess"] <= 0, (k, res)
     assert check_case(m, 256, 1024, 4, 0.25, torch.float32, False, "cuda", cfg=cfg, unit=True)["exact"]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 4])
-def test_gpu_gemv_stream_k(m):
-    """The GEMV's stream-K split, forced over several grids: slabs split between 2 and ~20 CTAs
-    (the last to arrive adds the partials), CTAs over several slabs, a grid above the unit count
-    (clamped); within the reference's tolerance and, with unit scales, integer-exact; a second
-    launch gives the same bits (the counters are left at zero)."""
-    from cometserve.kernels import gemm_w4ax, gemv_w4ax, ref
-
-    dev = torch.device("cuda")
-    if not gemv_w4ax.can_implement(m, 384, 1152, 4, torch.bfloat16, dev)[0]:
-        pytest.skip("needs NVRTC and sm_80+")
-    for n, k, grids in ((384, 1152, (5, 7, 100, 200)), (4096, 14336, (132, 264)), (128, 28672, (264,))):
-        for unit in (False, True):
-            codes, scales, qw, ws, bias = _operands(m, n, k, 4, 0.16, dev, unit_scales=unit)
-            dt = torch.float32 if unit else torch.bfloat16
-            bias = None if unit else bias.to(dt)
-            yr = ref.w4ax_gemm(codes, scales, qw, ws, bias, dt).float()
-            pq, ps = gemm_w4ax.prepare_weights(qw, ws)
-            for grid in grids:
-                ys = []
-                for _ in range(2):
-                    ys.append(torch.full((m, n), float("nan"), dtype=dt, device=dev))
-                    gemv_w4ax.launch(codes, scales, pq, ps, bias, ys[-1], grid, gemm_w4ax._semaphores(dev, n))
-                case = (n, k, grid, unit)
-                assert torch.equal(ys[0], ys[1]), case
-                y = ys[0].float()
-                if unit:
-                    assert torch.equal(y, yr), case
-                else:
-                    bound = 1e-5 * yr.abs().max() + RTOL[dt] * yr.abs()
-                    assert ((y - yr).abs() <= bound).all(), case
