@@ -19,7 +19,6 @@ import argparse
 import datetime
 import gc
 import json
-import subprocess
 import sys
 import time
 import traceback
@@ -221,19 +220,11 @@ def write_plot(rows: list[dict], path: Path) -> None:
 
 
 def write_results(args, rows: list[dict], out_dir: Path) -> None:
-    import triton
+    from cometserve.kernels.timing import run_meta
 
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                             stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    command = " ".join(["benchmarks/e2e/throughput.py", *sys.argv[1:]])
-    write_doc({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "commit": commit, "command": command,
-               "rows": [{**r, "commit": commit, "command": command} for r in rows]}, out_dir, args.name)
+    meta = run_meta(" ".join(["benchmarks/e2e/throughput.py", *sys.argv[1:]]), args.commit)
+    write_doc({**meta, "rows": [{**r, "commit": meta["commit"], "command": meta["command"]} for r in rows]},
+              out_dir, args.name)
 
 
 def merge(paths: list[str], out_dir: Path, name: str) -> None:
@@ -250,7 +241,7 @@ def merge(paths: list[str], out_dir: Path, name: str) -> None:
             rows[key] = {**r, "commit": r.get("commit", d["commit"]), "command": r.get("command", d["command"])}
     last = docs[-1]
     commands = list(dict.fromkeys(r["command"] for r in rows.values()))
-    write_doc({**{k: last[k] for k in ("gpu", "torch", "triton", "commit")}, "command": " ; ".join(commands),
+    write_doc({**{k: last.get(k) for k in ("gpu", "driver", "torch", "triton", "commit")}, "command": " ; ".join(commands),
                "rows": list(rows.values())}, out_dir, name)
 
 
@@ -261,7 +252,8 @@ def write_doc(doc: dict, out_dir: Path, name: str) -> None:
     (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     commands = list(dict.fromkeys(r.get("command", doc["command"]) for r in rows))
     lines = [f"# End-to-end throughput{'' if name == 'throughput' else ', ' + name} ({datetime.date.today()})", "",
-             (f"GPU {doc['gpu']}, torch {doc['torch']}, triton {doc['triton']}. Commands (each row's commit in "
+             (f"GPU {doc['gpu']} (driver {doc.get('driver') or 'not recorded'}), torch {doc['torch']}, triton "
+              f"{doc['triton']}. Commands (each row's commit in "
              f"{name}.json):"), "", *[f"- `{c}`" for c in commands], "",
              ("| model | mode | GPUs | case | requests | max batch | output tok/s | total tok/s | seconds | "
              "step ms p50 | peak GiB | commit |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
