@@ -344,10 +344,12 @@ def candidates(m: int, n: int, nb: int, device: torch.device, w_bits: int = 4,
 
 
 def _semaphores(device: torch.device, count: int) -> torch.Tensor:
+    """The device's counters (zero between calls), allocated once at MAX_SEMAPHORES: a regrown buffer
+    would free the one that captured CUDA graphs still point at."""
+    assert count <= MAX_SEMAPHORES, f"{count} counters asked, at most {MAX_SEMAPHORES}"
     buf = _STATE.sems.get(device)
-    if buf is None or buf.numel() < count:
-        buf = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _STATE.sems[device] = buf
+    if buf is None:
+        buf = _STATE.sems[device] = torch.zeros(MAX_SEMAPHORES, dtype=torch.int32, device=device)
     return buf
 
 
