@@ -173,8 +173,8 @@ def test_warm_up_tunes_the_small_decode_buckets_without_graphs(tmp_path):
 def test_short_context_decode_graph_matches_eager(mode, tmp_path):
     """Batch-1 decodes on either side of DecodeGraphs.SHORT_CONTEXT replay the graph captured for it
     or for max_model_len: the same logits, bit for bit, as the eager forward given that graph's
-    max_context_len; within it, the INT4 attention's split plan is the eager step's own (one
-    split), so also the same logits as the plain eager forward."""
+    max_context_len; within it, for W4AxKV4, the INT4 attention's split plan is the eager step's own
+    (one split), so also the same logits as the plain eager forward."""
     import dataclasses
 
     if not torch.cuda.is_available():
