@@ -333,7 +333,7 @@ def candidates(m: int, n: int, nb: int, device: torch.device, w_bits: int = 4,
                out_dtype: torch.dtype = torch.bfloat16) -> list[GemmConfig]:
     out = _candidate_list(m, n, nb, device)
     if USE_GEMV and gemv_w4ax.can_implement(m, n, nb * BLOCK_SIZE, w_bits, out_dtype, device)[0]:
-        out.append(GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, gemv_w4ax.THREADS // 32, 1, backend="gemv"))
+        out += [GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, w, 1, backend="gemv") for w in gemv_w4ax.WARPS]
     if m > STREAM_M and gemm_wgmma.can_implement(n, w_bits, out_dtype, device)[0]:
         out += [GemmConfig(128, bm, 1, 8, 12, st, backend="wgmma") for bm, st in WGMMA_SHAPES]
         if m <= GRAPH_TUNE_M:  # K splits where the tiles leave SMs idle (wins at M = 128 on down_proj)
@@ -363,7 +363,7 @@ def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, use_
             cfg.backend == "gemv" and not gemv_w4ax.operands_ok(a_codes, bias, y)):
         cfg = _candidate_list(m, n, nb, y.device)[0]
     if cfg.backend == "gemv":
-        return gemv_w4ax.launch(a_codes, a_scales, qweight, w_scales, bias, y)
+        return gemv_w4ax.launch(a_codes, a_scales, qweight, w_scales, bias, y, cfg.num_warps)
     tiles = (n // cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = max(1, min(cfg.split_k, nb))
     if split * m * n >= 2**31:

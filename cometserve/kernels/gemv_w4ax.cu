@@ -8,8 +8,8 @@
 // are summed in another order (each warp over its own blocks, then the warps in order): within the
 // reference's tolerance, and deterministic.
 //
-// CTA = GV_WARPS warps over 32 weight rows (half of a prepared 64-row tile) and all K. Warp w takes
-// blocks w, w + GV_WARPS, ...: the slab's 2 KB of block b are four fully coalesced 512-byte warp
+// CTA = W warps (8 or 16: a tuner choice) over 32 weight rows (half of a prepared 64-row tile) and all
+// K. Warp w takes blocks w, w + W, ...: the slab's 2 KB of block b are four fully coalesced 512-byte warp
 // loads, lane l holding bytes 16 l .. of each, i.e. a 16-byte quarter (l % 4) of rows 8 q + l / 4,
 // q = 0..3. Byte j of a row holds channel j (low nibble) and 64 + j (high nibble): masked into the
 // high nibble of an int8 (code * 16, as the Triton kernel's mask widening) they meet the activation
@@ -18,7 +18,7 @@
 // one block is computed; the first block's are requested before the wait for the previous kernel
 // (weights are never written by one). Activation codes and scales are staged in shared memory once.
 
-constexpr int GV_WARPS = 16, GV_ROWS = 32, GV_THREADS = 32 * GV_WARPS, GV_TILE_BYTES = 64 * 64;
+constexpr int GV_ROWS = 32, GV_TILE_BYTES = 64 * 64;
 
 DEV int dp4a(u32 a, u32 b, int c) {
   int d;
@@ -71,13 +71,13 @@ DEV void gv_block(float (&acc)[MT][4], const GvBlock& t, const u8* act, const fl
 }
 
 // grid (N / 32); rows m >= M of the MT-row instance are zero codes and never stored
-template <int MT, int OUT, bool BIAS>
-__global__ void __launch_bounds__(GV_THREADS) w4ax_gemv(
+template <int MT, int OUT, bool BIAS, int W>
+__global__ void __launch_bounds__(32 * W) w4ax_gemv(
     const u8* __restrict__ a_codes, const float* __restrict__ a_scales, const u8* __restrict__ w,
     const u16* __restrict__ w_scales, const void* __restrict__ bias, u8* __restrict__ y, int M, int NB,
     int stride_am, int stride_asm, int stride_wsb, int stride_ym) {
   extern __shared__ __align__(16) u8 act[];  // activation codes [MT][K_pad], then scales fp32 [MT][NB]
-  __shared__ float red[GV_WARPS][MT][GV_ROWS];
+  __shared__ float red[W][MT][GV_ROWS];
   constexpr int OSZ = OUT == 2 ? 4 : 2;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kpad = NB * 128;
   const int n0 = blockIdx.x * GV_ROWS;
@@ -87,20 +87,20 @@ __global__ void __launch_bounds__(GV_THREADS) w4ax_gemv(
   if (warp < NB) gv_load(cur, slab, ws_col, warp, stride_wsb, lane);
   grid_dep_wait();  // the activations and Y are shared with earlier kernels
   float* sa = reinterpret_cast<float*>(act + MT * kpad);
-  for (int i = 16 * tid; i < MT * kpad; i += 16 * GV_THREADS) {
+  for (int i = 16 * tid; i < MT * kpad; i += 16 * 32 * W) {
     const int m = i / kpad, k = i % kpad;
     *reinterpret_cast<uint4*>(act + i) =
         m < M ? *reinterpret_cast<const uint4*>(a_codes + (long long)m * stride_am + k) : uint4{0u, 0u, 0u, 0u};
   }
-  for (int i = tid; i < MT * NB; i += GV_THREADS) sa[i] = i / NB < M ? a_scales[(long long)(i / NB) * stride_asm + i % NB] : 0.0f;
+  for (int i = tid; i < MT * NB; i += 32 * W) sa[i] = i / NB < M ? a_scales[(long long)(i / NB) * stride_asm + i % NB] : 0.0f;
   __syncthreads();
   float acc[MT][4];
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[m][q] = 0.0f;
-  for (int b = warp; b < NB; b += GV_WARPS) {
-    if (b + GV_WARPS < NB) gv_load(nxt, slab, ws_col, b + GV_WARPS, stride_wsb, lane);
+  for (int b = warp; b < NB; b += W) {
+    if (b + W < NB) gv_load(nxt, slab, ws_col, b + W, stride_wsb, lane);
     gv_block<MT>(acc, cur, act, sa, b, kpad, NB, lane);
     cur = nxt;
   }
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(GV_THREADS) w4ax_gemv(
     const int m = tid / GV_ROWS, r = tid % GV_ROWS;
     float v = red[0][m][r];
 #pragma unroll
-    for (int i = 1; i < GV_WARPS; ++i) v = __fadd_rn(v, red[i][m][r]);
+    for (int i = 1; i < W; ++i) v = __fadd_rn(v, red[i][m][r]);
     v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
     if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, n0 + r));
     if (m < M) store_out<OUT>(y + ((long long)m * stride_ym + n0 + r) * OSZ, v);

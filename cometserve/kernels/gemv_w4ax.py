@@ -7,6 +7,8 @@ and sums the fp32 partials in the last CTA of each tile; on the H200 the four Ll
 the CUDA cores (dp4a on the mask-widened nibbles), each CTA owns 32 weight rows over all of K, its
 warps take interleaved blocks with the next block's loads in flight, and the warps' partial sums meet
 in shared memory in a fixed order: one launch, no partial buffers or semaphores, deterministic.
+8 or 16 warps per CTA: the tuner times both (8 won on the larger-N shapes on the H200, 16 on o and
+down_proj; NOTES-gemm.md item 29).
 
 Same operands as the other two kernels (prepare_weights' tiled INT4 layout, int8 activation codes,
 fp32 activation scales, fp16 weight scales [nb or 1, N]); per block the same fp32 FMA as the Triton
@@ -27,7 +29,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = (os.path.join(_HERE, "mma_int4.cuh"), os.path.join(_HERE, "gemv_w4ax.cu"))
 MAX_M = 4
 ROWS = 32  # weight rows per CTA
-THREADS = 512  # gemv_w4ax.cu's GV_WARPS warps
+WARPS = (16, 8)  # warps per CTA of the instances the tuner times (the first: the untuned default)
 SMEM_MAX = 160 * 1024  # staged activations (K_pad 28672 at 4 tokens: 116 KB); the opt-in limit is 227 KB
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -76,13 +78,14 @@ def operands_ok(a_codes: torch.Tensor, bias: torch.Tensor | None, y: torch.Tenso
             and (bias is None or bias.dtype == y.dtype))
 
 
-def launch(a_codes, a_scales, qweight, w_scales, bias, y) -> None:
-    """Y = W4Ax(a_codes, a_scales, prepared qweight / w_scales) (+ bias) into y [M, N], M <= MAX_M."""
+def launch(a_codes, a_scales, qweight, w_scales, bias, y, warps: int = WARPS[0]) -> None:
+    """Y = W4Ax(a_codes, a_scales, prepared qweight / w_scales) (+ bias) into y [M, N], M <= MAX_M,
+    with `warps` (one of WARPS) warps per CTA."""
     m, k_pad = a_codes.shape
     smem = smem_bytes(m, k_pad)
-    name = f"w4ax_gemv<{_instance_rows(m)}, {_OUT[y.dtype]}, {'true' if bias is not None else 'false'}>"
+    name = f"w4ax_gemv<{_instance_rows(m)}, {_OUT[y.dtype]}, {'true' if bias is not None else 'false'}, {warps}>"
     k = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX)  # opt-in always: the static reduction buffer adds to it
-    cuda_launch.launch(k, (y.shape[1] // ROWS, 1, 1), THREADS,
+    cuda_launch.launch(k, (y.shape[1] // ROWS, 1, 1), 32 * warps,
                        [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y,
                         m, k_pad // 128, a_codes.stride(0), a_scales.stride(0),
                         w_scales.stride(0) if w_scales.shape[0] > 1 else 0, y.stride(0)],

@@ -253,18 +253,20 @@ def test_gpu_wgmma_kernel(m, bm, stages, split):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_gpu_gemv_kernel(m):
-    """The CUDA GEMV, forced: 1-4 tokens (3 runs the 4-row instance with a zero row), K of 9 blocks
-    (warps with one block and with none), every output dtype with and without bias, a K of 224 blocks
-    (70B down_proj: activations staged past 48 KB of shared memory) and of 86; integer-exact with unit scales."""
+    """The CUDA GEMV, forced, each warp count: 1-4 tokens (3 runs the 4-row instance with a zero row), K
+    of 9 blocks (warps with one block and with none), every output dtype with and without bias, a K of
+    224 blocks (70B down_proj: activations staged past 48 KB of shared memory) and of 86;
+    integer-exact with unit scales."""
     from cometserve.kernels import gemv_w4ax
 
     if not gemv_w4ax.can_implement(m, 384, 1152, 4, torch.bfloat16, torch.device("cuda"))[0]:
         pytest.skip("needs NVRTC and sm_80+")
-    cfg = (32, 4, 1, 1, 16, 1, True, 1, "gemv")
-    for i, (dt, bias) in enumerate((("bf16", True), ("fp16", False), ("fp32", True))):
-        res = check_case(m, 384, 1152, 4, 0.16 * i, DTYPES[dt], bias, "cuda", cfg=cfg)
-        assert res["finite"] and res["max_excess"] <= 0, (dt, res)
-    for k in (28672, 11008):  # 11008 at 4 tokens: staged codes under 48 KB, with the static buffer over
-        res = check_case(m, 128, k, 4, 0.16, torch.bfloat16, True, "cuda", cfg=cfg)
-        assert res["finite"] and res["max_excess"] <= 0, (k, res)
-    assert check_case(m, 256, 1024, 4, 0.25, torch.float32, False, "cuda", cfg=cfg, unit=True)["exact"]
+    for warps in gemv_w4ax.WARPS:
+        cfg = (32, 4, 1, 1, warps, 1, True, 1, "gemv")
+        for i, (dt, bias) in enumerate((("bf16", True), ("fp16", False), ("fp32", True))):
+            res = check_case(m, 384, 1152, 4, 0.16 * i, DTYPES[dt], bias, "cuda", cfg=cfg)
+            assert res["finite"] and res["max_excess"] <= 0, (warps, dt, res)
+        for k in (28672, 11008):  # 11008 at 4 tokens: staged codes under 48 KB, with the static buffer over
+            res = check_case(m, 128, k, 4, 0.16, torch.bfloat16, True, "cuda", cfg=cfg)
+            assert res["finite"] and res["max_excess"] <= 0, (warps, k, res)
+        assert check_case(m, 256, 1024, 4, 0.25, torch.float32, False, "cuda", cfg=cfg, unit=True)["exact"]
