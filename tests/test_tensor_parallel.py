@@ -310,8 +310,11 @@ def _compare(workers, path, logprob_atol=1e-4, **engine_kw):
     return engine
 
 
-def test_two_ranks_greedy_equals_one_process_16bit(workers, tiny_dir):
-    engine = _compare(workers, tiny_dir, page_size=16, max_num_batched_tokens=48)  # chunked prefill too
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_two_ranks_greedy_equals_one_process_16bit(workers, tiny_dir, async_scheduling):
+    engine = _compare(workers, tiny_dir, page_size=16, max_num_batched_tokens=48,  # chunked prefill too
+                      async_scheduling=async_scheduling)
+    assert engine.async_scheduling == async_scheduling
     model = engine.loaded.model
     assert model.config.num_kv_heads == 1 and engine.storage.layers[0].k_pages.shape[1] == 1  # rank's KV heads
     assert model.model.embed_tokens.weight.shape[0] == 160 and model.lm_head.weight.shape[0] == 160
@@ -339,12 +342,13 @@ def test_two_ranks_greedy_equals_one_process_other_layouts(workers, tmp_path, fa
     assert bias is not None and bias.abs().sum() > 0
 
 
-def test_two_ranks_greedy_equals_one_process_w4axkv4(workers, quant_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_two_ranks_greedy_equals_one_process_w4axkv4(workers, quant_dir, async_scheduling):
     # Row-parallel layers sum per-rank partial products: another float32 rounding than one process.
     # In a W4AxKV4 model such a 1e-7 difference can land on a rounding boundary of an activation or
     # KV code and move later logprobs by a quantization step (measured 0.08 on one of the 15
     # streams; 1e-6 on the others): tokens must match, logprobs within 0.2.
-    engine = _compare(workers, quant_dir, logprob_atol=0.2)
+    engine = _compare(workers, quant_dir, logprob_atol=0.2, async_scheduling=async_scheduling)
     layers = engine.loaded.model.model.layers
     assert engine.storage.kv_bits == 4 and engine.storage.layers[0].num_kv_heads == 1
     o0, o1 = layers[0].self_attn.o_proj, layers[1].self_attn.o_proj
@@ -352,6 +356,37 @@ def test_two_ranks_greedy_equals_one_process_w4axkv4(workers, quant_dir):
     assert o1.input_index is not None and o1.linear.perm is None  # all-gather, then index
     down = layers[0].mlp.down_proj
     assert down.input_index is None and down.linear.perm is None and down.linear.block_bits.numel() == 2
+
+
+def test_two_ranks_async_sampling_feeds_every_rank_rank0s_tokens(workers, tiny_dir):
+    """Async scheduling, unseeded sampling at temperature 1: the workers' random streams are not rank
+    0's, so a decode whose token was still in flight (a placeholder) gets rank 0's token on a worker
+    only through ModelRunner.share_samples. Checked by teacher forcing: one process scoring each
+    prompt + the sampled tokens gives every log-probability rank 0 reported."""
+    from cometserve.distributed.engine import ModelSpec, create_engine, free_engine
+
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True, temperature=1.0)
+    engine = create_engine(workers.tp, ModelSpec(path=str(tiny_dir), dtype="float32"),
+                           _engine_config(async_scheduling=True))
+    try:
+        assert engine.async_scheduling
+        got = _run(engine, params)
+    finally:
+        free_engine(workers.tp)
+    single = load_model(tiny_dir, device="cpu", dtype=torch.float32)
+    scorer = LLMEngine(single.model, single.scheme, _engine_config())
+    prompts = _prompts()
+    for i, ids in enumerate(prompts):
+        scorer.add_request(str(i), ids + got[str(i)][0], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    scored = {d.request_id: d.prompt_logprobs for d in _drain(scorer) if d.prompt_logprobs is not None}
+    for i, ids in enumerate(prompts):
+        want = [lp for lp, _ in scored[str(i)][len(ids):]]  # per position (logprob, alternatives)
+        torch.testing.assert_close(torch.tensor(got[str(i)][1]), torch.tensor(want), rtol=1e-4, atol=1e-4)
+
+
+def _drain(engine: LLMEngine):
+    while engine.has_unfinished():
+        yield from engine.step()
 
 
 def test_a_model_that_does_not_split_fails_on_every_rank_and_workers_survive(workers, tmp_path, tiny_dir):

@@ -1,7 +1,9 @@
 """All-reduce latency between the GPUs of one host, as a tensor-parallel decode step issues it: bf16
 [M, hidden] sums replayed from a CUDA graph (160 in a row, the all-reduces of one Llama-3-70B step).
-Peers in the same run: NCCL (what the engine uses) and PyTorch symmetric-memory one-shot and
-two-shot all-reduces (peer-to-peer loads over NVLink, no multicast). Also the per-step control message
+Peers in the same run: NCCL, PyTorch symmetric-memory one-shot and two-shot all-reduces (peer-to-peer
+loads over NVLink, no multicast) in place on their buffer, and what the engine calls
+(`ParallelContext.all_reduce`: the two-shot one with the copy into its buffer, NCCL above
+SymmetricAllReduce.MAX_BYTES), checked against the expected sum. Also the per-step control message
 cost (gloo broadcast_object_list, rank 0 to the others).
 
     torchrun --standalone --nproc-per-node 2 benchmarks/e2e/allreduce_latency.py [--hidden 8192]
@@ -17,6 +19,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+from cometserve.distributed.context import ParallelContext, _symmetric_all_reduce
 
 CALLS = 160
 
@@ -51,7 +55,7 @@ def graph_us(fn, reps: int = 10) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=8192)
-    p.add_argument("--batches", default="1,8,64,256,1024")
+    p.add_argument("--batches", default="1,8,64,256,1024,2048,4096")
     args = p.parse_args()
     rank = int(os.environ["RANK"])
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
@@ -60,10 +64,15 @@ def main() -> None:
     group = dist.group.WORLD.group_name
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{dist.get_world_size()} x {torch.cuda.get_device_name()}, torch {torch.__version__}; us per all-reduce")
-    say(f"{'M':>6} {'MB':>7} {'nccl':>8} {'one_shot':>9} {'two_shot':>9}")
+    world, dev = dist.get_world_size(), torch.device("cuda", torch.cuda.current_device())
+    tp = ParallelContext(rank, world, dev, dist.group.WORLD, cpu, _symmetric_all_reduce(dist.group.WORLD, cpu, dev, world))
+    say(f"{'M':>6} {'MB':>7} {'nccl':>8} {'engine':>8} {'one_shot':>9} {'two_shot':>9}")
     for m in map(int, args.batches.split(",")):
         x = torch.randn(m, args.hidden, device="cuda", dtype=torch.bfloat16)
-        cols = [f"{graph_us(lambda x=x: dist.all_reduce(x)):8.1f}"]
+        y = tp.all_reduce(x.clone())
+        assert torch.equal(y, x * world) if world == 2 else torch.allclose(y.float(), x.float() * world, rtol=1e-2, atol=1e-2), \
+            "ParallelContext.all_reduce: wrong sum"
+        cols = [f"{graph_us(lambda x=x: dist.all_reduce(x)):8.1f}", f"{graph_us(lambda y=y: tp.all_reduce(y)):8.1f}"]
         try:
             import torch.distributed._symmetric_memory as symm_mem
 

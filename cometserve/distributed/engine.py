@@ -2,10 +2,14 @@
 
 Rank 0 runs an ordinary `LLMEngine` whose runner is wrapped in a `DriverRunner`: before each step it
 broadcasts the step's `SchedulerOutput` (and the requests whose runner state was released since the
-previous step) over the gloo control group, then runs its own shard. Every other rank runs the same
-`ModelRunner.execute` on the same SchedulerOutput, so the collectives inside the forward line up
-and the sequence-slot bookkeeping of every rank stays identical. Logits are all-gathered, so every
-rank holds the same full logits; only rank 0's samples reach the scheduler (workers' are dropped).
+previous step) over the gloo control group, then launches its own shard. Every other rank launches
+the same `ModelRunner.launch` on the same SchedulerOutput, so the collectives inside the forward line
+up and the sequence-slot bookkeeping of every rank stays identical. Logits are all-gathered, so every
+rank holds the same full logits; only rank 0's samples reach the scheduler, and every rank's sampled
+tokens are replaced by rank 0's on the device (`ModelRunner.share_samples`, one NCCL broadcast).
+So async scheduling works as with one GPU: rank 0 schedules and broadcasts step N+1 while step N runs,
+and the decodes of N+1 whose token N samples (PLACEHOLDER) get the same token on every rank. A worker
+waits for step N only after launching N+1.
 
 Workers are driven entirely by rank 0's control messages (pickled: small Python objects only;
 weights and checkpoints are never pickled):
@@ -35,6 +39,7 @@ from cometserve.distributed.context import ParallelContext
 from cometserve.engine.engine import EngineConfig, LLMEngine, _reserve_bytes
 from cometserve.engine.interfaces import SchedulerOutput, StepOutput
 from cometserve.engine.kv_storage import page_bytes, pages_for_memory
+from cometserve.engine.runner import InFlight, ModelRunner
 from cometserve.model.loader import LoadedModel, default_dtype
 
 
@@ -75,7 +80,7 @@ class DriverRunner:
     """Rank 0's runner: broadcasts each step to the workers, then runs its own shard. Any other
     attribute (graphs, attn, generators, storage, ...) is the wrapped ModelRunner's."""
 
-    async_ok = False  # every step is broadcast, then run: no launch() / collect() split
+    async_ok = True  # launch() / collect() may be split by the next step's launch, as ModelRunner's
 
     def __init__(self, runner, tp: ParallelContext) -> None:
         self.inner = runner
@@ -83,9 +88,12 @@ class DriverRunner:
         self._released: list[tuple[list[str], bool]] = []
 
     def execute(self, out: SchedulerOutput) -> StepOutput:
+        return self.inner.collect(self.launch(out))
+
+    def launch(self, out: SchedulerOutput) -> InFlight | None:
         releases, self._released = self._released, []
         self.tp.broadcast_object(("step", releases, out))
-        return self.inner.execute(out)
+        return self.inner.launch(out)
 
     def release(self, request_ids, keep_generators: bool = False) -> None:
         ids = list(request_ids)
@@ -130,6 +138,8 @@ def build_engine(spec: ModelSpec, config: EngineConfig, tp: ParallelContext, tok
     # piecewise graphs would hold the layers' all-reduces too; not run on several GPUs yet: eager
     config = _agree_num_pages(loaded.model, loaded.scheme, dataclasses.replace(config, max_piecewise_tokens=0), tp)
     engine = LLMEngine(loaded.model, loaded.scheme, config, tokenizer)
+    if tp.world_size > 1:
+        engine.runner.share_samples = tp.broadcast_tensor
     if config.use_cuda_graphs and tp.device.type == "cuda":
         captured = tp.min_int(int(engine.runner.graphs is not None))
         if not captured and engine.runner.graphs is not None:  # one rank failed: all run eagerly
@@ -166,15 +176,20 @@ def stop_workers(tp: ParallelContext) -> None:
 
 def worker_loop(tp: ParallelContext) -> None:
     """Ranks > 0: follow rank 0's control messages until ("exit",)."""
-    engine = None
+    engine = flight = None
     while True:
         msg = tp.broadcast_object(None)
         kind = msg[0]
         if kind == "step":
             for ids, keep in msg[1]:
                 engine.runner.release(ids, keep)
-            engine.runner.execute(msg[2])
-        elif kind == "build":
+            launched = engine.runner.launch(msg[2])
+            ModelRunner.collect(flight)  # the previous step (rank 0 waits for it about now too); samples dropped
+            flight = launched
+            continue
+        ModelRunner.collect(flight)  # no step outlives its engine
+        flight = None
+        if kind == "build":
             engine = None
             _collect()
             try:

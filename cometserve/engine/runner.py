@@ -19,6 +19,7 @@ token this step sampled, from the device, and all device work runs in stream ord
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,6 +138,9 @@ class ModelRunner:
         self.prompt_logprobs = PromptLogprobs(model)
         self._prompt_out: list = []  # the last forward's PromptLogprobs.compute()
         self._last: tuple[dict[str, int], torch.Tensor] | None = None  # last launch: request -> row, tokens
+        # tensor parallelism: replaces every rank's sampled tokens [S] in place with rank 0's (the ones
+        # the scheduler gets), so that placeholders become the same tokens on every rank
+        self.share_samples: Callable[[torch.Tensor], None] | None = None
         self.block_tables = HostBlockTables(storage.max_seqs + 1, -(-max_model_len // storage.page_size),
                                             storage.dummy_page)
         self.graphs: DecodeGraphs | None = None
@@ -245,6 +249,8 @@ class ModelRunner:
             return _to_host([], none, none.float(), None, prompt) if prompt else None
         params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
         tokens, logprobs = self.sample_device(*res, inputs.sample_ids, params)
+        if self.share_samples is not None:
+            self.share_samples(tokens)
         self._last = ({rid: i for i, rid in enumerate(inputs.sample_ids)}, tokens)
         return _to_host(inputs.sample_ids, tokens, logprobs, _top_logprobs(res[0], inputs.sample_ids, params), prompt)
 
