@@ -55,7 +55,7 @@ def graph_us(fn, reps: int = 10) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=8192)
-    p.add_argument("--batches", default="1,8,64,256,1024,2048,4096")
+    p.add_argument("--batches", default="1,8,64,256,1024,2048,4096,8192")
     args = p.parse_args()
     rank = int(os.environ["RANK"])
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))

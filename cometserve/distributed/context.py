@@ -6,8 +6,8 @@ mutable module global. Two groups over the same ranks:
 - `group`: tensor collectives inside the model forward (all-reduce after a row-parallel layer,
   all-gather of vocabulary-parallel logits). NCCL on CUDA, gloo on CPU. On CUDA the all-reduces of
   up to `SymmetricAllReduce.MAX_BYTES` go through PyTorch's symmetric memory instead (a two-shot
-  all-reduce over NVLink peer loads: 2-3x faster than NCCL at decode sizes on 2 H200s, measured by
-  benchmarks/e2e/allreduce_latency.py); `COMETSERVE_ALL_REDUCE=nccl` keeps every one on NCCL.
+  all-reduce over NVLink peer loads; on 2 H200s, copy into its buffer included, 1.8x faster than NCCL
+  at decode sizes and 1.2-1.5x at 1024-2048 rows: benchmarks/e2e/allreduce_latency.py); `COMETSERVE_ALL_REDUCE=nccl` keeps every one on NCCL.
 - `cpu_group`: gloo, for the control messages of the engine (rank 0 broadcasts each step's
   SchedulerOutput). Its timeout is long: a server's workers wait in it for as long as no request
   comes, and the control message never touches a GPU stream.
@@ -41,14 +41,12 @@ class SymmetricAllReduce:
     _symmetric_memory): the input is copied in, two-shot reduced (each rank sums its slice from every
     peer, then gathers the others' sums) into the input. Made by every rank together (a rendezvous)."""
 
-    MAX_BYTES = 32 << 20  # bf16 [2048, 8192]; larger sums (long prefills) stay on NCCL
+    MAX_BYTES = 128 << 20  # bf16 [8192, 8192]: a full 8192-token prefill step of a 70B model
 
     def __init__(self, group, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group.group_name
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.8, deprecated after
-            symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buf = symm_mem.empty(self.MAX_BYTES, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(self.buf, self.group_name)
         self._out = getattr(torch.ops.symm_mem, "two_shot_all_reduce_out", None)

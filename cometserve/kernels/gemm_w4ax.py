@@ -252,11 +252,11 @@ class _State:
     def __init__(self) -> None:
         self.tuned: dict[tuple, GemmConfig] = {}
         self.sems: dict[torch.device, torch.Tensor] = {}
+        self.retired_sems: list[torch.Tensor] = []  # grown out of, still read by captured graphs
         self.num_sms: dict[torch.device, int] = {}
 
 
 _STATE = _State()
-MAX_SEMAPHORES = 1 << 16
 # The tuner times decode-sized shapes (M <= GRAPH_TUNE_M) as a decode step runs them: back to back
 # from a CUDA graph over weight copies spanning TUNE_ROTATE_BYTES (kernels/timing.py); 0, or larger
 # M: do_bench (an L2 flush by a write before each call, whose write-back the timed kernel pays).
@@ -344,12 +344,13 @@ def candidates(m: int, n: int, nb: int, device: torch.device, w_bits: int = 4,
 
 
 def _semaphores(device: torch.device, count: int) -> torch.Tensor:
-    """The device's counters (zero between calls), allocated once at MAX_SEMAPHORES: a regrown buffer
-    would free the one that captured CUDA graphs still point at."""
-    assert count <= MAX_SEMAPHORES, f"{count} counters asked, at most {MAX_SEMAPHORES}"
+    """The device's counters (zero between calls), at least `count`. A grown buffer replaces the old
+    one for new launches, but the old one is kept: CUDA graphs captured earlier still point at it."""
     buf = _STATE.sems.get(device)
-    if buf is None:
-        buf = _STATE.sems[device] = torch.zeros(MAX_SEMAPHORES, dtype=torch.int32, device=device)
+    if buf is None or buf.numel() < count:
+        if buf is not None:
+            _STATE.retired_sems.append(buf)
+        buf = _STATE.sems[device] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
     return buf
 
 
