@@ -32,7 +32,7 @@ from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.model.layers.linear import Linear, QuantLinear
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
-from tests.tiny_models import engine_tokens, write_tiny_model
+from tests.tiny_models import engine_tokens, teacher_forced, write_tiny_model
 
 # tp=2 needs whole heads and whole 128-channel blocks per rank: o_proj K = 4 x 64 = 2 blocks,
 # down_proj K = 512 = 4 blocks
@@ -358,6 +358,28 @@ def test_two_ranks_greedy_equals_one_process_w4axkv4(workers, quant_dir, async_s
     assert down.input_index is None and down.linear.perm is None and down.linear.block_bits.numel() == 2
 
 
+def test_two_ranks_bf16_w4axkv4_stay_near_the_greedy_path(workers, quant_dir):
+    """In bf16 the ranks' partial sums round differently enough to flip near-tied greedy tokens of a
+    tiny random model (measured: 36 of 144 agree), so the GPU test's teacher-forced check, here on
+    CPU: one process scores the ranks' continuations; every token is near its greedy choice."""
+    from cometserve.distributed.engine import ModelSpec, create_engine, free_engine
+    from tests.test_tensor_parallel_gpu import GAP_MAX, GAP_MEAN
+
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    engine = create_engine(workers.tp, ModelSpec(path=str(quant_dir), dtype="bfloat16"), _engine_config())
+    try:
+        got = engine_tokens(engine, _prompts(), params)
+    finally:
+        free_engine(workers.tp)
+    single = load_model(quant_dir, device="cpu", dtype=torch.bfloat16)
+    logprob, top = teacher_forced(LLMEngine(single.model, single.scheme, _engine_config()), _prompts(), got)
+    gaps = top - logprob
+    assert gaps.max() <= GAP_MAX and gaps.mean() <= GAP_MEAN, (gaps.max(), gaps.mean())
+    random = {i: torch.randint(0, 320, (len(t),), generator=torch.Generator().manual_seed(2)).tolist() for i, t in got.items()}
+    logprob, top = teacher_forced(LLMEngine(single.model, single.scheme, _engine_config()), _prompts(), random)
+    assert (top - logprob).mean() > 10 * GAP_MEAN  # the check can fail
+
+
 def test_two_ranks_async_sampling_feeds_every_rank_rank0s_tokens(workers, tiny_dir):
     """Async scheduling, unseeded sampling at temperature 1: the workers' random streams are not rank
     0's, so a decode whose token was still in flight (a placeholder) gets rank 0's token on a worker
@@ -374,19 +396,10 @@ def test_two_ranks_async_sampling_feeds_every_rank_rank0s_tokens(workers, tiny_d
     finally:
         free_engine(workers.tp)
     single = load_model(tiny_dir, device="cpu", dtype=torch.float32)
-    scorer = LLMEngine(single.model, single.scheme, _engine_config())
-    prompts = _prompts()
-    for i, ids in enumerate(prompts):
-        scorer.add_request(str(i), ids + got[str(i)][0], SamplingParams(max_tokens=1, prompt_logprobs=0))
-    scored = {d.request_id: d.prompt_logprobs for d in _drain(scorer) if d.prompt_logprobs is not None}
-    for i, ids in enumerate(prompts):
-        want = [lp for lp, _ in scored[str(i)][len(ids):]]  # per position (logprob, alternatives)
-        torch.testing.assert_close(torch.tensor(got[str(i)][1]), torch.tensor(want), rtol=1e-4, atol=1e-4)
-
-
-def _drain(engine: LLMEngine):
-    while engine.has_unfinished():
-        yield from engine.step()
+    tokens = {i: g[0] for i, g in got.items()}
+    want, _ = teacher_forced(LLMEngine(single.model, single.scheme, _engine_config()), _prompts(), tokens)
+    got_logprobs = torch.tensor([lp for i in range(len(LENGTHS)) for lp in got[str(i)][1]])
+    torch.testing.assert_close(got_logprobs, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_model_that_does_not_split_fails_on_every_rank_and_workers_survive(workers, tmp_path, tiny_dir):

@@ -51,3 +51,17 @@ def engine_tokens(engine, prompts: list[list[int]], params) -> dict[str, list[in
     for d in engine.stream():
         out[d.request_id].extend(d.new_token_ids)
     return out
+
+
+
+def teacher_forced(engine, prompts: list[list[int]], tokens: dict[str, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`engine` scores each prompt + its continuation tokens[index] in one prefill. Per continuation
+    token, in prompt order: its log-probability, and the top log-probability at its position (equal
+    where `engine` would have picked it greedily; a few nats above for a random token)."""
+    from cometserve.sampling_params import SamplingParams
+
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids + tokens[str(i)], SamplingParams(max_tokens=1, prompt_logprobs=1))
+    scored = {d.request_id: d.prompt_logprobs for d in engine.stream() if d.prompt_logprobs is not None}
+    pairs = [(lp, max(lp, *(a for _, a in alts))) for i, ids in enumerate(prompts) for lp, alts in scored[str(i)][len(ids):]]
+    return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])

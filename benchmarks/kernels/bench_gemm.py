@@ -20,7 +20,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -251,15 +250,10 @@ def run_sweep(dev):
 
 
 def _env(args):
-    import torch
-    import triton
+    from cometserve.kernels.timing import run_meta
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout
-    drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True, check=False).stdout
-    return {"gpu": torch.cuda.get_device_name(), "driver": drv.strip(), "torch": torch.__version__,
-            "triton": triton.__version__, "commit": os.environ.get("BENCH_COMMIT") or commit.strip(),
-            "command": "python " + " ".join(sys.argv), "date": str(date.today())}
+    meta = run_meta("python " + " ".join(sys.argv), os.environ.get("BENCH_COMMIT"))
+    return {**meta, "commit": meta["commit"][:7], "date": str(date.today())}
 
 
 def _geo(xs):

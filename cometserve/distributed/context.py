@@ -7,7 +7,8 @@ mutable module global. Two groups over the same ranks:
   all-gather of vocabulary-parallel logits). NCCL on CUDA, gloo on CPU. On CUDA the all-reduces of
   up to `SymmetricAllReduce.MAX_BYTES` go through PyTorch's symmetric memory instead (a two-shot
   all-reduce over NVLink peer loads; on 2 H200s, copy into its buffer included, 1.8x faster than NCCL
-  at decode sizes and 1.2-1.5x at 1024-2048 rows: benchmarks/e2e/allreduce_latency.py); `COMETSERVE_ALL_REDUCE=nccl` keeps every one on NCCL.
+  at decode sizes and 1.2-1.5x at 1024-2048 rows of 8192: benchmarks/e2e/allreduce_latency.py);
+  `COMETSERVE_ALL_REDUCE=nccl` keeps every one on NCCL.
 - `cpu_group`: gloo, for the control messages of the engine (rank 0 broadcasts each step's
   SchedulerOutput). Its timeout is long: a server's workers wait in it for as long as no request
   comes, and the control message never touches a GPU stream.
@@ -41,7 +42,9 @@ class SymmetricAllReduce:
     _symmetric_memory): the input is copied in, two-shot reduced (each rank sums its slice from every
     peer, then gathers the others' sums) into the input. Made by every rank together (a rendezvous)."""
 
-    MAX_BYTES = 128 << 20  # bf16 [8192, 8192]: a full 8192-token prefill step of a 70B model
+    # bf16 [2048, 8192]. Measured on 2 H200s (allreduce_latency.py, copy in included) against NCCL:
+    # 140.7 vs 174.4 us at 2048 rows of 8192, 288.3 vs 285.8 at 4096, 538.9 vs 498.1 at 8192.
+    MAX_BYTES = 32 << 20
 
     def __init__(self, group, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem

@@ -54,7 +54,7 @@ def graph_us(calls, replays: int = 9, target_us: float = 2000.0) -> float:
 
 
 def run_meta(command: str, commit: str | None = None) -> dict:
-    """GPU, driver, torch, triton, commit (git HEAD of this tree unless given), command and UTC date."""
+    """GPU, driver (of the first GPU nvidia-smi lists), torch, triton, commit (git HEAD of this tree unless given), command and UTC date."""
     import triton
 
     def out(*cmd: str) -> str:
@@ -65,6 +65,6 @@ def run_meta(command: str, commit: str | None = None) -> dict:
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "driver": out("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") or "unknown",
+            "driver": (out("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") or "unknown").splitlines()[0],
             "commit": commit or out("git", "rev-parse", "HEAD") or "unknown", "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
