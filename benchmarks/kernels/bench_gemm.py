@@ -154,8 +154,21 @@ def run_gemm(shapes, ms, fractions, dev, dump=None):
     return rows
 
 
+# Act-quant inputs: (name, K, residual, RMSNorm, permutation, gated). The served ones: every layer
+# input of an FMPQ model (qkv and gate_up read x + residual, write the sum, RMSNorm, gather; o gathers;
+# down's permutation is folded into gate_up's rows, so it reads [gate | up] and fuses SiLU-and-multiply);
+# then the bare RMSNorm + gather and plain inputs that this table had before (fewer bytes per row).
+ACT_INPUTS = [
+    ("8B qkv/gate_up", 4096, True, True, True, False), ("8B o", 4096, False, False, True, False),
+    ("8B down", 14336, False, False, False, True), ("70B qkv/gate_up", 8192, True, True, True, False),
+    ("70B o", 8192, False, False, True, False), ("70B down", 28672, False, False, False, True),
+    ("norm+perm", 4096, False, True, True, False), ("norm+perm", 8192, False, True, True, False),
+    ("plain", 14336, False, False, False, False),
+]
+
+
 def run_act(ms, dev):
-    """Fused RMSNorm + gather + quantize (qkv-style input) GB/s and the copy ceiling."""
+    """Fused act-quant GB/s over the bytes each input moves, and the copy ceiling (both directions)."""
     import torch
 
     from cometserve.kernels import quant_act
@@ -163,20 +176,21 @@ def run_act(ms, dev):
     big = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
     copy_gbs = 2 * big.numel() / _time_calls([lambda: big.clone()]) / 1e3
     out = {"copy_GBps": copy_gbs, "rows": []}
-    # qkv / gate_up inputs: RMSNorm + permutation; down_proj's: neither (its permutation is folded
-    # into gate_up's rows); each with and without the Hadamard rotation of INT4 blocks (FMPQ default)
-    for (k, norm), rot in itertools.product(((4096, True), (8192, True), (14336, False)), (False, True)):
+    for (name, k, res, norm, has_perm, gated), rot in itertools.product(ACT_INPUTS, (False, True)):
         nb = k // 128
         bits = (torch.rand(nb, device=dev) < 0.16).to(torch.uint8) * 4 + 4
-        perm = torch.randperm(k, device=dev).int() if norm else None
+        perm = torch.randperm(k, device=dev).int() if has_perm else None
         nw = torch.rand(k, device=dev, dtype=torch.bfloat16) if norm else None
         for m in ms:
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            xs = [x] + [torch.randn_like(x) for _ in range(_copies(m * k * 3) - 1)]
-            us = _time_calls([lambda x=x, perm=perm, bits=bits, nw=nw, rot=rot:
-                              quant_act.quant_act(x, perm, bits, nw, 1e-6, rot) for x in xs])
-            moved = m * k * 2 + m * k + m * nb * 4
-            out["rows"].append({"M": m, "K": k, "norm_perm": norm, "rotate": rot, "us": us,
+            width = 2 * k if gated else k
+            x = torch.randn(m, width, device=dev, dtype=torch.bfloat16)
+            r = torch.randn(m, k, device=dev, dtype=torch.bfloat16) if res else None
+            moved = m * width * 2 + (4 * m * k if res else 0) + m * k + m * nb * 4
+            xs = [x] + [torch.randn_like(x) for _ in range(_copies(moved) - 1)]
+            us = _time_calls([lambda x=x, perm=perm, bits=bits, nw=nw, rot=rot, r=r, gated=gated:
+                              quant_act.quant_act(x, perm, bits, nw, 1e-6, rot, gated, r) for x in xs])
+            out["rows"].append({"input": name, "M": m, "K": k, "residual": res, "norm": nw is not None,
+                                "perm": perm is not None, "gated": gated, "rotate": rot, "us": us,
                                 "GBps": moved / us / 1e3, "of_copy": moved / us / 1e3 / copy_gbs})
     return out
 
@@ -298,9 +312,11 @@ def summarize(res) -> str:
         a = res["act"]
         when = f", commit {a['commit']}, `{a['command']}`" if a.get("commit") else ""
         lines += ["", f"Fused act-quant (copy ceiling {a['copy_GBps']:.0f} GB/s{when}):", "",
-                  "| K | norm+perm | rotate | M | us | GB/s | of copy |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['K']} | {r['norm_perm']} | {r.get('rotate', False)} | {r['M']} | {r['us']:.1f} | "
-                  f"{r['GBps']:.0f} | {r['of_copy']:.0%} |" for r in a["rows"]]
+                  "| input | K | fused | rotate | M | us | GB/s | of copy |", "|---|---|---|---|---|---|---|---|"]
+        for r in a["rows"]:
+            fused = "+".join(f for f in ("residual", "norm", "perm", "gated") if r.get(f)) or "-"
+            lines.append(f"| {r.get('input', '')} | {r['K']} | {fused} | {r['rotate']} | {r['M']} | {r['us']:.1f} | "
+                         f"{r['GBps']:.0f} | {r['of_copy']:.0%} |")
     if res.get("variants"):
         lines += ["", "| variant shape | M | asm masks | us |", "|---|---|---|---|"]
         lines += [f"| {v['shape']} | {v['M']} | {v['asm_masks']} | {v['us']:.1f} |"
