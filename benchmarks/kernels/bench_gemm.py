@@ -310,7 +310,7 @@ def summarize(res) -> str:
             f"{r['shape']} M={r['M']} f={r['int4_fraction']}: {r['us']['w4ax']:.1f}" for r in other)]
     if res.get("act"):
         a = res["act"]
-        when = f", commit {a['commit']}, `{a['command']}`" if a.get("commit") else ""
+        when = f", commit {a['commit']}{', ' + a['date'] if a.get('date') else ''}, `{a['command']}`" if a.get("commit") else ""
         lines += ["", f"Fused act-quant (copy ceiling {a['copy_GBps']:.0f} GB/s{when}):", "",
                   "| input | K | fused | rotate | M | us | GB/s | of copy |", "|---|---|---|---|---|---|---|---|"]
         for r in a["rows"]:
@@ -369,9 +369,10 @@ def main() -> None:
 
         res = json.loads((out / "gemm.json").read_text())
         env = _env(args)
-        res["act"] = {**run_act(MS_ACT, torch.device("cuda")), "commit": env["commit"], "command": env["command"]}
+        res["act"] = {**run_act(MS_ACT, torch.device("cuda")), "commit": env["commit"], "command": env["command"],
+                      "date": env["date"]}
         (out / "gemm.json").write_text(json.dumps(res, indent=1))
-        render(res, out / f"{res['date']}-gemm.md", out / "gemm.png")
+        render(res, out / f"{env['date']}-gemm.md", out / "gemm.png")  # named by this run, as --ms does
         print(summarize(res))
         return
     if args.ms:
