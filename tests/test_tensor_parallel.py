@@ -320,6 +320,14 @@ def test_two_ranks_greedy_equals_one_process_16bit(workers, tiny_dir, async_sche
     assert model.model.embed_tokens.weight.shape[0] == 160 and model.lm_head.weight.shape[0] == 160
 
 
+def test_two_ranks_int8_lm_head_equals_one_process(workers, tiny_dir):
+    """Each rank quantizes its own vocabulary rows of the head; per-row scales make that the
+    unsharded quantization, so the all-gathered logits are one process's."""
+    engine = _compare(workers, tiny_dir, lm_head="int8")
+    model = engine.loaded.model
+    assert model.lm_head is None and model.int8_head.codes.shape == (160, 256)
+
+
 @pytest.mark.parametrize("family, overrides", [
     ("qwen2", {"vocab_size": 321}),  # tied embeddings, q/k/v bias; an odd vocabulary: padded shards
     ("llama", {"attention_bias": True, "mlp_bias": True}),  # o_proj and down_proj bias (row-parallel)

@@ -106,7 +106,8 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
     # no prefix caching: cases share the seed, so a later case's prompts repeat an earlier one's
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        memory_fraction=args.memory_fraction, use_cuda_graphs=not args.no_cuda_graphs,
-                       enable_prefix_caching=False, max_piecewise_tokens=args.max_piecewise_tokens)
+                       enable_prefix_caching=False, max_piecewise_tokens=args.max_piecewise_tokens,
+                       lm_head=args.lm_head)
     if args.tp is None:
         loaded = build_random_model(args.random_weights, mode, device="cuda", rotate=False if args.no_rotation else None)
         t_build = time.perf_counter() - t0
@@ -130,7 +131,9 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
         run_case(engine, i or 1024, 4, min(8, n, args.max_num_seqs), vocab, 1, f"warm{i}-{n}")
     for label, i, o, n in cases:
         r = run_case(engine, i, o, n, vocab, 0, f"{label}")
-        r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "case": label,
+        # the INT8 LM head is its own row (mode label), so merged tables and ratios keep both heads
+        r = {"model": Path(str(args.random_weights)).stem, "mode": mode + ("+int8-head" if args.lm_head == "int8" else ""),
+             "case": label, "lm_head": args.lm_head,
              "rotation": loaded.scheme.a_rotation == "hadamard" and not args.no_rotation and mode != "bf16",
              "cuda_graphs": runner.graphs is not None, "piecewise_graphs": runner.pieces is not None,
              "tensor_parallel": args.tp.world_size if args.tp else 1, **r}
@@ -289,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--memory-fraction", type=float, default=0.9)
+    p.add_argument("--lm-head", choices=("16bit", "int8"), default="16bit", help="EngineConfig.lm_head")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--max-piecewise-tokens", type=int, default=EngineConfig.max_piecewise_tokens,
                    help="piecewise CUDA graphs for steps up to this many tokens (0: those steps run eagerly)")

@@ -40,6 +40,7 @@ from cometserve.engine.engine import EngineConfig, LLMEngine, _reserve_bytes
 from cometserve.engine.interfaces import SchedulerOutput, StepOutput
 from cometserve.engine.kv_storage import page_bytes, pages_for_memory
 from cometserve.engine.runner import InFlight, ModelRunner
+from cometserve.model.layers.lm_head import use_lm_head
 from cometserve.model.loader import LoadedModel, default_dtype
 
 
@@ -135,6 +136,7 @@ def build_engine(spec: ModelSpec, config: EngineConfig, tp: ParallelContext, tok
         if error is not None:
             raise error
         raise RuntimeError("building the model failed on another rank (see that rank's error)")
+    use_lm_head(loaded.model, config.lm_head)  # before the cache is sized from free memory
     # piecewise graphs would hold the layers' all-reduces too; not run on several GPUs yet: eager
     config = _agree_num_pages(loaded.model, loaded.scheme, dataclasses.replace(config, max_piecewise_tokens=0), tp)
     engine = LLMEngine(loaded.model, loaded.scheme, config, tokenizer)

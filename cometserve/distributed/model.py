@@ -111,8 +111,7 @@ class TPLlamaForCausalLM(LlamaForCausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, hidden] -> float32 logits [T, vocab], all-gathered: the same on every rank."""
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        local = nn.functional.linear(hidden, w).float()  # [T, vocab.size]
+        local = self.local_logits(hidden)  # [T, vocab.size]
         return self.tp.all_gather(local, dim=-1)[:, : self.config.vocab_size]
 
 

@@ -32,6 +32,7 @@ from cometserve.engine.request import Request, RequestStatus
 from cometserve.engine.runner import ModelRunner
 from cometserve.engine.scheduler import Scheduler
 from cometserve.model.layers.linear import tune_gemms
+from cometserve.model.layers.lm_head import LM_HEADS, use_lm_head
 from cometserve.sampling_params import SamplingParams
 
 
@@ -52,6 +53,7 @@ class EngineConfig:
     max_piecewise_tokens: int = 2048
     async_scheduling: bool | None = None  # None: where the runner allows it, on CUDA
     enable_prefix_caching: bool = True  # reuse the cached K/V of a prompt's leading full pages
+    lm_head: str = "16bit"  # "int8": the weight-only INT8 LM head (model/layers/lm_head.py), made at start
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_fraction <= 1.0:
@@ -61,6 +63,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
         if self.max_piecewise_tokens < 0:
             raise ValueError(f"EngineConfig.max_piecewise_tokens must be >= 0, got {self.max_piecewise_tokens}")
+        if self.lm_head not in LM_HEADS:
+            raise ValueError(f"EngineConfig.lm_head must be one of {LM_HEADS}, got {self.lm_head!r}")
 
 
 @dataclass
@@ -113,6 +117,7 @@ class LLMEngine:
         self.config = cfg = config or EngineConfig()
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        use_lm_head(model, cfg.lm_head)  # before the KV cache takes the memory it frees
         max_len = min(cfg.max_model_len or model.config.max_model_len, model.config.max_model_len)
         self.max_model_len = max_len
         self.storage = KVStorage.create(

@@ -414,3 +414,19 @@ def decode_attention_bf16(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch
         v = v_pages[pages].permute(0, 2, 1, 3).reshape(-1, *v_pages.shape[1:2], v_pages.shape[3])[:ctx]
         out[b] = attention(q[b:b + 1], k, v, torch.tensor([ctx - 1], device=q.device), scale)[0]
     return out
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (codes int8 [N, K], scales float32 [N]): per row symmetric, round
+    half away from zero (absmax / 127; an all-zero row gets scale 0 and codes 0)."""
+    w = weight.float()
+    absmax = w.abs().amax(dim=1)
+    inv = torch.where(absmax > 0, INT8_QMAX / torch.where(absmax > 0, absmax, 1.0), 0.0)
+    codes = round_half_away(w * inv[:, None]).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return codes, absmax / INT8_QMAX
+
+
+def w8a16_logits(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float, codes int8 [N, K], scales float32 [N] -> float32 [M, N] = (x . codes^T) * scales:
+    a weight-only INT8 matrix (the LM head's), the activations as they are."""
+    return (x.float() @ codes.float().t()) * scales.float()

@@ -79,6 +79,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = rotary
         self.model = LlamaModel(cfg, rotary, make)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.int8_head: nn.Module | None = None  # layers/lm_head.use_lm_head(self, "int8") sets it
 
     def new_cache(self, kv_bits: int, kv_group_size: int) -> PlainKVCache:
         cfg = self.config
@@ -93,6 +94,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x + residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, hidden] -> float32 logits [T, vocab]. The LM head stays 16-bit (COMET 3.6)."""
+        """hidden [T, hidden] -> float32 logits [T, vocab]. The LM head stays 16-bit (COMET 3.6)
+        unless it was made INT8 (layers/lm_head.py)."""
+        return self.local_logits(hidden)
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits over the rows of the LM head this model holds."""
+        if self.int8_head is not None:
+            return self.int8_head(hidden)
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return nn.functional.linear(hidden, w).float()

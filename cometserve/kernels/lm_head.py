@@ -1,0 +1,82 @@
+"""Weight-only INT8 LM head: float32 logits [M, V] = (x [M, K] . codes [V, K]^T) * scales [V], with
+x in 16-bit and the codes widened to it in registers (every INT8 code is exact in bf16 and fp16), so
+the products are those of the 16-bit matrix the codes stand for; the sum runs in float32 on tensor
+cores. The LM head is the largest single matrix of a Llama (128256 x 4096 for Llama 3 8B: 1.05 GB in
+bf16); at batch 1 reading it is ~10% of a W4AxKV4 decode step, and INT8 codes halve that.
+
+Measured on one H200 (.scratch sweep, K 4096, N 128256, CUDA-graph medians, us): cuBLAS bf16 239
+(M 1) / 246 (16) / 271 (64) / 362 (256) / 713 (512); this kernel 123 / 130 / 219 / ~510 / ~1040 at
+its best tile: faster up to ~100 tokens, slower above (cuBLAS FP8 `_scaled_mm` would be faster
+there, but it quantizes the activations too: other numerics). Same function as `ref.w8a16_logits`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter computes bf16 / fp16 tl.dot wrongly (measured, Triton 3.x): under it both
+# operands go to float32 (exact for INT8 codes; the CPU suite checks indexing and masking).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :],
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K),
+                    other=0)
+        if DOT_F32:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
+        else:
+            acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc)
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc * s[None, :],
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _config(m: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, stages) by the number of rows (H200 sweep, module doc)."""
+    if m <= 16:
+        return 16, 64, 256, 4, 3
+    if m <= 64:
+        return 64, 128, 128, 4, 3
+    return 128, 128, 64, 8, 3
+
+
+def can_implement(x: torch.Tensor, codes: torch.Tensor) -> tuple[bool, str]:
+    if x.device.type != "cuda" and not _INTERPRET:
+        return False, f"the INT8 LM head kernel needs a CUDA device, got {x.device.type}"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return False, f"activations must be bf16 or fp16, got {x.dtype}"
+    return True, ""
+
+
+def w8a16_logits(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16/fp16 (rows contiguous), codes int8 [N, K] contiguous, scales float32 [N] ->
+    float32 logits [M, N]."""
+    m, k = x.shape
+    n = codes.shape[0]
+    if codes.shape != (n, k) or codes.dtype != torch.int8 or scales.shape != (n,) or x.stride(1) != 1:
+        raise ValueError(f"w8a16_logits: x {tuple(x.shape)} (unit stride along K), codes int8 [N, {k}] and "
+                         f"scales [N] expected, got codes {codes.dtype} {tuple(codes.shape)}, scales {tuple(scales.shape)}")
+    y = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y
+    bm, bn, bk, warps, stages = _config(m)
+    _w8a16_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        x, codes.contiguous(), scales.float().contiguous(), y, m, n, k, x.stride(0), y.stride(0),
+        BM=bm, BN=bn, BK=bk, DOT_F32=_INTERPRET, num_warps=warps, num_stages=stages)
+    return y
