@@ -4,10 +4,11 @@ the products are those of the 16-bit matrix the codes stand for; the sum runs in
 cores. The LM head is the largest single matrix of a Llama (128256 x 4096 for Llama 3 8B: 1.05 GB in
 bf16); at batch 1 reading it is ~10% of a W4AxKV4 decode step, and INT8 codes halve that.
 
-Measured on one H200 (.scratch sweep, K 4096, N 128256, CUDA-graph medians, us): cuBLAS bf16 239
-(M 1) / 246 (16) / 271 (64) / 362 (256) / 713 (512); this kernel 123 / 130 / 219 / ~510 / ~1040 at
-its best tile: faster up to ~100 tokens, slower above (cuBLAS FP8 `_scaled_mm` would be faster
-there, but it quantizes the activations too: other numerics). Same function as `ref.w8a16_logits`.
+Measured on one H200 (K 4096, N 128256, CUDA-graph medians, us, cuBLAS bf16 / this kernel at the
+tiles `_config` picks): M 1 275 / 124, M 16 244 / 130, M 64 272 / 220, M 128 266 / 317, M 256 366 /
+650-671, M 512 730 / 1251: faster up to 64 rows, slower above (no tile of 6 tried closes that; cuBLAS
+FP8 `_scaled_mm` is faster there, but quantizes the activations too: other numerics; a weight-only
+FP8 head in this kernel did not compile). Same function as `ref.w8a16_logits`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
 
 
 def _config(m: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, warps, stages) by the number of rows (H200 sweep, module doc)."""
+    """(BM, BN, BK, warps, stages) by the number of rows (the best of the H200 sweeps, module doc)."""
     if m <= 16:
         return 16, 64, 256, 4, 3
     if m <= 64:

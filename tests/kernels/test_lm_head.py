@@ -32,8 +32,9 @@ def check(m, k, n, dtype, device="cpu"):
     got = lm_head.w8a16_logits(x, codes, scales)
     want = ref.w8a16_logits(x, codes, scales)
     assert got.dtype == torch.float32 and got.shape == (m, n)
-    # float32 sums in another order: relative to the largest logit
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()) + 1e-6)
+    # float32 sums of K products in another order, relative to the largest logit (measured on the
+    # H200: 1.1e-5 at K = 8192, fp16; the interpreter's float32 dot: < 1e-6)
+    torch.testing.assert_close(got, want, rtol=0, atol=4e-5 * float(want.abs().max()) + 1e-6)
 
 
 def _main():
