@@ -62,7 +62,9 @@ def test_lm_head_choice_is_checked():
 def test_gpu_int8_head_in_decode_graphs_matches_eager(tmp_path):
     """On CUDA the head runs the Triton kernel, inside the decode graphs too: graphed and eager
     engines give the same tokens."""
-    path = write_tiny_model("llama", tmp_path / "llama")
+    # head_dim 64: the 16-bit decode kernel (and so the decode graphs) take it
+    path = write_tiny_model("llama", tmp_path / "llama", hidden_size=256, intermediate_size=512,
+                            num_attention_heads=4, num_key_value_heads=2)
     out = {}
     for graphs in (False, True):
         loaded = load_model(path, device="cuda")
