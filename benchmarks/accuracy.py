@@ -26,19 +26,22 @@ import torch
 from cometserve import assets
 from cometserve.engine.llm import LLM
 from cometserve.evaluate import mmlu_accuracy, mmlu_questions, perplexity
+from cometserve.model.layers.lm_head import use_lm_head
 from cometserve.quant.calib_data import CalibSpec
 from cometserve.quant.quantize import quantize
 from cometserve.scheme import get_scheme
 
+INT8_HEAD = "+int8-head"
 METHODS = ("fp16", "w8a8", "w4a16_gptq", "w4a4_rtn", "w4a8kv4", "fmpq_w4ax", "fmpq_w4axkv4")
 RESULTS = Path(__file__).parent / "results"
 
 
-def evaluate(path, args, eval_source: str, eval_text: str, mmlu_rows, kv=None) -> dict:
+def evaluate(path, args, eval_source: str, eval_text: str, mmlu_rows, kv=None, lm_head: str = "16bit") -> dict:
     """Perplexity (and MMLU) of a model or checkpoint; `kv` = (bits, group size) overrides the
     checkpoint's KV cache scheme (the KV cache is quantized at run time, so one checkpoint serves
-    every KV setting)."""
+    every KV setting); `lm_head` "int8": the serving option EngineConfig.lm_head, made the same way."""
     llm = LLM(path, device=args.device)
+    use_lm_head(llm.model, lm_head)
     scheme = llm.scheme if kv is None else dataclasses.replace(llm.scheme, kv_bits=kv[0], kv_group_size=kv[1])
     ids = torch.tensor(llm.tokenizer(eval_text, add_special_tokens=False)["input_ids"])
     ppl = perplexity(llm.model, scheme, ids, ctx=args.ctx, max_windows=args.max_windows)
@@ -62,9 +65,12 @@ def run_model(name: str, src: Path, methods, args, work: Path, mmlu_rows, prov: 
         t0 = time.time()
         scheme = method if isinstance(method, str) else method[1]
         label = method if isinstance(method, str) else method[0]
-        path = src if label == "fp16" else _quantized(src, work / label, scheme, calib, args.device)
+        head = "16bit"
+        if isinstance(scheme, str) and scheme.endswith(INT8_HEAD):  # METHOD+int8-head: that checkpoint, INT8 LM head
+            scheme, head = scheme[: -len(INT8_HEAD)], "int8"
+        path = src if scheme == "fp16" else _quantized(src, work / label.removesuffix(INT8_HEAD), scheme, calib, args.device)
         mmlu = mmlu_rows if label in args.mmlu_methods else None
-        row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, mmlu)}
+        row = {"model": name, "method": label, **evaluate(path, args, eval_source, eval_text, mmlu, lm_head=head)}
         print(f"{name:14s} {label:28s} ppl {row['ppl']:9.3f}  int8 {row['int8_block_fraction']}  "
               f"mmlu {row['mmlu']}  ({time.time() - t0:.0f} s)", flush=True)
         merge_results(row, prov)
