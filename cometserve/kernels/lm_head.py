@@ -57,14 +57,6 @@ def _config(m: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
-def can_implement(x: torch.Tensor, codes: torch.Tensor) -> tuple[bool, str]:
-    if x.device.type != "cuda" and not _INTERPRET:
-        return False, f"the INT8 LM head kernel needs a CUDA device, got {x.device.type}"
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return False, f"activations must be bf16 or fp16, got {x.dtype}"
-    return True, ""
-
-
 def w8a16_logits(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] bf16/fp16 (rows contiguous), codes int8 [N, K] contiguous, scales float32 [N] ->
     float32 logits [M, N]."""
