@@ -131,9 +131,7 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
         run_case(engine, i or 1024, 4, min(8, n, args.max_num_seqs), vocab, 1, f"warm{i}-{n}")
     for label, i, o, n in cases:
         r = run_case(engine, i, o, n, vocab, 0, f"{label}")
-        # the INT8 LM head is its own row (mode label), so merged tables and ratios keep both heads
-        r = {"model": Path(str(args.random_weights)).stem, "mode": mode + ("+int8-head" if args.lm_head == "int8" else ""),
-             "case": label, "lm_head": args.lm_head,
+        r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "lm_head": args.lm_head, "case": label,
              "rotation": loaded.scheme.a_rotation == "hadamard" and not args.no_rotation and mode != "bf16",
              "cuda_graphs": runner.graphs is not None, "piecewise_graphs": runner.pieces is not None,
              "tensor_parallel": args.tp.world_size if args.tp else 1, **r}
@@ -202,7 +200,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     cases = list(dict.fromkeys(label(r) for r in rows))
     def series(r: dict) -> str:
         tp = r.get("tensor_parallel", 1)
-        return r["mode"] + (f" on {tp} GPUs" if tp > 1 else "")
+        return mode_label(r) + (f" on {tp} GPUs" if tp > 1 else "")
 
     modes = list(dict.fromkeys(series(r) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
@@ -230,6 +228,12 @@ def write_results(args, rows: list[dict], out_dir: Path) -> None:
               out_dir, args.name)
 
 
+def mode_label(r: dict) -> str:
+    """A row's mode as tables, plots and merges tell rows apart: the schema's `mode`, plus the LM
+    head where it is the INT8 one (a row field of its own, EngineConfig.lm_head)."""
+    return r["mode"] + ("+int8-head" if r.get("lm_head") == "int8" else "")
+
+
 def merge(paths: list[str], out_dir: Path, name: str) -> None:
     """One document from --out-dir's NAME.json and several runs' throughput.json (same GPU and
     versions): rows keep their own commit and command; a later file's row replaces an earlier one of
@@ -240,7 +244,7 @@ def merge(paths: list[str], out_dir: Path, name: str) -> None:
     rows: dict[tuple, dict] = {}
     for d in docs:
         for r in d["rows"]:
-            key = (r["model"], r["mode"], r["case"], r.get("tensor_parallel", 1))
+            key = (r["model"], mode_label(r), r["case"], r.get("tensor_parallel", 1))
             rows[key] = {**r, "commit": r.get("commit", d["commit"]), "command": r.get("command", d["command"])}
     last = docs[-1]
     commands = list(dict.fromkeys(r["command"] for r in rows.values()))
@@ -262,11 +266,11 @@ def write_doc(doc: dict, out_dir: Path, name: str) -> None:
              "step ms p50 | peak GiB | commit |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p50 = f"{r['step_ms_p50']:.2f}" if "step_ms_p50" in r else "-"
-        lines.append(f"| {r['model']} | {r['mode']} | {r.get('tensor_parallel', 1)} | {r['case']} | "
+        lines.append(f"| {r['model']} | {mode_label(r)} | {r.get('tensor_parallel', 1)} | {r['case']} | "
                      f"{r['num_requests']} | {r['max_batch']} | {r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} | {r['seconds']:.1f} | {p50} | "
                      f"{r['peak_mem_gib']:.1f} | {r.get('commit', doc['commit'])} |")
     lines.append("")
-    by = {(r["model"], r["mode"], r["case"], r.get("tensor_parallel", 1)): r["output_tokens_per_s"] for r in rows}
+    by = {(r["model"], mode_label(r), r["case"], r.get("tensor_parallel", 1)): r["output_tokens_per_s"] for r in rows}
     for (model, mode, case, tp), v in sorted(by.items()):
         for base in ("bf16", "hf_bf16"):
             if mode not in ("bf16", "hf_bf16") and (model, base, case, tp) in by:
