@@ -53,7 +53,6 @@ def engine_tokens(engine, prompts: list[list[int]], params) -> dict[str, list[in
     return out
 
 
-
 def teacher_forced(engine, prompts: list[list[int]], tokens: dict[str, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """`engine` scores each prompt + its continuation tokens[index] in one prefill. Per continuation
     token, in prompt order: its log-probability, and the top log-probability at its position (equal

@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.random_model import build_random_model
+from cometserve.model.layers.lm_head import LM_HEADS
 from cometserve.sampling_params import SamplingParams
 
 MIXED = (64, 2048, 32, 1024)  # `mixed:N`: input lengths uniform in [64, 2048], outputs in [32, 1024]
@@ -296,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--memory-fraction", type=float, default=0.9)
-    p.add_argument("--lm-head", choices=("16bit", "int8"), default="16bit", help="EngineConfig.lm_head")
+    p.add_argument("--lm-head", choices=LM_HEADS, default="16bit", help="EngineConfig.lm_head")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--max-piecewise-tokens", type=int, default=EngineConfig.max_piecewise_tokens,
                    help="piecewise CUDA graphs for steps up to this many tokens (0: those steps run eagerly)")

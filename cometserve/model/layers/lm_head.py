@@ -11,13 +11,18 @@ from torch import nn
 
 from cometserve.kernels import ref
 
+QUANT_ROWS = 8192  # rows quantized at once: float32 temporaries of a few hundred MB, not of the whole head
+
 
 class Int8LMHead(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        codes, scales = ref.quantize_rows_int8(weight)
-        self.register_buffer("codes", codes)
-        self.register_buffer("scales", scales)
+        n = weight.shape[0]
+        self.register_buffer("codes", torch.empty(weight.shape, dtype=torch.int8, device=weight.device))
+        self.register_buffer("scales", torch.empty(n, dtype=torch.float32, device=weight.device))
+        for r0 in range(0, n, QUANT_ROWS):  # per row, so chunking changes nothing
+            self.codes[r0:r0 + QUANT_ROWS], self.scales[r0:r0 + QUANT_ROWS] = ref.quantize_rows_int8(
+                weight[r0:r0 + QUANT_ROWS])
         self.kernel = None
         if weight.device.type == "cuda":
             from cometserve.kernels import lm_head
