@@ -39,10 +39,31 @@ class AttentionMetadata:
     cu_seqlens_host: list[int]
     kv_slots: torch.Tensor | None = None  # int64 [sum(context_lens)]: 16-bit continuation prefill
     cu_seqlens_k: torch.Tensor | None = None  # int32 [B+1] over kv_slots
+    # a mixed step (decodes and prompt chunks): its leading num_decodes sequences bring one token each
+    # and are read by the decode kernel; `prefills` is the rest, renumbered from 0, for the prefill
+    # path (which would otherwise gather every decoding sequence's whole context)
+    num_decodes: int = 0
+    prefills: AttentionMetadata | None = None
 
     @property
     def is_decode(self) -> bool:
         return self.max_seqlen_q == 1
+
+    def decodes(self) -> AttentionMetadata:
+        """A mixed step's leading num_decodes sequences as a decode step's metadata (views)."""
+        d = self.num_decodes
+        return AttentionMetadata(self.block_tables[:d], self.cu_seqlens_q[: d + 1], self.context_lens[:d],
+                                 self.seq_slots[:d], self.slot_mapping[:d], 1, max(self.context_lens_host[:d]),
+                                 self.start_pos_host[:d], self.context_lens_host[:d], self.cu_seqlens_host[: d + 1])
+
+
+def _read_split(read, m: AttentionMetadata, q: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+    """read(m, q, *kv) over the whole step, or over a mixed step's decodes and prefills apart."""
+    if m.prefills is None:
+        return read(m, q, *kv)
+    d = m.num_decodes
+    return torch.cat((read(m.decodes(), q[:d], *(x[:d] for x in kv)),
+                      read(m.prefills, q[d:], *(x[d:] for x in kv))))
 
 
 class Int4Attention:
@@ -77,10 +98,14 @@ class Int4Attention:
         rope = (q, positions, *rotary.tables(q.device))
         self.write_kv(k, v, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, m.max_seqlen_q,
                       rope)
-        if m.is_decode:
-            return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
-        return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
-                            m.max_seqlen_q, m.max_context_len)
+
+        def read(m: AttentionMetadata, q: torch.Tensor) -> torch.Tensor:
+            if m.is_decode:
+                return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
+            return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
+                                m.max_seqlen_q, m.max_context_len)
+
+        return _read_split(read, m, q)
 
 
 class Bf16Attention:
@@ -115,6 +140,11 @@ class Bf16Attention:
         page, off = m.slot_mapping // psz, m.slot_mapping % psz
         kp[page, :, off] = k.to(kp.dtype)  # [T, Hkv, D] into [num_pages, Hkv, P, D]
         vp[page, :, off] = v.to(vp.dtype)
+        return _read_split(lambda m, q, k, v: self._read(cache, m, q, k, v, scale), m, q, k, v)
+
+    def _read(self, cache, m: AttentionMetadata, q, k, v, scale: float) -> torch.Tensor:
+        """Attention of q over the cache (k, v: the step's own new keys and values of m's sequences)."""
+        psz, kp, vp = cache.page_size, cache.k_pages, cache.v_pages
         if m.is_decode:
             return self.decode(q, kp, vp, m.block_tables, m.context_lens, scale, m.max_context_len)
         if self.flash:

@@ -183,7 +183,11 @@ class ModelRunner:
                                    num_tokens)
         dev = self.device
         block_tables = self.block_tables.gather(slots, max(map(len, tables)))
-        bt, cu_t, ctx_t, slots_t = _to_device(np.int32, dev, block_tables, cu, ctxs, slots)
+        # a mixed step's leading one-token chunks (the decodes: the scheduler puts them first)
+        d = 0 if max_seqlen_q == 1 else next(i for i, n in enumerate(lens) if n != 1)
+        cu_p = [x - d for x in cu[d:]] if d else []  # the other sequences' cu_seqlens_q, renumbered
+        bt, cu_t, ctx_t, slots_t, *cu_p_t = _to_device(np.int32, dev, block_tables, cu, ctxs, slots,
+                                                       *([cu_p] if d else []))
         held = [i for i, c in enumerate(chunks) if c.token_ids[0] == PLACEHOLDER]  # sampled by the last launch
         if held:
             if self._last is None:
@@ -199,9 +203,15 @@ class ModelRunner:
             max_seqlen_q=max_seqlen_q, max_context_len=max(ctxs), start_pos_host=starts, context_lens_host=ctxs,
             cu_seqlens_host=cu,
         )
-        if st.kv_bits == 16 and max_seqlen_q > 1 and any(starts):
-            (meta.kv_slots,) = _to_device(np.int64, dev, _context_slots(chunks, st.page_size))
-            (meta.cu_seqlens_k,) = _to_device(np.int32, dev, [0, *itertools.accumulate(ctxs)])
+        read = meta  # what the prefill path reads: the whole step, or a mixed step's prompt chunks
+        if d:
+            meta.num_decodes = d
+            meta.prefills = read = AttentionMetadata(
+                bt[d:], cu_p_t[0], ctx_t[d:], slots_t[d:], slot_map_t[d:], max_seqlen_q, max(ctxs[d:]), starts[d:],
+                ctxs[d:], cu_p)
+        if st.kv_bits == 16 and max_seqlen_q > 1 and any(read.start_pos_host):
+            (read.kv_slots,) = _to_device(np.int64, dev, _context_slots(chunks[d:], st.page_size))
+            (read.cu_seqlens_k,) = _to_device(np.int32, dev, [0, *itertools.accumulate(read.context_lens_host)])
         prompt = []  # one pass over the prefill chunks for the options that read the prompt
         for i, c in enumerate(chunks):
             p = c.sampling_params

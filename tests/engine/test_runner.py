@@ -23,8 +23,8 @@ def tiny16(tmp_path_factory):
     return load_model(write_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama"), device="cpu")
 
 
-def chunk(rid, tokens, start, table, prefill=True, sample=True) -> ScheduledChunk:
-    slots = tuple(table[p // P] * P + p % P for p in range(start, start + len(tokens)))
+def chunk(rid, tokens, start, table, prefill=True, sample=True, page=P) -> ScheduledChunk:
+    slots = tuple(table[p // page] * page + p % page for p in range(start, start + len(tokens)))
     return ScheduledChunk(rid, tuple(tokens), start, tuple(table), slots, prefill, sample, GREEDY)
 
 
@@ -32,9 +32,9 @@ def step(chunks, preempted=(), finished=()) -> SchedulerOutput:
     return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(finished), sum(c.num_tokens for c in chunks))
 
 
-def make_runner(loaded, kv_bits=16, num_pages=10, max_seqs=3):
-    st = KVStorage.create(loaded.model, kv_bits, 4, max_seqs, num_pages=num_pages, page_size=P)
-    return ModelRunner(loaded.model, st, max_model_len=64)
+def make_runner(loaded, kv_bits=16, num_pages=10, max_seqs=3, page=P):
+    st = KVStorage.create(loaded.model, kv_bits, page, max_seqs, num_pages=num_pages, page_size=page)
+    return ModelRunner(loaded.model, st, max_model_len=16 * page)
 
 
 def test_metadata_of_a_scripted_step(tiny16):
@@ -55,9 +55,24 @@ def test_metadata_of_a_scripted_step(tiny16):
     assert m.slot_mapping.tolist() == [7 * P + 1, 0, 1, 2, 3, 4, 5]
     assert (m.max_seqlen_q, m.max_context_len, m.is_decode) == (6, 10, False)
     assert x.sample_rows == [0] and x.sample_ids == ["a"]
-    # a continuation in a 16-bit step: every context token's page slot, for the varlen gather
-    assert m.kv_slots.tolist() == [12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 0, 1, 2, 3, 4, 5]
-    assert m.cu_seqlens_k.tolist() == [0, 10, 16]
+    # a mixed step: the decode is read by the decode kernel, the prompt chunk alone by the prefill
+    # path (a first chunk: its own K/V, nothing gathered)
+    d, p = m.decodes(), m.prefills
+    assert m.num_decodes == 1 and m.kv_slots is None
+    assert d.is_decode and d.block_tables.tolist() == [[3, 5, 7]] and d.context_lens.tolist() == [10]
+    assert (d.max_context_len, d.seq_slots.tolist(), d.slot_mapping.tolist()) == (10, [0], [7 * P + 1])
+    assert p.cu_seqlens_q.tolist() == [0, 6] and p.block_tables.tolist() == [[0, 1, 10]]
+    assert (p.context_lens.tolist(), p.seq_slots.tolist(), p.max_seqlen_q, p.max_context_len) == ([6], [1], 6, 6)
+    assert p.slot_mapping.tolist() == [0, 1, 2, 3, 4, 5] and p.kv_slots is None
+    # a continuation in a 16-bit step: every context token's page slot of the prompt chunks only
+    m = runner.prepare(step([
+        chunk("a", [8], 10, (3, 5, 7), prefill=False),
+        chunk("b", [7, 8], 6, (0, 1, 2)),
+        chunk("c", [1], 0, (9,)),  # a one-token prompt after them stays with the prompt chunks
+    ])).meta
+    assert m.num_decodes == 1 and m.prefills.cu_seqlens_q.tolist() == [0, 2, 3]
+    assert m.prefills.kv_slots.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 36]
+    assert m.prefills.cu_seqlens_k.tolist() == [0, 8, 9]
 
 
 def test_slots_follow_preemption_and_finish(tiny16):
@@ -111,3 +126,45 @@ def test_seq_slots_lowest_first():
     assert s.get_or_assign("d") == 1 and s.get_or_assign("a") == 0
     with pytest.raises(RuntimeError, match="no free sequence slot"):
         s.get_or_assign("e")
+
+
+def _mixed_vs_apart(loaded, kv_bits, page=P, n=1):
+    """Largest |logit| difference between a mixed step (a decode, a prompt continuation, a new prompt)
+    and the same chunks as a decode step then a prefill step, on two runners with equal caches, and
+    the logits' scale. Prompt lengths scale with n."""
+    runners = [make_runner(loaded, kv_bits, page=page) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+
+    def ck(rid, start, length, table, **kw):
+        return chunk(rid, torch.randint(0, 320, (length,), generator=g).tolist(), start, table, page=page, **kw)
+
+    first = step([ck("a", 0, 5 * n, (0, 1)), ck("b", 0, 3 * n, (2, 3))])
+    dec, cont, new = ck("a", 5 * n, 1, (0, 1), prefill=False), ck("b", 3 * n, 3 * n, (2, 3, 4)), ck("c", 0, 2 * n, (5,))
+    with torch.inference_mode():
+        for r in runners:
+            r.execute(first)
+        mixed = runners[0].prepare(step([dec, cont, new]))
+        assert mixed.meta.num_decodes == 1
+        got = runners[0].logits(mixed)[0]
+        apart = torch.cat([runners[1].logits(runners[1].prepare(step(s)))[0] for s in ([dec], [cont, new])])
+    return float((got - apart).abs().max()), float(apart.abs().max())
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_mixed_step_reads_each_part_as_its_own_step(tiny16, kv_bits):
+    """A mixed step reads its decodes through the decode path and its prompt chunks through the
+    prefill path: every sequence's logits are those of a decode step and a prefill step run apart."""
+    err, scale = _mixed_vs_apart(tiny16, kv_bits)
+    assert err <= 1e-4 * scale, (err, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_gpu_mixed_step_reads_each_part_as_its_own_step(tmp_path, kv_bits):
+    """The same through the CUDA kernels (head_dim 64, pages and groups of 64, prompts of 42-126
+    tokens); bf16 logits, so within bf16 rounding of the GEMMs at other row counts."""
+    path = write_tiny_model("llama", tmp_path / "llama", hidden_size=256, intermediate_size=512,
+                            num_attention_heads=4, num_key_value_heads=2)
+    err, scale = _mixed_vs_apart(load_model(path, device="cuda"), kv_bits, page=64, n=21)
+    assert err <= 2e-2 * scale, (err, scale)
