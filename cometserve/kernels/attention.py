@@ -151,16 +151,18 @@ def _update16(q16_lo, q16_hi, k_ptr, v_ptr, base, n_valid, sm_scale, m_i, l_i, a
     return m_i, l_i, acc_lo, acc_hi
 
 
-@triton.jit
+# the split count and its length are arguments, not constants: an eager decode (a mixed step's
+# decodes, whose batch changes every step) would otherwise compile a kernel per split count
+@triton.jit(do_not_specialize=["groups_per_split", "splits"])
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
     bt_ptr, ctx_ptr, slot_ptr, o_ptr, part_o_ptr, part_ml_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
-    sm_scale, groups_per_split,
+    sm_scale, groups_per_split, splits,
     H: tl.constexpr, REP: tl.constexpr, M: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
-    D: tl.constexpr, SPLITS: tl.constexpr, KV16: tl.constexpr, USE_ASM: tl.constexpr, ON_GPU: tl.constexpr,
+    D: tl.constexpr, ONE_SPLIT: tl.constexpr, KV16: tl.constexpr, USE_ASM: tl.constexpr, ON_GPU: tl.constexpr,
 ):
-    """Grid (B, Hkv, SPLITS). KV16: the 16-bit paged peer (kc_ptr/vc_ptr are [pages, Hkv, P, D]
+    """Grid (B, Hkv, splits). KV16: the 16-bit paged peer (kc_ptr/vc_ptr are [pages, Hkv, P, D]
     16-bit pages, every token paged, no window)."""
     HALF: tl.constexpr = D // 2
     b = tl.program_id(0)
@@ -204,30 +206,30 @@ def _decode_kernel(
             m_i, l_i, acc_lo, acc_hi = _update16(q16_lo, q16_hi, kw_ptr, vw_ptr, (slot * H + h) * G, n_win,
                                                  sm_scale, m_i, l_i, acc_lo, acc_hi, G, D, ON_GPU)
     hq = h * REP + rows
-    if SPLITS == 1:
+    if ONE_SPLIT:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         o_off = b.to(tl.int64) * stride_ob + hq[:, None] * stride_oh + j[None, :]
         tl.store(o_ptr + o_off, (acc_lo / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
         tl.store(o_ptr + o_off + HALF, (acc_hi / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
-        # partials: part_o [B, Hq, SPLITS, D] float32, part_ml [B, Hq, SPLITS, 2] (max, sum)
-        idx = ((b * (H * REP) + hq) * SPLITS + s).to(tl.int64)
+        # partials: part_o [B, Hq, splits, D] float32, part_ml [B, Hq, splits, 2] (max, sum)
+        idx = ((b * (H * REP) + hq) * splits + s).to(tl.int64)
         tl.store(part_o_ptr + idx[:, None] * D + j[None, :], acc_lo, mask=row_ok[:, None])
         tl.store(part_o_ptr + idx[:, None] * D + HALF + j[None, :], acc_hi, mask=row_ok[:, None])
         tl.store(part_ml_ptr + idx * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + idx * 2 + 1, l_i, mask=row_ok)
 
 
-@triton.jit
-def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, HQ: tl.constexpr,
-                         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr):
+@triton.jit(do_not_specialize=["splits"])
+def _merge_splits_kernel(part_o_ptr, part_ml_ptr, o_ptr, stride_ob, stride_oh, splits, HQ: tl.constexpr,
+                         SPLITS_P2: tl.constexpr, D: tl.constexpr):
     """Grid (B * Hq): out = sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s."""
     pid = tl.program_id(0)
     b = pid // HQ
     hq = pid % HQ
     sp = tl.arange(0, SPLITS_P2)
-    ok = sp < SPLITS
-    idx = pid.to(tl.int64) * SPLITS + sp
+    ok = sp < splits
+    idx = pid.to(tl.int64) * splits + sp
     m = tl.load(part_ml_ptr + idx * 2, mask=ok, other=float("-inf"))
     l_s = tl.load(part_ml_ptr + idx * 2 + 1, mask=ok, other=0.0)
     m_max = tl.max(m, 0)
@@ -271,15 +273,15 @@ def _launch_decode(q, kv16, tensors, block_tables, context_lens, seq_slots, scal
     _decode_kernel[(b, num_kv_heads, splits)](
         q, *tensors, block_tables, context_lens, seq_slots, out, part_o, part_ml,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        scale * LOG2E, gps,
+        scale * LOG2E, gps, splits,
         H=num_kv_heads, REP=rep, M=max(16, triton.next_power_of_2(rep)), P=page_size, G=group_size,
-        D=d, SPLITS=splits, KV16=kv16, USE_ASM=q.is_cuda and cfg["use_asm"], ON_GPU=q.is_cuda,
+        D=d, ONE_SPLIT=splits == 1, KV16=kv16, USE_ASM=q.is_cuda and cfg["use_asm"], ON_GPU=q.is_cuda,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq,)](
-            part_o, part_ml, out, out.stride(0), out.stride(1),
-            HQ=hq, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), D=d, num_warps=4,
+            part_o, part_ml, out, out.stride(0), out.stride(1), splits,
+            HQ=hq, SPLITS_P2=triton.next_power_of_2(splits), D=d, num_warps=4,
         )
     return out
 
