@@ -40,3 +40,22 @@ def test_merge_keeps_the_int8_head_rows_apart(tmp_path):
     table = next((tmp_path / "out").glob("*-tp-test.md")).read_text()
     assert "| w4axkv4+int8-head |" in table
     assert "w4axkv4 / bf16 at batch1: 2.41x" in table and "w4axkv4+int8-head / bf16 at batch1: 2.55x" in table
+
+
+def test_rows_run_under_a_memory_cap_stay_apart(tmp_path):
+    """--gpu-memory-gib rows carry the cap in their case: they sit beside the uncapped rows, and the
+    ratio lines compare modes under the same cap only."""
+    t = _throughput()
+    cap = t.case_label("1024/512 x512", 79.5)
+    assert cap == "1024/512 x512 @79.5GiB" and t.case_label("batch1", None) == "batch1"
+    assert t.ballast(None) is None and t.build_parser().parse_args(["--gpu-memory-gib", "80"]).gpu_memory_gib == 80.0
+    meta = {"gpu": "GPU", "driver": "1", "torch": "2", "triton": "3", "commit": "abc", "command": "a"}
+    rows = [_row("bf16", 100.0, case="1024/512 x512"), _row("w4axkv4", 130.0, case="1024/512 x512"),
+            _row("bf16", 60.0, case=cap), _row("w4axkv4", 129.0, case=cap)]
+    (tmp_path / "run.json").write_text(json.dumps({**meta, "rows": rows}))
+    t.merge([str(tmp_path / "run.json")], tmp_path / "out", "cap-test")
+    doc = json.loads((tmp_path / "out" / "cap-test.json").read_text())
+    assert len(doc["rows"]) == 4
+    table = next((tmp_path / "out").glob("*-cap-test.md")).read_text()
+    assert "w4axkv4 / bf16 at 1024/512 x512: 1.30x" in table
+    assert "w4axkv4 / bf16 at 1024/512 x512 @79.5GiB: 2.15x" in table

@@ -11,6 +11,9 @@ the GPU), sizes its KV cache from the free memory, captures decode CUDA graphs, 
 short requests, then times each case. Writes throughput.json (schema of issue 6) and a dated
 markdown table and a bar plot (throughput.png) into --out-dir. Mode `hf` is Hugging Face
 transformers `generate` in bf16 on the batch-1 case and on cases of at most --hf-max-batch requests.
+`--gpu-memory-gib N` runs each mode as on a GPU of N GiB: a ballast tensor holds the rest of the
+device's memory while the mode runs, so weights, working memory and the KV cache (hence the largest
+batch) fit as they would there; bandwidth and compute stay this GPU's. Its rows' cases carry the cap.
 """
 
 from __future__ import annotations
@@ -100,9 +103,25 @@ def run_case(engine: LLMEngine, input_len: int, output_len: int, num_requests: i
     }
 
 
+def ballast(gib: float | None) -> torch.Tensor | None:
+    """A tensor holding this GPU's memory above `gib` GiB (None without a cap): the memory a GPU of
+    that size would not have."""
+    if not gib:
+        return None
+    extra = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory - int(gib * 2**30)
+    if extra <= 0:
+        raise SystemExit(f"--gpu-memory-gib {gib}: this GPU has no more than that")
+    return torch.empty(extra, dtype=torch.uint8, device="cuda")
+
+
+def case_label(label: str, gib: float | None) -> str:
+    return f"{label} @{gib:g}GiB" if gib else label
+
+
 def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
     """Append one row per case to `rows`, rewriting the result files after each (a run cut off
     by a time limit keeps what it measured)."""
+    held = ballast(args.gpu_memory_gib)  # before the model: everything after sizes itself from what is left
     t0 = time.perf_counter()
     # no prefix caching: cases share the seed, so a later case's prompts repeat an earlier one's
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -132,7 +151,8 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
         run_case(engine, i or 1024, 4, min(8, n, args.max_num_seqs), vocab, 1, f"warm{i}-{n}")
     for label, i, o, n in cases:
         r = run_case(engine, i, o, n, vocab, 0, f"{label}")
-        r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "lm_head": args.lm_head, "case": label,
+        r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "lm_head": args.lm_head,
+             "case": case_label(label, args.gpu_memory_gib), "gpu_memory_gib": args.gpu_memory_gib,
              "rotation": loaded.scheme.a_rotation == "hadamard" and not args.no_rotation and mode != "bf16",
              "cuda_graphs": runner.graphs is not None, "piecewise_graphs": runner.pieces is not None,
              "tensor_parallel": args.tp.world_size if args.tp else 1, **r}
@@ -142,7 +162,7 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
               f"step ms p50 {r['step_ms_p50']:.2f} p99 {r['step_ms_p99']:.2f} max {r['step_ms_max']:.0f} (step {r['slowest_step']}, alloc retries {r['alloc_retries']})",
               flush=True)
         write_results(args, rows, Path(args.out_dir))
-    del engine, runner, loaded
+    del engine, runner, loaded, held
     if args.tp is not None:
         from cometserve.distributed.engine import free_engine
 
@@ -176,7 +196,7 @@ def bench_hf(args, cases, rows: list[dict]) -> None:
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         out_tokens = (out.shape[1] - i) * n
-        r = {"model": Path(str(args.random_weights)).stem, "mode": "hf_bf16", "case": label, "rotation": False,
+        r = {"model": Path(str(args.random_weights)).stem, "mode": "hf_bf16", "case": case_label(label, args.gpu_memory_gib), "rotation": False,
              "cuda_graphs": False, "input_len": i, "output_len": o, "num_requests": n, "max_batch": n,
              "output_tokens_per_s": out_tokens / dt, "total_tokens_per_s": (out_tokens + i * n) / dt,
              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "seconds": dt, "steps": out.shape[1] - i,
@@ -298,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--memory-fraction", type=float, default=0.9)
     p.add_argument("--lm-head", choices=LM_HEADS, default="16bit", help="EngineConfig.lm_head")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="run as on a GPU of this many GiB (a ballast tensor holds the rest; one process only)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--max-piecewise-tokens", type=int, default=EngineConfig.max_piecewise_tokens,
                    help="piecewise CUDA graphs for steps up to this many tokens (0: those steps run eagerly)")
@@ -324,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         print("throughput.py needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.tensor_parallel > 1 or args.distributed:
+        if args.gpu_memory_gib:
+            parser.error("--gpu-memory-gib takes one process (no tensor parallel)")
         from cometserve.distributed.launch import run_tensor_parallel
 
         return run_tensor_parallel(args.tensor_parallel, lambda tp: run_modes(args, tp)) or 0
