@@ -129,14 +129,25 @@ def prefill_ms(engine: LLMEngine, n_req: int, length: int, reps: int, vocab: int
     return statistics.median(ts[1:])
 
 
-def kernel_table(engine: LLMEngine, inputs, top: int) -> str:
+def kernel_table(engine: LLMEngine, inputs, top: int, use_pdl: bool = True) -> str:
+    """Kernel times of 3 eager forwards. A kernel launched with programmatic dependent launch starts
+    while the one before runs, and its profiled time includes that wait: use_pdl False launches
+    them without it (one forward first, to compile those variants), for times that add up."""
     from torch.profiler import ProfilerActivity, profile
 
+    from cometserve.kernels import pdl
+
     runner = engine.runner
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+    pdl.ENABLED, was = use_pdl, pdl.ENABLED
+    try:
+        if not use_pdl:
             runner.forward(inputs.input_ids, inputs.positions, inputs.meta)
-        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                runner.forward(inputs.input_ids, inputs.positions, inputs.meta)
+            torch.cuda.synchronize()
+    finally:
+        pdl.ENABLED = was
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
 
 
@@ -150,6 +161,8 @@ def main() -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--memory-fraction", type=float, default=0.5)
     p.add_argument("--max-num-seqs", type=int, default=0, help="0: the largest --batch")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="kernel table without programmatic dependent launch (PDL kernels' times include their wait)")
     p.add_argument("--prefill", default="", help="N:L: also time one step prefilling N prompts of L tokens")
     p.add_argument("--warm-prefill", type=int, default=0,
                    help="first run 8 requests of this many prompt tokens (4 output tokens) through the engine")
@@ -190,7 +203,7 @@ def main() -> int:
                   + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
                   + f"; forward eager {eager:.2f} ms, graph {graph if graph is None else round(graph, 2)} ms",
                   flush=True)
-            print(kernel_table(engine, inputs, args.top), flush=True)
+            print(kernel_table(engine, inputs, args.top, not args.no_pdl), flush=True)
             summary.append((mode, b, step, phases, eager, graph))
             for rid in ids:
                 engine.abort(rid)
