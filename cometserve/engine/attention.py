@@ -39,22 +39,29 @@ class AttentionMetadata:
     cu_seqlens_host: list[int]
     kv_slots: torch.Tensor | None = None  # int64 [sum(context_lens)]: 16-bit continuation prefill
     cu_seqlens_k: torch.Tensor | None = None  # int32 [B+1] over kv_slots
-    # a mixed step (decodes and prompt chunks): its leading num_decodes sequences bring one token each
-    # and are read by the decode kernel; `prefills` is the rest, renumbered from 0, for the prefill
-    # path (which would otherwise gather every decoding sequence's whole context)
+    # a mixed step (decodes and prompt chunks): `decodes`, its leading num_decodes sequences (one token
+    # each), for the decode kernel; `prefills`, the rest renumbered from 0, for the prefill path (which
+    # would otherwise gather every decoding sequence's whole context). Built once per step (split()).
     num_decodes: int = 0
+    decodes: AttentionMetadata | None = None
     prefills: AttentionMetadata | None = None
 
     @property
     def is_decode(self) -> bool:
         return self.max_seqlen_q == 1
 
-    def decodes(self) -> AttentionMetadata:
-        """A mixed step's leading num_decodes sequences as a decode step's metadata (views)."""
-        d = self.num_decodes
-        return AttentionMetadata(self.block_tables[:d], self.cu_seqlens_q[: d + 1], self.context_lens[:d],
-                                 self.seq_slots[:d], self.slot_mapping[:d], 1, max(self.context_lens_host[:d]),
-                                 self.start_pos_host[:d], self.context_lens_host[:d], self.cu_seqlens_host[: d + 1])
+    def split(self, d: int, cu_rest_host: list[int], cu_rest: torch.Tensor) -> None:
+        """Make this mixed step's parts: its first d sequences bring one token each; cu_rest: the
+        other sequences' cu_seqlens_q renumbered from 0 (int32, on the device; and on the host)."""
+        self.num_decodes = d
+        self.decodes = AttentionMetadata(
+            self.block_tables[:d], self.cu_seqlens_q[: d + 1], self.context_lens[:d], self.seq_slots[:d],
+            self.slot_mapping[:d], 1, max(self.context_lens_host[:d]), self.start_pos_host[:d],
+            self.context_lens_host[:d], self.cu_seqlens_host[: d + 1])
+        self.prefills = AttentionMetadata(
+            self.block_tables[d:], cu_rest, self.context_lens[d:], self.seq_slots[d:], self.slot_mapping[d:],
+            self.max_seqlen_q, max(self.context_lens_host[d:]), self.start_pos_host[d:], self.context_lens_host[d:],
+            cu_rest_host)
 
 
 def _read_split(read, m: AttentionMetadata, q: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
@@ -62,7 +69,7 @@ def _read_split(read, m: AttentionMetadata, q: torch.Tensor, *kv: torch.Tensor) 
     if m.prefills is None:
         return read(m, q, *kv)
     d = m.num_decodes
-    return torch.cat((read(m.decodes(), q[:d], *(x[:d] for x in kv)),
+    return torch.cat((read(m.decodes, q[:d], *(x[:d] for x in kv)),
                       read(m.prefills, q[d:], *(x[d:] for x in kv))))
 
 

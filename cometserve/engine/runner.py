@@ -203,12 +203,9 @@ class ModelRunner:
             max_seqlen_q=max_seqlen_q, max_context_len=max(ctxs), start_pos_host=starts, context_lens_host=ctxs,
             cu_seqlens_host=cu,
         )
-        read = meta  # what the prefill path reads: the whole step, or a mixed step's prompt chunks
         if d:
-            meta.num_decodes = d
-            meta.prefills = read = AttentionMetadata(
-                bt[d:], cu_p_t[0], ctx_t[d:], slots_t[d:], slot_map_t[d:], max_seqlen_q, max(ctxs[d:]), starts[d:],
-                ctxs[d:], cu_p)
+            meta.split(d, cu_p, cu_p_t[0])
+        read = meta.prefills if d else meta  # what the prefill path reads: the prompt chunks, or the whole step
         if st.kv_bits == 16 and max_seqlen_q > 1 and any(read.start_pos_host):
             (read.kv_slots,) = _to_device(np.int64, dev, _context_slots(chunks[d:], st.page_size))
             (read.cu_seqlens_k,) = _to_device(np.int32, dev, [0, *itertools.accumulate(read.context_lens_host)])

@@ -57,7 +57,7 @@ def test_metadata_of_a_scripted_step(tiny16):
     assert x.sample_rows == [0] and x.sample_ids == ["a"]
     # a mixed step: the decode is read by the decode kernel, the prompt chunk alone by the prefill
     # path (a first chunk: its own K/V, nothing gathered)
-    d, p = m.decodes(), m.prefills
+    d, p = m.decodes, m.prefills
     assert m.num_decodes == 1 and m.kv_slots is None
     assert d.is_decode and d.block_tables.tolist() == [[3, 5, 7]] and d.context_lens.tolist() == [10]
     assert (d.max_context_len, d.seq_slots.tolist(), d.slot_mapping.tolist()) == (10, [0], [7 * P + 1])
