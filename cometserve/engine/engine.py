@@ -141,7 +141,7 @@ class LLMEngine:
         one prefill per GEMM tuning bucket, with a row count that is and one that is not a multiple
         of 16, the two integer specializations Triton compiles), so that kernel compilation and
         tuning happen here and not in a user's step (measured on the H100: 1.9 s and, for a
-        600-1000-row step, 1.2 s stalls).
+        600-1000-row step, 1.2 s stalls), and on CUDA a mixed step.
         Ordinary requests and steps (a tensor-parallel driver steps its workers as usual); leaves
         the engine empty."""
         vocab, page = self.model.config.vocab_size, self.storage.page_size
@@ -157,10 +157,24 @@ class LLMEngine:
             while b // 2 < cap:  # rows b/2+1 .. b share a bucket (kernels/gemm_w4ax._m_bucket)
                 rounds += [((n,), 1) for n in (min(b, cap) - 1, min(b, cap) - 16) if n > b // 2]
                 b *= 2
+
+        def add(rid: str, n: int, max_tokens: int) -> None:
+            self.add_request(rid, torch.randint(0, vocab, (n,), generator=g).tolist(),
+                             SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
         for i, (lengths, max_tokens) in enumerate(rounds):
             for j, n in enumerate(lengths):
-                self.add_request(f"__warm_up_{i}_{j}", torch.randint(0, vocab, (n,), generator=g).tolist(),
-                                 SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+                add(f"__warm_up_{i}_{j}", n, max_tokens)
+            while self.has_unfinished():
+                self.step()
+        if self.runner.device.type == "cuda":
+            # a mixed step (a decode beside a prompt): its attention runs the decode kernel eagerly and
+            # the prefill path on one prompt, which builds a variant of the INT4 gather no round above
+            # compiles (measured, H200: the first such step of a served run took 279 ms, 240 of them
+            # compiling it; later ones 39 ms)
+            add("__warm_up_mixed_0", 16, 4)
+            self.step()
+            add("__warm_up_mixed_1", min(1024, cap - 16), 1)
             while self.has_unfinished():
                 self.step()
 

@@ -46,6 +46,7 @@ class Fp8Plan:
 
     src: torch.Tensor  # int32 [nb']
     part: torch.Tensor  # int32 [nb']: COPY, HIGH or LOW
+    low: torch.Tensor  # int32 [nb]: the expanded block holding an INT8 block's LOW part (0: none)
 
     @property
     def num_blocks(self) -> int:
@@ -61,7 +62,9 @@ def plan(block_bits: torch.Tensor) -> Fp8Plan:
     src = torch.cat((torch.arange(nb, dtype=torch.int32, device=bits.device), int8))
     part = torch.cat((torch.where(bits == 8, HIGH, COPY).to(torch.int32),
                       torch.full_like(int8, LOW)))
-    return Fp8Plan(src.contiguous(), part.contiguous())
+    low = torch.zeros(nb, dtype=torch.int32, device=bits.device)
+    low[int8.long()] = nb + torch.arange(int8.numel(), dtype=torch.int32, device=bits.device)
+    return Fp8Plan(src.contiguous(), part.contiguous(), low)
 
 
 @triton.jit
@@ -138,10 +141,12 @@ def split_activations(a_codes: torch.Tensor, a_scales: torch.Tensor, p: Fp8Plan)
 
 def w4ax_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype, p: Fp8Plan) -> torch.Tensor:
-    """`gemm_w4ax.w4ax_gemm`'s function (its prepared weights, plus the layer's plan) on cuBLAS FP8."""
+    """`gemm_w4ax.w4ax_gemm`'s function (its prepared weights, plus the layer's plan) on cuBLAS FP8.
+    a_codes: int8 [M, K_pad] codes (split here), or the FP8 operand that quant_act(fp8=p) wrote
+    (then a_scales are its column-major scales and the output has its M16 rows)."""
     m = a_codes.shape[0]
     w8, ws = expand_weights(qweight, w_scales, p)
-    a8, as_ = split_activations(a_codes, a_scales, p)
+    a8, as_ = (a_codes, a_scales) if a_codes.dtype == torch.float8_e4m3fn else split_activations(a_codes, a_scales, p)
     b = None if bias is None else bias.to(torch.bfloat16)  # added in cuBLAS's epilogue, before rounding
     return torch._scaled_mm(a8, w8.t(), scale_a=as_, scale_b=ws, bias=b, out_dtype=torch.bfloat16)[:m].to(out_dtype)
 

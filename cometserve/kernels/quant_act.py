@@ -74,13 +74,13 @@ def _fwht(v, T: tl.constexpr):
 
 @triton.jit(do_not_specialize=["BLOCKS_PER_PROG"])  # follows M: one binary for every M
 def _quant_act_kernel(
-    x_ptr, perm_ptr, bits_ptr, nw_ptr, codes_ptr, scales_ptr, r_ptr, sum_ptr,  # pointers
+    x_ptr, perm_ptr, bits_ptr, nw_ptr, codes_ptr, scales_ptr, r_ptr, sum_ptr, low_ptr,  # pointers
     K, NB, BLOCKS_PER_PROG,  # dims
-    stride_xm, stride_xk, stride_cm, stride_sm, stride_rm,  # strides (residual and sum: contiguous rows)
+    stride_xm, stride_xk, stride_cm, stride_sm, stride_sb, stride_rm,  # strides (residual, sum: contiguous rows)
     eps,
     HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr, ROTATE: tl.constexpr,  # meta
     NB_TILE: tl.constexpr, NORM_BLOCK: tl.constexpr, ROW: tl.constexpr, GATED: tl.constexpr,
-    RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    RESIDUAL: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     # program = (token row, chunk of blocks): small M splits a row over several programs so that
     # all SMs have loads in flight (each re-reads the row statistic's input from L2).
@@ -147,9 +147,23 @@ def _quant_act_kernel(
         a = tl.abs(q)
         fl = tl.floor(a)
         mag = tl.minimum(fl + tl.where(a - fl >= 0.5, 1.0, 0.0), qmax[:, None])  # round half away from zero
-        codes = tl.where(q < 0, -mag, mag).to(tl.int8)
-        tl.store(codes_ptr + row * stride_cm + kk, codes, mask=bmask[:, None])
-        tl.store(scales_ptr + row * stride_sm + blk, tl.math.div_rn(absmax, qmax), mask=bmask)
+        codes = tl.where(q < 0, -mag, mag)
+        scale = tl.math.div_rn(absmax, qmax)
+        if FP8:  # gemm_fp8's operand: an INT8 block c = 16 h + l as h (scale * 16) in place, l appended
+            c = codes.to(tl.int32)
+            low = c & 15
+            is8 = bmask & (bits == 8)
+            main = tl.where(is8[:, None], (c - low) >> 4, c)
+            tl.store(codes_ptr + row * stride_cm + kk, main.to(tl.float32).to(codes_ptr.dtype.element_ty),
+                     mask=bmask[:, None])
+            e_low = tl.load(low_ptr + blk, mask=is8, other=0)  # expanded block of the low part
+            tl.store(codes_ptr + row * stride_cm + e_low[:, None] * _BLK + offs_j[None, :],
+                     low.to(tl.float32).to(codes_ptr.dtype.element_ty), mask=is8[:, None])
+            tl.store(scales_ptr + row * stride_sm + blk * stride_sb, tl.where(is8, scale * 16.0, scale), mask=bmask)
+            tl.store(scales_ptr + row * stride_sm + e_low * stride_sb, scale, mask=is8)
+        else:
+            tl.store(codes_ptr + row * stride_cm + kk, codes.to(tl.int8), mask=bmask[:, None])
+            tl.store(scales_ptr + row * stride_sm + blk * stride_sb, scale, mask=bmask)
 
 
 class _SmCount:
@@ -183,7 +197,8 @@ def _grid_shape(m: int, nb: int, sms: int, max_tile: int) -> tuple[int, int, int
 
 
 def _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales, residual=None,
-            total=None) -> None:
+            total=None, low=None) -> None:
+    """scales [M, nb] (any strides); with `low` (gemm_fp8.Fp8Plan.low) codes are FP8 [M', K']."""
     m = x.shape[0]
     nb = block_bits.numel()
     # without a permutation the blocks are read in place (RMSNorm's statistic in a first pass)
@@ -193,12 +208,13 @@ def _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scal
         x, perm if perm is not None else codes, block_bits,
         norm_weight if norm_weight is not None else x, codes, scales,
         residual if residual is not None else x, total if total is not None else x,
+        low if low is not None else block_bits,
         k, nb, per,
-        x.stride(0), x.stride(1), codes.stride(0), scales.stride(0), k,
+        x.stride(0), x.stride(1), codes.stride(0), scales.stride(0), scales.stride(1), k,
         float(eps),
         HAS_PERM=perm is not None, HAS_NORM=norm_weight is not None, ROTATE=rotate,
         NB_TILE=nb_tile, NORM_BLOCK=min(4096, triton.next_power_of_2(k)), ROW=row, GATED=gated,
-        RESIDUAL=residual is not None,
+        RESIDUAL=residual is not None, FP8=low is not None,
         num_warps=16 if max(row, nb_tile * BLOCK_SIZE) >= 8192 else 8 if row or nb_tile * BLOCK_SIZE > 512 else 4,
         enable_fp_fusion=False,  # v * inv must round before + 0.5, as in the reference
         **pdl.launch_kwargs(x),
@@ -224,10 +240,14 @@ def quant_act(
     rotate: bool = False,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    fp8=None,
 ) -> tuple[torch.Tensor, ...]:
     """x [M, K] float (any strides) -> (a_codes int8 [M, K_pad], a_scales float32 [M, nb]), and
     with `residual` ([M, K] contiguous, x's dtype) also x + residual [M, K]: what is quantized is
     then [RMSNorm](x + residual).
+    With `fp8` (the layer's gemm_fp8.Fp8Plan) the codes are written as the cuBLAS FP8 path's
+    operand instead, what gemm_fp8.split_activations makes of the int8 codes (saves that pass):
+    FP8 [M16, K'] and column-major float32 scales [M16, nb'], M16 = M rounded up to 16 (zero rows).
 
     perm: [K] int (slot j reads channel perm[j]) or None; block_bits: [nb] int, 4 or 8;
     norm_weight: [K] in the original channel order (fuses RMSNorm) or None; rotate: Hadamard-rotate
@@ -253,9 +273,19 @@ def quant_act(
     block_bits = block_bits.contiguous()
     assert residual is None or (residual.shape == x.shape and residual.dtype == x.dtype and not gated
                                 and residual.is_contiguous()), "residual must be contiguous, x's shape and dtype"
-    codes = torch.empty((m, k_pad), dtype=torch.int8, device=x.device)
-    scales = torch.empty((m, nb), dtype=torch.float32, device=x.device)
     total = torch.empty_like(residual) if residual is not None else None
+    if fp8 is None:
+        codes = torch.empty((m, k_pad), dtype=torch.int8, device=x.device)
+        scales = torch.empty((m, nb), dtype=torch.float32, device=x.device)
+    else:
+        assert fp8.low.shape == (nb,) and fp8.low.device == x.device, "fp8 plan of another layer"
+        m16 = -(-m // 16) * 16
+        codes = torch.empty((m16, fp8.num_blocks * BLOCK_SIZE), dtype=torch.float8_e4m3fn, device=x.device)
+        scales = torch.empty((fp8.num_blocks, m16), dtype=torch.float32, device=x.device).t()
+        if m16 > m:
+            codes[m:].zero_()
+            scales[m:].zero_()
     if m > 0:
-        _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales, residual, total)
+        _launch(x, k, perm, block_bits, norm_weight, eps, rotate, gated, codes, scales, residual, total,
+                None if fp8 is None else fp8.low)
     return (codes, scales) if residual is None else (codes, scales, total)

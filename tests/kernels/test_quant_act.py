@@ -99,6 +99,41 @@ def check_residual(m, k, dtype, perm, strided, rotate, device, seed=0) -> dict:
             "scale_rel": float(((s - sr).abs() / sr.clamp_min(1e-30)).max()), "dtypes": [str(c.dtype), str(s.dtype)]}
 
 
+def check_fp8(m, k, frac8, dtype, norm, perm, gated, residual, rotate, device, seed=0) -> dict:
+    """quant_act(fp8=plan), the FP8 operand written by the act-quant kernel itself, against the
+    int8 codes of the same call split by gemm_fp8.split_activations (the pass it replaces): both
+    exact in e4m3, so bit-exact, pad rows and scale layout included."""
+    from cometserve.kernels import gemm_fp8, quant_act
+
+    g = torch.Generator().manual_seed(seed)
+    bits = _block_bits(k, frac8, g).to(device)
+    x = (torch.randn(m, 2 * k if gated else k, generator=g) * 3).to(dtype).to(device)
+    r = (torch.randn(m, k, generator=g) * 10).to(dtype).to(device) if residual else None
+    p = torch.randperm(k, generator=g).int().to(device) if perm else None
+    nw = (torch.rand(k, generator=g) + 0.5).to(dtype).to(device) if norm else None
+    plan = gemm_fp8.plan(bits)
+    c, s, *t = quant_act.quant_act(x, p, bits, nw, 1e-6, rotate, gated, r)
+    c8, s8, *t8 = quant_act.quant_act(x, p, bits, nw, 1e-6, rotate, gated, r, fp8=plan)
+    want, want_s = gemm_fp8.split_activations(c, s, plan)
+    return {"codes_exact": bool(torch.equal(c8.view(torch.uint8), want.view(torch.uint8))),
+            "scales_exact": bool(torch.equal(s8, want_s)), "strides": [list(s8.stride()), list(want_s.stride())],
+            "shapes": [list(c8.shape), list(want.shape)], "sum_exact": all(torch.equal(a, b) for a, b in zip(t, t8))}
+
+
+def _assert_fp8_ok(res):
+    assert res["codes_exact"] and res["scales_exact"] and res["sum_exact"], res
+    assert res["shapes"][0] == res["shapes"][1] and res["strides"][0] == res["strides"][1], res
+
+
+# (m, k, frac8, dtype, norm, perm, gated, residual, rotate): each input the FP8 path quantizes (qkv /
+# gate_up: residual + RMSNorm + gather; o: gather; down: SiLU-and-multiply), rows not a multiple of 16
+FP8_CASES = {
+    "fp8_m17_k384_res_norm_perm_rot": (17, 384, 0.34, "fp16", True, True, False, True, True),
+    "fp8_m3_k320_perm": (3, 320, 0.5, "fp16", False, True, False, False, False),
+    "fp8_m16_k256_gated_all_int8": (16, 256, 1.0, "fp16", False, False, True, False, False),
+}
+
+
 def _assert_residual_ok(res):
     assert res["sum_exact"] and res["two_launches_exact"], res
     _assert_ok(res, norm=True)
@@ -152,6 +187,7 @@ def _interp_main() -> None:
     out.update({name: check_case(*c[:3], DTYPES[c[3]], *c[4:], "cpu", rotate=True) for name, c in ROT_CASES.items()})
     out.update({name: check_gated(*c[:3], DTYPES[c[3]], c[4], "cpu") for name, c in GATED_CASES.items()})
     out.update({name: check_residual(*c[:2], DTYPES[c[2]], *c[3:], "cpu") for name, c in RESIDUAL_CASES.items()})
+    out.update({name: check_fp8(*c[:3], DTYPES[c[3]], *c[4:], "cpu") for name, c in FP8_CASES.items()})
     print("RESULTS " + json.dumps(out))
 
 
@@ -188,6 +224,11 @@ def test_interpreter_gated(interp_results, name):
 @pytest.mark.parametrize("name", list(RESIDUAL_CASES))
 def test_interpreter_residual(interp_results, name):
     _assert_residual_ok(interp_results[name])
+
+
+@pytest.mark.parametrize("name", list(FP8_CASES))
+def test_interpreter_fp8_operand(interp_results, name):
+    _assert_fp8_ok(interp_results[name])
 
 
 def test_can_implement_refuses_cpu():
@@ -230,3 +271,11 @@ def test_gpu_gated(m, k, rotate):
 @pytest.mark.parametrize("perm", [False, True])
 def test_gpu_residual(m, k, perm):
     _assert_residual_ok(check_residual(m, k, torch.bfloat16, perm, False, True, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1000, 1024, 4097])
+@pytest.mark.parametrize("k,gated,residual", [(4096, False, True), (4096, False, False), (14336, True, False)])
+@pytest.mark.parametrize("frac8", [0.0, 0.16, 1.0])
+def test_gpu_fp8_operand(m, k, gated, residual, frac8):
+    _assert_fp8_ok(check_fp8(m, k, frac8, torch.bfloat16, residual, not gated, gated, residual, True, "cuda"))

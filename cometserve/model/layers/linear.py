@@ -107,7 +107,7 @@ class QuantLinear(nn.Module):
         codes, scales, *total = self._ops.quant_act(x2, self.perm, self.block_bits, norm_w, eps, self.rotate, gated,
                                                     r2)
         y = self._ops.w4ax_gemm(codes, scales, self._qweight, self._w_scales, self.bias, x.dtype)
-        y = y.reshape(*lead, self.out_features)
+        y = y[: x2.shape[0]].reshape(*lead, self.out_features)
         return y if residual is None else (y, total[0].reshape(residual.shape))
 
 
@@ -138,7 +138,7 @@ def select_gemm_ops(n: int, k: int, w_bits: int, device: torch.device, block_bit
             act_ok, _reason = quant_act.can_implement(k, device)
             fp8_ok = block_bits is not None and gemm_fp8.can_implement(n, padded_k(k), w_bits, dtype, device)[0]
             return _KernelOps(gemm_w4ax, quant_act.quant_act if act_ok else ref.quant_act,
-                              (gemm_fp8, gemm_fp8.plan(block_bits)) if fp8_ok else None)
+                              (gemm_fp8, gemm_fp8.plan(block_bits)) if fp8_ok else None, act_ok)
     return FloatOps
 
 
@@ -172,13 +172,20 @@ class FloatOps:
 class _KernelOps:
     """The kernels chosen once for a layer, behind the reference's three-function interface:
     Triton act-quant and W4Ax GEMM, and from gemm_fp8.MIN_M rows the cuBLAS FP8 path where `fp8`
-    (the gemm_fp8 module and the layer's plan) is given."""
+    (the gemm_fp8 module and the layer's plan) is given; there the fused act-quant kernel
+    (`fused_fp8`) writes the FP8 operand itself (its rows padded to 16: callers keep the first M)."""
 
-    def __init__(self, gemm, quant_act, fp8=None) -> None:
+    def __init__(self, gemm, quant_act, fp8=None, fused_fp8: bool = False) -> None:
         self.prepare_weights = gemm.prepare_weights
-        self.quant_act = quant_act
+        self._quant_act = quant_act
         self._gemm = gemm.w4ax_gemm
         self._fp8 = fp8
+        self._fused_fp8 = fused_fp8 and fp8 is not None
+
+    def quant_act(self, x, perm, block_bits, norm_weight=None, eps=1e-6, rotate=False, gated=False, residual=None):
+        if self._fused_fp8 and x.shape[0] >= self._fp8[0].MIN_M:
+            return self._quant_act(x, perm, block_bits, norm_weight, eps, rotate, gated, residual, fp8=self._fp8[1])
+        return self._quant_act(x, perm, block_bits, norm_weight, eps, rotate, gated, residual)
 
     def w4ax_gemm(self, a_codes, a_scales, qweight, w_scales, bias, out_dtype) -> torch.Tensor:
         if self._fp8 is not None and a_codes.shape[0] >= self._fp8[0].MIN_M:
