@@ -110,7 +110,7 @@ class Int4Attention:
             if m.is_decode:
                 return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
             return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
-                                m.max_seqlen_q, m.max_context_len)
+                                m.max_seqlen_q, m.max_context_len, total_context=sum(m.context_lens_host))
 
         return _read_split(read, m, q)
 

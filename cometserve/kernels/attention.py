@@ -412,7 +412,7 @@ def _prefill_kernel(
 def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
                       scale: float, max_seqlen_q: int | None = None, max_context_len: int | None = None,
-                      config: dict | None = None) -> torch.Tensor:
+                      config: dict | None = None, total_context: int | None = None) -> torch.Tensor:
     """Chunked prefill: q [num_tokens, Hq, D], sequence b's rows cu_seqlens_q[b] .. at positions
     context_lens[b] - T_b .. context_lens[b] - 1, causal over the cache (read after the step's
     write) -> [num_tokens, Hq, D].
@@ -424,7 +424,9 @@ def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.
     - "fused": one Triton kernel that dequantizes each K/V group to float16 in registers (q is cast
       to float16 after the softmax scale: |q * scale| must stay under 65504). ~2x slower than
       flash on H100 (NOTES-attention.md); kept as the portable path (CPU interpreter, no flash).
-    max_seqlen_q, max_context_len: host-side maxima if known (each saves a device sync).
+    max_seqlen_q, max_context_len: host-side maxima if known (each saves a device sync);
+    total_context: sum(context_lens) if known on the host (the "flash" gather then allocates exactly
+    that many rows; else batch x max_context_len, a bound that needs no sync).
     """
     ok, reason = can_implement(q, cache)
     assert ok, reason
@@ -440,7 +442,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.
     impl = cfg["impl"] if cfg["impl"] != "auto" else ("flash" if q.is_cuda else "fused")
     if impl == "flash":
         return prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots, scale,
-                             max_seqlen_q, max_context_len)
+                             max_seqlen_q, max_context_len, total_context)
     out = torch.empty_like(q)
     hkv = cache.num_kv_heads
     rep = q.shape[1] // hkv

@@ -23,7 +23,7 @@ def sdpa_rows(t: int) -> int:
 
 
 def prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots, scale, max_seqlen_q,
-                  max_context_len):
+                  max_context_len, total_context=None):
     """Dequantize into contiguous 16-bit K/V, then the best flash kernel PyTorch has: for one sequence
     SDPA (cuDNN for a whole causal prompt, FlashAttention-2 with a bottom-right mask after a prefix),
     for several FlashAttention-2 varlen. attention.prefill_attention's contract (its "flash" impl)."""
@@ -35,8 +35,9 @@ def prefill_flash(q, cache, block_tables, cu_seqlens_q, context_lens, seq_slots,
         cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
         torch.cumsum(context_lens, 0, out=cu_k[1:])
     whole = b == 1 and t == max_context_len  # one prompt with no cached prefix: causal
-    rows = sdpa_rows(t) if whole else b * max_context_len
-    # an upper bound on the rows (exact for one sequence) keeps the call free of device syncs
+    # without the host's sum, an upper bound on the rows (exact for one sequence) keeps the call free of
+    # device syncs; a long continuation beside many short prompts would allocate far more than needed
+    rows = sdpa_rows(t) if whole else total_context if total_context is not None else b * max_context_len
     k, v = gather_kv(cache, block_tables, context_lens, cu_k, seq_slots, q.dtype, max_context_len, rows,
                      head_major=b == 1)
     if b == 1:

@@ -388,9 +388,10 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.T
 def prefill_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
                       scale: float, max_seqlen_q: int | None = None,
-                      max_context_len: int | None = None) -> torch.Tensor:
+                      max_context_len: int | None = None, total_context: int | None = None) -> torch.Tensor:
     """Causal attention of new tokens q [num_tokens, Hq, D] (sequence b: rows cu_seqlens_q[b]..,
-    positions context_lens[b] - T_b ..) over the cached prefix and themselves -> [num_tokens, Hq, D]."""
+    positions context_lens[b] - T_b ..) over the cached prefix and themselves -> [num_tokens, Hq, D].
+    max_seqlen_q, max_context_len, total_context: the kernels' host-side hints, unused here."""
     out = torch.empty_like(q)
     for b in range(context_lens.shape[0]):
         t0, t1, ctx = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(context_lens[b])

@@ -70,6 +70,10 @@ def run_attention_case(kv_heads, rep, head_dim, group, page, steps, device="cpu"
         for impl in ("fused", "flash") if device == "cuda" else ("fused",):
             _check(f"prefill {impl} step {step}",
                    attention.prefill_attention(q, cache, *meta, scale, config={"impl": impl}), want)
+        if device == "cuda":  # the engine's host-side hints: the gather then allocates exactly sum(ctx) rows
+            _check(f"prefill flash, host hints, step {step}",
+                   attention.prefill_attention(q, cache, *meta, scale, int(n.max()), int(ctx.max()),
+                                               config={"impl": "flash"}, total_context=int(ctx.sum())), want)
         qd = (torch.randn(b, hq, head_dim, generator=gen) * 2).to(dtype).to(device)
         bt_d, _, ctx_d, slots_d = meta
         want = ref.decode_attention(qd, cache, bt_d, ctx_d, slots_d, scale)
