@@ -116,3 +116,33 @@ def test_gpu_llama_shapes(m, n, k):
 def test_gpu_block_maps(m, frac8):
     res = _gpu_case(m, 4096, 4096, frac8, bias=False)
     assert res["finite"] and res["max_excess"] <= 0, res
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [17, 1000, 1500])
+def test_gpu_quant_linear_takes_the_fused_fp8_operand(m):
+    """A W4Ax layer on CUDA: from MIN_M rows the act-quant writes the FP8 operand and the layer
+    keeps its first M output rows (M = 1500 pads to 1504); below, the int8 path. Both against the
+    reference act-quant + GEMM (act-quant bit-exact without RMSNorm; the GEMM's bound as above)."""
+    from cometserve.kernels import gemm_fp8, ref
+    from cometserve.model.layers.linear import QuantLinear
+
+    k, n = 4096, 2048
+    g = torch.Generator().manual_seed(m)
+    layer = QuantLinear(k, n, True, 4, 128, True, True, True)
+    with torch.no_grad():
+        layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, generator=g).to(torch.uint8))
+        layer.w_scales.copy_((torch.rand(layer.w_scales.shape, generator=g) * 0.02 + 0.01).half())
+        layer.bias.copy_(torch.randn(n, generator=g).bfloat16().float())
+        layer.block_bits[torch.randperm(k // 128, generator=g)[:5]] = 8
+        layer.perm.copy_(torch.randperm(k, generator=g).int())
+    layer = layer.cuda()
+    layer.prepare(torch.bfloat16)
+    x = (torch.randn(m, k, generator=g) * 3).bfloat16().cuda()
+    codes, _ = layer._ops.quant_act(x, layer.perm, layer.block_bits, None, 1e-6, True)
+    assert codes.dtype == (torch.float8_e4m3fn if m >= gemm_fp8.MIN_M else torch.int8)
+    y = layer(x).float()
+    rc, rs = ref.quant_act(x, layer.perm, layer.block_bits, None, 1e-6, True)
+    yr = ref.w4ax_gemm(rc, rs, layer.qweight, layer.w_scales, layer.bias.float(), torch.float32)
+    assert y.shape == (m, n) and torch.isfinite(y).all()
+    assert ((y - yr).abs() - (1e-5 * yr.abs().max() + 2.0**-7 * yr.abs())).max() <= 0
