@@ -168,10 +168,11 @@ ACT_INPUTS = [
 
 
 def run_act(ms, dev):
-    """Fused act-quant GB/s over the bytes each input moves, and the copy ceiling (both directions)."""
+    """Fused act-quant GB/s over the bytes each input moves, and the copy ceiling (both directions);
+    `fp8` rows: the form a served input takes from gemm_fp8.MIN_M rows (the FP8 GEMM's operand)."""
     import torch
 
-    from cometserve.kernels import quant_act
+    from cometserve.kernels import gemm_fp8, quant_act
 
     big = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
     copy_gbs = 2 * big.numel() / _time_calls([lambda: big.clone()]) / 1e3
@@ -179,19 +180,23 @@ def run_act(ms, dev):
     for (name, k, res, norm, has_perm, gated), rot in itertools.product(ACT_INPUTS, (False, True)):
         nb = k // 128
         bits = (torch.rand(nb, device=dev) < 0.16).to(torch.uint8) * 4 + 4
+        plan = gemm_fp8.plan(bits)
         perm = torch.randperm(k, device=dev).int() if has_perm else None
         nw = torch.rand(k, device=dev, dtype=torch.bfloat16) if norm else None
         for m in ms:
             width = 2 * k if gated else k
             x = torch.randn(m, width, device=dev, dtype=torch.bfloat16)
             r = torch.randn(m, k, device=dev, dtype=torch.bfloat16) if res else None
-            moved = m * width * 2 + (4 * m * k if res else 0) + m * k + m * nb * 4
-            xs = [x] + [torch.randn_like(x) for _ in range(_copies(moved) - 1)]
-            us = _time_calls([lambda x=x, perm=perm, bits=bits, nw=nw, rot=rot, r=r, gated=gated:
-                              quant_act.quant_act(x, perm, bits, nw, 1e-6, rot, gated, r) for x in xs])
-            out["rows"].append({"input": name, "M": m, "K": k, "residual": res, "norm": nw is not None,
-                                "perm": perm is not None, "gated": gated, "rotate": rot, "us": us,
-                                "GBps": moved / us / 1e3, "of_copy": moved / us / 1e3 / copy_gbs})
+            # from MIN_M rows a served layer input is written as the FP8 GEMM's operand (K' codes, nb' scales)
+            for fp8 in (None, plan) if m >= gemm_fp8.MIN_M and name[0].isdigit() else (None,):
+                kq, nbq = (k, nb) if fp8 is None else (plan.num_blocks * 128, plan.num_blocks)
+                moved = m * width * 2 + (4 * m * k if res else 0) + m * kq + m * nbq * 4
+                xs = [x] + [torch.randn_like(x) for _ in range(_copies(moved) - 1)]
+                us = _time_calls([lambda x=x, perm=perm, bits=bits, nw=nw, rot=rot, r=r, gated=gated, fp8=fp8:
+                                  quant_act.quant_act(x, perm, bits, nw, 1e-6, rot, gated, r, fp8) for x in xs])
+                out["rows"].append({"input": name, "M": m, "K": k, "residual": res, "norm": nw is not None,
+                                    "perm": perm is not None, "gated": gated, "rotate": rot, "fp8": fp8 is not None,
+                                    "us": us, "GBps": moved / us / 1e3, "of_copy": moved / us / 1e3 / copy_gbs})
     return out
 
 
@@ -314,7 +319,7 @@ def summarize(res) -> str:
         lines += ["", f"Fused act-quant (copy ceiling {a['copy_GBps']:.0f} GB/s{when}):", "",
                   "| input | K | fused | rotate | M | us | GB/s | of copy |", "|---|---|---|---|---|---|---|---|"]
         for r in a["rows"]:
-            fused = "+".join(f for f in ("residual", "norm", "perm", "gated") if r.get(f)) or "-"
+            fused = "+".join(f for f in ("residual", "norm", "perm", "gated", "fp8") if r.get(f)) or "-"
             lines.append(f"| {r.get('input', '')} | {r['K']} | {fused} | {r['rotate']} | {r['M']} | {r['us']:.1f} | "
                          f"{r['GBps']:.0f} | {r['of_copy']:.0%} |")
     if res.get("variants"):
