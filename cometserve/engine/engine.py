@@ -174,7 +174,7 @@ class LLMEngine:
             # compiling it; later ones 39 ms)
             add("__warm_up_mixed_0", 16, 4)
             self.step()
-            add("__warm_up_mixed_1", min(1024, cap - 16), 1)
+            add("__warm_up_mixed_1", max(1, min(1024, cap - 16)), 1)
             while self.has_unfinished():
                 self.step()
 
