@@ -8,6 +8,7 @@ running a ragged batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,11 @@ class AttentionMetadata:
     @property
     def is_decode(self) -> bool:
         return self.max_seqlen_q == 1
+
+    @cached_property
+    def total_context(self) -> int:
+        """sum(context_lens), from the host copy: once per step, not per layer."""
+        return sum(self.context_lens_host)
 
     def split(self, d: int, cu_rest_host: list[int], cu_rest: torch.Tensor) -> None:
         """Make this mixed step's parts: its first d sequences bring one token each; cu_rest: the
@@ -110,7 +116,7 @@ class Int4Attention:
             if m.is_decode:
                 return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
             return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
-                                m.max_seqlen_q, m.max_context_len, total_context=sum(m.context_lens_host))
+                                m.max_seqlen_q, m.max_context_len, total_context=m.total_context)
 
         return _read_split(read, m, q)
 
