@@ -51,6 +51,11 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return self.max_seqlen_q == 1
 
+    @property
+    def starts_at_zero(self) -> bool:
+        """A prefill whose every chunk is a whole prompt's start (no cached prefix)."""
+        return not self.is_decode and not any(self.start_pos_host)
+
     @cached_property
     def total_context(self) -> int:
         """sum(context_lens), from the host copy: once per step, not per layer."""
@@ -84,6 +89,7 @@ class Int4Attention:
 
     def __init__(self, storage: KVStorage, q_heads: int, dtype: torch.dtype, device: torch.device) -> None:
         self.write_kv, self.decode, self.prefill = ref.write_kv, ref.decode_attention, ref.prefill_attention
+        self.own_rows = None
         self.reason = "not on CUDA"
         if device.type == "cuda":
             try:
@@ -100,6 +106,13 @@ class Int4Attention:
                 self.write_kv = kv_cache.write_kv
             if ok_a:
                 self.decode, self.prefill = attention.decode_attention, attention.prefill_attention
+            # prompts with no cached prefix attend over their own rows, which the write leaves holding
+            # the cache's values (no gather pass); needs the write kernel, flash and k in the window's dtype
+            if ok_w and ok_a and dtype == cache.k_window.dtype and _flash_varlen_works(
+                    q_heads, cache.num_kv_heads, cache.head_dim, dtype, device):
+                from cometserve.kernels.prefill_flash import flash_own_rows, own_rows_into
+
+                self.own_rows = (own_rows_into, flash_own_rows)
             self.reason = "; ".join(r for r in (why_w, why_a) if r) or "kernels"
 
     @property
@@ -109,16 +122,22 @@ class Int4Attention:
     def attend(self, cache, m: AttentionMetadata, q, k, v, positions, scale: float, rotary) -> torch.Tensor:
         # RoPE rides in the write (one launch fewer per layer in a decode step where the kernel runs)
         rope = (q, positions, *rotary.tables(q.device))
+        p = m.prefills or m
+        own = self.own_rows is not None and p.starts_at_zero
+        # the write leaves the rows the cache gives back where flash reads them
+        into = self.own_rows[0](k, v, m.num_decodes, p.cu_seqlens_host) if own else None
         self.write_kv(k, v, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, m.max_seqlen_q,
-                      rope)
+                      rope, dequantize_into=into)
 
-        def read(m: AttentionMetadata, q: torch.Tensor) -> torch.Tensor:
+        def read(m: AttentionMetadata, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if m.is_decode:
                 return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
+            if own:
+                return self.own_rows[1](q, k, v, m.cu_seqlens_q, m.max_seqlen_q, scale)
             return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
                                 m.max_seqlen_q, m.max_context_len, total_context=m.total_context)
 
-        return _read_split(read, m, q)
+        return _read_split(read, m, q, *(into or (k, v)))
 
 
 class Bf16Attention:

@@ -31,6 +31,19 @@ from cometserve.kernels.ref import PagedKVCache
 
 KV_QMAX = 15.0
 KV_MIN_SCALE = 1e-5
+PROMPT_CHUNK, PROMPT_WARPS = 16, 4  # write_kv's program shape for prompts
+
+
+@triton.jit
+def _group_offsets(tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H: tl.constexpr, G: tl.constexpr,
+                   D: tl.constexpr, d):
+    """Rows `pos` [G] of one head at channels d: offsets into the window and into the new tokens,
+    and which rows live in each (the window before l0, the new tokens from l0 to ctx)."""
+    in_win = pos < l0
+    in_new = (pos >= l0) & (pos < ctx)
+    w_off = ((slot * H + h) * G + (pos % G)).to(tl.int64)[:, None] * D + d[None, :]
+    x_off = (tok0 + pos - l0).to(tl.int64)[:, None] * stride_xt + h * stride_xh + d[None, :]
+    return w_off, x_off, in_win[:, None], in_new[:, None]
 
 
 @triton.jit
@@ -38,14 +51,18 @@ def _load_group_cols(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, strid
                      G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, col0):
     """Rows `pos` [G] of one head, channels col0 .. col0 + W: from the window if before l0, else
     from the new tokens. Returns float32 [G, W]."""
-    d = col0 + tl.arange(0, W)
-    in_win = pos < l0
-    in_new = (pos >= l0) & (pos < ctx)
-    w_off = ((slot * H + h) * G + (pos % G)).to(tl.int64)[:, None] * D + d[None, :]
-    x_off = (tok0 + pos - l0).to(tl.int64)[:, None] * stride_xt + h * stride_xh + d[None, :]
-    xw = tl.load(w_ptr + w_off, mask=in_win[:, None], other=0.0)
-    xn = tl.load(x_ptr + x_off, mask=in_new[:, None], other=0.0)
-    return tl.where(in_win[:, None], xw.to(tl.float32), xn.to(tl.float32))
+    w_off, x_off, in_win, in_new = _group_offsets(tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D,
+                                                  col0 + tl.arange(0, W))
+    xw = tl.load(w_ptr + w_off, mask=in_win, other=0.0)
+    xn = tl.load(x_ptr + x_off, mask=in_new, other=0.0)
+    return tl.where(in_win, xw.to(tl.float32), xn.to(tl.float32))
+
+
+@triton.jit
+def _dequant(c, s, z):
+    """Codes [G, C] of a group with its scale and zero [C] -> float32: code * scale + zero as one
+    FMA, the arithmetic of both the gather and write_kv(dequantize_into=...)."""
+    return tl.fma(c.to(tl.float32), s.to(tl.float32)[None, :], z.to(tl.float32)[None, :])
 
 
 @triton.jit
@@ -67,20 +84,20 @@ def _quantize_cols(x):
 
 
 @triton.jit
-def _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, tok0, pos, l0, ctx, h, slot, page, row, stride_xt,
-               stride_xh, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-               HALF: tl.constexpr):
-    """Quantize the full group at rows `pos` of K or V and store its packed codes, scale and zero.
-    Channels are independent (one scale and zero per channel), so the group is quantized in column
-    chunks of CH: [G, HALF] float32 tiles for both halves took ~200 registers a thread, which let
-    2 programs run per SM and made a decode step's write (one row per sequence, a rare full group)
-    36 us at 512 sequences."""
-    CH: tl.constexpr = 16
+def _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, o_ptr, tok0, pos, l0, ctx, h, slot, page, row, stride_xt,
+               stride_xh, stride_ot, stride_oh, H: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
+               D: tl.constexpr, HALF: tl.constexpr, CHW: tl.constexpr, chunk, DEQ: tl.constexpr, CH: tl.constexpr):
+    """Quantize channels chunk * CHW .. + CHW of each half of the full group at rows `pos` of K or V
+    and store their packed codes, scales and zeros; DEQ: also store the group's new-token rows'
+    dequantized values into o (rows and heads as in x, strides stride_ot, stride_oh). Channels are independent (one scale and zero per channel),
+    so the group is quantized in column chunks of CH: [G, HALF] float32 tiles for both halves took
+    ~200 registers a thread, which let 2 programs run per SM and made a decode step's write (one row
+    per sequence, a rare full group) 36 us at 512 sequences."""
     t = tl.arange(0, G)
     j = tl.arange(0, CH)
     c_row = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF
     m_row = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D
-    for c0 in range(0, HALF, CH):  # a loop, not unrolled: unrolled, the loads are hoisted
+    for c0 in range(chunk * CHW, chunk * CHW + CHW, CH):  # a loop, not unrolled: unrolled, the loads are hoisted
         lo = _load_group_cols(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, CH, c0)
         hi = _load_group_cols(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, CH,
                               c0 + HALF)
@@ -91,34 +108,46 @@ def _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, tok0, pos, l0, ctx, h, slot, p
         tl.store(s_ptr + m_row + HALF + c0 + j, s_hi)
         tl.store(z_ptr + m_row + c0 + j, z_lo)
         tl.store(z_ptr + m_row + HALF + c0 + j, z_hi)
+        if DEQ:
+            _, o_off, _, in_new = _group_offsets(tok0, pos, l0, ctx, h, slot, stride_ot, stride_oh, H, G, D, c0 + j)
+            tl.store(o_ptr + o_off, _dequant(c_lo, s_lo, z_lo).to(o_ptr.dtype.element_ty), mask=in_new)
+            tl.store(o_ptr + o_off + HALF, _dequant(c_hi, s_hi, z_hi).to(o_ptr.dtype.element_ty), mask=in_new)
 
 
 @triton.jit
-def _copy_tail(x_ptr, w_ptr, tok0, start, l0, ctx, h, slot, stride_xt, stride_xh, H: tl.constexpr,
-               G: tl.constexpr, D: tl.constexpr):
-    """New tokens of the partial last group (positions max(start, l0) .. ctx - 1) into the window,
-    one row at a time: a decode step copies one row, not a masked G-row tile (measured 25 us per
-    layer at 256 sequences that way)."""
-    d = tl.arange(0, D)
+def _copy_tail(x_ptr, w_ptr, o_ptr, tok0, start, l0, ctx, h, slot, stride_xt, stride_xh, stride_ot, stride_oh,
+               H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, CHW: tl.constexpr, chunk, DEQ: tl.constexpr):
+    """Channels chunk * CHW .. + CHW of each half of the new tokens of the partial last group
+    (positions max(start, l0) .. ctx - 1) into the window (DEQ: and into o), one row at a time: a
+    decode step copies one row, not a masked G-row tile (measured 25 us per layer at 256 sequences
+    that way)."""
+    d = tl.arange(0, 2 * CHW)
+    if 2 * CHW < D:  # this chunk's channels of both halves (else whole rows)
+        d = chunk * CHW + d + tl.where(d >= CHW, D // 2 - CHW, 0)
     for p in range(tl.maximum(start, l0), ctx):
         x = tl.load(x_ptr + (tok0 + p - l0).to(tl.int64) * stride_xt + h * stride_xh + d)
         tl.store(w_ptr + ((slot * H + h) * G + p % G).to(tl.int64) * D + d, x.to(w_ptr.dtype.element_ty))
+        if DEQ:
+            tl.store(o_ptr + (tok0 + p - l0).to(tl.int64) * stride_ot + h * stride_oh + d, x.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every step
 def _write_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr,
+    k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kw_ptr, vw_ptr, ko_ptr, vo_ptr,
     bt_ptr, cu_ptr, ctx_ptr, slot_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, stride_qt, stride_qh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, stride_qt, stride_qh, stride_ot, stride_oh,
     H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    ROPE: tl.constexpr, QPK: tl.constexpr, BLOCK_Q: tl.constexpr, PDL: tl.constexpr,
+    ROPE: tl.constexpr, QPK: tl.constexpr, BLOCK_Q: tl.constexpr, NCH: tl.constexpr, CH: tl.constexpr,
+    DEQ: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Grid (B, groups touched, 2 Hkv): K (even z) or V (odd z) of head h = z // 2. Program (b, i, z)
-    quantizes group g_first + i of sequence b if this step fills it. Program i = 0 alone also writes
-    the partial last group to the window, after a barrier: it is the only program that reads the
-    old window (g_first's head rows), so no other program can overwrite window rows before they are
-    read. K and V in separate programs halve each program's chain of dependent loads (the latency a
-    decode step's write is made of).
+    """Grid (B, groups touched, 2 Hkv NCH): K (even z // NCH) or V (odd) of head h = z // (2 NCH),
+    channel chunk z % NCH of each half. Program (b, i, z) quantizes its chunk of group g_first + i of
+    sequence b if this step fills it (DEQ: and stores those new rows' dequantized values into ko or
+    vo; the partial group's rows go there as they are). Programs i = 0 alone also write their chunk of the partial last group to
+    the window, after a barrier: they are the only programs that read the old window (g_first's
+    rows, their chunk), so no program can overwrite window rows before they are read. K and V (and
+    a prompt's channel chunks) in separate programs shorten each program's chain of dependent loads
+    (the latency a write is made of).
     ROPE (decode: one new token per sequence): K program (b, 0, h) first rotates that token's k head
     h and its QPK query heads in place (pointwise._rotary_kernel's arithmetic), so the separate RoPE
     launch disappears from a decode step."""
@@ -126,8 +155,9 @@ def _write_kv_kernel(
     pdl.launch_dependents(PDL)
     b = tl.program_id(0)
     i = tl.program_id(1)
-    h = tl.program_id(2) // 2
-    is_k = tl.program_id(2) % 2 == 0
+    h = tl.program_id(2) // (2 * NCH)
+    is_k = (tl.program_id(2) // NCH) % 2 == 0
+    chunk = tl.program_id(2) % NCH
     tok0 = tl.load(cu_ptr + b)
     n_new = tl.load(cu_ptr + b + 1) - tok0
     ctx = tl.load(ctx_ptr + b)
@@ -143,10 +173,10 @@ def _write_kv_kernel(
             _rotate_heads(k_ptr, 1, tok0 * stride_kt + h * stride_kh, stride_kh, cos, sin, HALF, 2)
         tl.debug_barrier()  # the rotated k row is read back below (by other threads of this program)
     if is_k:
-        x_ptr, w_ptr, c_ptr, s_ptr, z_ptr = k_ptr, kw_ptr, kc_ptr, ks_ptr, kz_ptr
+        x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, o_ptr = k_ptr, kw_ptr, kc_ptr, ks_ptr, kz_ptr, ko_ptr
         stride_xt, stride_xh = stride_kt, stride_kh
     else:
-        x_ptr, w_ptr, c_ptr, s_ptr, z_ptr = v_ptr, vw_ptr, vc_ptr, vs_ptr, vz_ptr
+        x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, o_ptr = v_ptr, vw_ptr, vc_ptr, vs_ptr, vz_ptr, vo_ptr
         stride_xt, stride_xh = stride_vt, stride_vh
     l0 = ctx - n_new
     g = l0 // G + i
@@ -154,17 +184,19 @@ def _write_kv_kernel(
     if (n_new > 0) & ((g + 1) * G <= ctx):
         page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (g * G) // P)
         row = (g * G) % P
-        _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, tok0, pos, l0, ctx, h, slot, page, row,
-                   stride_xt, stride_xh, H, P, G, D, HALF)
+        _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, o_ptr, tok0, pos, l0, ctx, h, slot, page, row,
+                   stride_xt, stride_xh, stride_ot, stride_oh, H, P, G, D, HALF, HALF // NCH, chunk, DEQ, CH)
     if (i == 0) & (n_new > 0) & (ctx % G != 0):
         tl.debug_barrier()
         start = ((ctx - 1) // G) * G
-        _copy_tail(x_ptr, w_ptr, tok0, start, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D)
+        _copy_tail(x_ptr, w_ptr, o_ptr, tok0, start, l0, ctx, h, slot, stride_xt, stride_xh, stride_ot, stride_oh,
+                   H, G, D, HALF // NCH, chunk, DEQ)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
-             max_seqlen_q: int | None = None, rope: tuple | None = None) -> None:
+             max_seqlen_q: int | None = None, rope: tuple | None = None,
+             dequantize_into: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Append k, v [num_tokens, Hkv, D] to `cache` in place (semantics: module docstring, ref.write_kv).
 
     block_tables int32 [B, max_pages]; cu_seqlens_q int32 [B+1]; context_lens int32 [B] (after this
@@ -172,9 +204,18 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables
     caller knows it (saves a device-to-host sync). rope: (q [T, Hq, D], positions [T], cos, sin) to
     rotate q and k in place first (pointwise.rotary_embedding's arguments); fused into this launch
     when every sequence brings at most one token (decode), a separate launch otherwise.
+    dequantize_into: (k_out, v_out) to receive the values the cache gives back for the new rows
+    (ref.write_kv); (k, v) themselves to overwrite them in place.
     """
     ok, reason = can_implement(k, cache)
     assert ok, reason
+    outs = dequantize_into or (k, v)
+    if dequantize_into is not None:
+        ko, vo = dequantize_into
+        assert ko.dtype == vo.dtype == cache.k_window.dtype and ko.stride() == vo.stride(), (
+            f"dequantize_into needs two tensors of equal strides in the window's dtype {cache.k_window.dtype}")
+        assert ko.shape[0] >= k.shape[0] and ko.shape[1:] == k.shape[1:] and ko.stride(-1) == 1, (
+            f"dequantize_into rows {tuple(ko.shape)} do not fit k {tuple(k.shape)}")
     b = context_lens.shape[0]
     assert v.shape == k.shape, f"v {tuple(v.shape)} != k {tuple(k.shape)}"
     assert cu_seqlens_q.shape == (b + 1,) and seq_slots.shape == (b,) and block_tables.shape[0] == b
@@ -198,21 +239,27 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables
             rope_args, q_strides, qpk = rope, (q.stride(0), q.stride(1)), q.shape[1] // h
     g = cache.group_size
     groups = (max_seqlen_q + 2 * g - 2) // g  # groups a run of T tokens can touch
-    _write_kv_kernel[(b, groups, 2 * h)](
-        k, v, *cache.tensors(), block_tables, cu_seqlens_q, context_lens, seq_slots, *rope_args,
+    # a prompt's groups in channel chunks of PROMPT_CHUNK per half, one program each (a decode step's
+    # rare full group keeps one program per head, 16 channels at a time: its RoPE rotates whole rows)
+    chunked = rope is None and max_seqlen_q > 1
+    ch = min(PROMPT_CHUNK, cache.head_dim // 2) if chunked else 16
+    nch = cache.head_dim // 2 // ch if chunked else 1
+    _write_kv_kernel[(b, groups, 2 * h * nch)](
+        k, v, *cache.tensors(), *outs, block_tables, cu_seqlens_q, context_lens, seq_slots, *rope_args,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_tables.stride(0), *q_strides,
+        outs[0].stride(0), outs[0].stride(1),
         H=h, P=cache.page_size, G=g, D=cache.head_dim, ROPE=rope is not None,
-        QPK=qpk, BLOCK_Q=max(2, triton.next_power_of_2(qpk)), num_warps=4, **pdl.launch_kwargs(k),
+        QPK=qpk, BLOCK_Q=max(2, triton.next_power_of_2(qpk)), NCH=nch, CH=ch, DEQ=dequantize_into is not None,
+        num_warps=PROMPT_WARPS if chunked else 4,
+        **pdl.launch_kwargs(k),
     )
 
 
 @triton.jit
 def _dequant_store(c_ptr, s_ptr, z_ptr, o_ptr, c_off, m_off, o_off, HALF: tl.constexpr):
     c = tl.load(c_ptr + c_off)
-    lo = (c & 15).to(tl.float32) * tl.load(s_ptr + m_off).to(tl.float32)[None, :] \
-        + tl.load(z_ptr + m_off).to(tl.float32)[None, :]
-    hi = (c >> 4).to(tl.float32) * tl.load(s_ptr + m_off + HALF).to(tl.float32)[None, :] \
-        + tl.load(z_ptr + m_off + HALF).to(tl.float32)[None, :]
+    lo = _dequant(c & 15, tl.load(s_ptr + m_off), tl.load(z_ptr + m_off))
+    hi = _dequant(c >> 4, tl.load(s_ptr + m_off + HALF), tl.load(z_ptr + m_off + HALF))
     tl.store(o_ptr + o_off, lo.to(o_ptr.dtype.element_ty))
     tl.store(o_ptr + o_off + HALF, hi.to(o_ptr.dtype.element_ty))
 

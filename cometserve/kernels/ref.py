@@ -321,13 +321,18 @@ def _store_group(cache: PagedKVCache, page: int, row: int, k: torch.Tensor, v: t
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor,
-             max_seqlen_q: int | None = None, rope: tuple | None = None) -> None:
+             max_seqlen_q: int | None = None, rope: tuple | None = None,
+             dequantize_into: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Append new k, v [num_tokens, Hkv, D] (K after RoPE) to the cache, in place.
 
     Sequence b's new tokens are rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1, at positions ending at
     context_lens[b] - 1 (context_lens counts them). Every group that becomes full is quantized as a
     whole into its page; the tokens of a still-partial last group go to the 16-bit window.
     rope: (q, positions, cos, sin): first rotate q and k IN PLACE (`rotary_embedding`).
+    dequantize_into: (k_out, v_out) [>= num_tokens, Hkv, D] in the window's dtype: then store at the
+    new rows' indices what `gather_kv` gives back for those positions (full groups dequantized, the
+    partial group as the window holds it); (k, v) themselves to overwrite them in place. A chunk that
+    starts at position 0 then attends over these rows, no gather needed.
     """
     if rope is not None:
         q, positions, cos, sin = rope
@@ -351,6 +356,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, block_tables
         rest = ks.shape[0] - n_full * gsz
         cache.k_window[slot, :, :rest] = ks[n_full * gsz:].transpose(0, 1)
         cache.v_window[slot, :, :rest] = vs[n_full * gsz:].transpose(0, 1)
+        if dequantize_into is not None:
+            kk, vv = gather_kv(cache, block_tables[b], ctx, slot, cache.k_window.dtype)
+            dequantize_into[0][t0:t1], dequantize_into[1][t0:t1] = kk[l0:], vv[l0:]
 
 
 def gather_kv(cache: PagedKVCache, block_table: torch.Tensor, context_len: int, slot: int,

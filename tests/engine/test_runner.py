@@ -168,3 +168,31 @@ def test_gpu_mixed_step_reads_each_part_as_its_own_step(tmp_path, kv_bits):
                             num_attention_heads=4, num_key_value_heads=2)
     err, scale = _mixed_vs_apart(load_model(path, device="cuda"), kv_bits, page=64, n=21)
     assert err <= 2e-2 * scale, (err, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fresh_prompts_attend_over_their_own_rows(tmp_path):
+    """INT4 cache: chunks that start at position 0 attend over their own K/V rows, which
+    write_kv(dequantize=True) leaves holding the cache's values: every step's logits equal those of
+    the gather path (a second runner with the own-rows path off) bit for bit: one prompt of a length
+    SDPA pads, three prompts (varlen), then a mixed step (two decodes beside a new prompt)."""
+    path = write_tiny_model("llama", tmp_path / "llama", hidden_size=256, intermediate_size=512,
+                            num_attention_heads=4, num_key_value_heads=2)
+    loaded = load_model(path, device="cuda")
+    runners = [make_runner(loaded, 4, num_pages=16, max_seqs=5, page=64) for _ in range(2)]
+    assert runners[0].attn.own_rows is not None, runners[0].attn.reason
+    runners[1].attn.own_rows = None
+    g = torch.Generator().manual_seed(0)
+
+    def ck(rid, start, length, table, **kw):
+        return chunk(rid, torch.randint(0, 320, (length,), generator=g).tolist(), start, table, page=64, **kw)
+
+    steps = [[ck("a", 0, 100, (0, 1))],
+             [ck("b", 0, 64, (2,)), ck("c", 0, 130, (3, 4, 5)), ck("d", 0, 7, (6,))],
+             [ck("a", 100, 1, (0, 1), prefill=False), ck("c", 130, 1, (3, 4, 5), prefill=False),
+              ck("e", 0, 200, (7, 8, 9, 10))]]
+    with torch.inference_mode():
+        for s in steps:
+            got, want = (r.logits(r.prepare(step(s)))[0] for r in runners)
+            assert torch.equal(got, want), (s[0].request_id, float((got - want).abs().max()))
