@@ -10,7 +10,9 @@ program per KV head's query group (rows padded to 16), no per-element dequantiza
 by `prmt` + `lop3` + `hsub2` exponent tricks.
 Prefill is tensor-core bound: the fast path (prefill_flash.py) dequantizes into contiguous 16-bit K/V
 (kv_cache.gather_kv, a few % of the time) and runs PyTorch's flash kernels; the fused Triton kernel
-(groups dequantized in registers) is the portable path, ~2x slower on H100."""
+(groups dequantized in registers) is the portable path, ~2x slower on H100. A prompt with no cached
+prefix needs neither: the engine has write_kv store its dequantized rows where flash reads them
+(prefill_flash.flash_own_rows)."""
 
 from __future__ import annotations
 
