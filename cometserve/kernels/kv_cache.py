@@ -89,15 +89,16 @@ def _write_one(x_ptr, w_ptr, c_ptr, s_ptr, z_ptr, o_ptr, tok0, pos, l0, ctx, h, 
                D: tl.constexpr, HALF: tl.constexpr, CHW: tl.constexpr, chunk, DEQ: tl.constexpr, CH: tl.constexpr):
     """Quantize channels chunk * CHW .. + CHW of each half of the full group at rows `pos` of K or V
     and store their packed codes, scales and zeros; DEQ: also store the group's new-token rows'
-    dequantized values into o (rows and heads as in x, strides stride_ot, stride_oh). Channels are independent (one scale and zero per channel),
-    so the group is quantized in column chunks of CH: [G, HALF] float32 tiles for both halves took
-    ~200 registers a thread, which let 2 programs run per SM and made a decode step's write (one row
-    per sequence, a rare full group) 36 us at 512 sequences."""
+    dequantized values into o (rows and heads as in x, strides stride_ot, stride_oh). Channels are
+    independent (one scale and zero per channel), so the group is quantized in column chunks of CH:
+    [G, HALF] float32 tiles for both halves took ~200 registers a thread, which let 2 programs run
+    per SM and made a decode step's write (one row per sequence, a rare full group) 36 us at 512
+    sequences."""
     t = tl.arange(0, G)
     j = tl.arange(0, CH)
     c_row = ((page * H + h) * P + row + t).to(tl.int64)[:, None] * HALF
     m_row = ((page * H + h) * (P // G) + row // G).to(tl.int64) * D
-    for c0 in range(chunk * CHW, chunk * CHW + CHW, CH):  # a loop, not unrolled: unrolled, the loads are hoisted
+    for c0 in range(chunk * CHW, chunk * CHW + CHW, CH):  # a loop, not unrolled: else the loads are hoisted
         lo = _load_group_cols(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, CH, c0)
         hi = _load_group_cols(x_ptr, w_ptr, tok0, pos, l0, ctx, h, slot, stride_xt, stride_xh, H, G, D, CH,
                               c0 + HALF)
@@ -143,9 +144,10 @@ def _write_kv_kernel(
     """Grid (B, groups touched, 2 Hkv NCH): K (even z // NCH) or V (odd) of head h = z // (2 NCH),
     channel chunk z % NCH of each half. Program (b, i, z) quantizes its chunk of group g_first + i of
     sequence b if this step fills it (DEQ: and stores those new rows' dequantized values into ko or
-    vo; the partial group's rows go there as they are). Programs i = 0 alone also write their chunk of the partial last group to
-    the window, after a barrier: they are the only programs that read the old window (g_first's
-    rows, their chunk), so no program can overwrite window rows before they are read. K and V (and
+    vo; the partial group's rows go there as they are). Programs i = 0 alone also write their chunk
+    of the partial last group to the window, after a barrier: they are the only programs that read
+    the old window (g_first's rows, their chunk), so no program can overwrite window rows before
+    they are read. K and V (and
     a prompt's channel chunks) in separate programs shorten each program's chain of dependent loads
     (the latency a write is made of).
     ROPE (decode: one new token per sequence): K program (b, 0, h) first rotates that token's k head
