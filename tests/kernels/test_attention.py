@@ -149,6 +149,32 @@ def test_ref_paged_matches_plain_cache_numerics():
         assert torch.equal(gk, keys) and torch.equal(gv, values)
 
 
+@pytest.mark.parametrize("length", [100, 128, 300])
+def test_one_prompt_over_its_own_rows_equals_the_cache_path(length):
+    """A whole prompt through own_rows_into + write_kv(dequantize_into=) + flash_own_rows (SDPA, pad
+    rows zeroed in head-major buffers where sdpa_rows pads) gives ref.prefill_attention's output over
+    the cache it wrote, float32 on the CPU (the reference's write; the kernel's is tested against it
+    in test_kv_cache)."""
+    pytest.importorskip("triton")
+    from cometserve.kernels import prefill_flash, ref
+
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv, d = 8, 2, 64
+    cache = ref.PagedKVCache.allocate(8, hkv, d, 1, torch.float32, "cpu", 64, 64)
+    i32 = {"dtype": torch.int32}
+    bt, cu, ctx, slot = torch.tensor([[5, 2, 7, 0, 1]], **i32), torch.tensor([0, length], **i32), \
+        torch.tensor([length], **i32), torch.zeros(1, **i32)
+    qkv = torch.randn(length, (hq + 2 * hkv) * d, generator=gen)
+    q, k, v = (qkv[:, a * d:b * d].view(length, -1, d) for a, b in ((0, hq), (hq, hq + hkv), (hq + hkv, hq + 2 * hkv)))
+    into = prefill_flash.own_rows_into(k, v, 0, [0, length])
+    assert (into[0] is k) == (prefill_flash.sdpa_rows(length) == length)
+    assert into[0].shape[0] == prefill_flash.sdpa_rows(length)
+    ref.write_kv(k, v, cache, bt, cu, ctx, slot, dequantize_into=into)
+    got = prefill_flash.flash_own_rows(q, *into, cu, length, d**-0.5)
+    want = ref.prefill_attention(q, cache, bt, cu, ctx, slot, d**-0.5)
+    assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 def test_can_implement_refuses_with_reason():
     pytest.importorskip("triton")
     from cometserve.kernels import attention, ref
