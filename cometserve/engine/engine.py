@@ -168,13 +168,13 @@ class LLMEngine:
             while self.has_unfinished():
                 self.step()
         if self.runner.device.type == "cuda":
-            # a mixed step (a decode beside a prompt): its attention runs the decode kernel eagerly and
-            # the prefill path on one prompt, which builds a variant of the INT4 gather no round above
-            # compiles (measured, H200: the first such step of a served run took 279 ms, 240 of them
-            # compiling it; later ones 39 ms)
+            # mixed steps (a decode beside a prompt's first chunk, then beside its continuation): their
+            # attention runs the decode kernel eagerly, and a continuation beside a decode builds a
+            # variant of the INT4 gather no round above compiles (measured, H200: the first such step
+            # of a served run took 279 ms, 240 of them compiling it; later ones 39 ms)
             add("__warm_up_mixed_0", 16, 4)
             self.step()
-            add("__warm_up_mixed_1", max(1, min(1024, cap - 16)), 1)
+            add("__warm_up_mixed_1", long, 1)
             while self.has_unfinished():
                 self.step()
 
