@@ -51,7 +51,7 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return self.max_seqlen_q == 1
 
-    @property
+    @cached_property
     def starts_at_zero(self) -> bool:
         """A prefill whose every chunk is a whole prompt's start (no cached prefix)."""
         return not self.is_decode and not any(self.start_pos_host)
@@ -110,9 +110,9 @@ class Int4Attention:
             # the cache's values (no gather pass); needs the write kernel, flash and k in the window's dtype
             if ok_w and ok_a and dtype == cache.k_window.dtype and _flash_varlen_works(
                     q_heads, cache.num_kv_heads, cache.head_dim, dtype, device):
-                from cometserve.kernels.prefill_flash import flash_own_rows, own_rows_into
+                from cometserve.kernels import prefill_flash
 
-                self.own_rows = (own_rows_into, flash_own_rows)
+                self.own_rows = prefill_flash  # own_rows_into, flash_own_rows
             self.reason = "; ".join(r for r in (why_w, why_a) if r) or "kernels"
 
     @property
@@ -125,7 +125,7 @@ class Int4Attention:
         p = m.prefills or m
         own = self.own_rows is not None and p.starts_at_zero
         # the write leaves the rows the cache gives back where flash reads them
-        into = self.own_rows[0](k, v, m.num_decodes, p.cu_seqlens_host) if own else None
+        into = self.own_rows.own_rows_into(k, v, m.num_decodes, p.cu_seqlens_host) if own else None
         self.write_kv(k, v, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, m.max_seqlen_q,
                       rope, dequantize_into=into)
 
@@ -133,7 +133,7 @@ class Int4Attention:
             if m.is_decode:
                 return self.decode(q, cache, m.block_tables, m.context_lens, m.seq_slots, scale, m.max_context_len)
             if own:
-                return self.own_rows[1](q, k, v, m.cu_seqlens_q, m.max_seqlen_q, scale)
+                return self.own_rows.flash_own_rows(q, k, v, m.cu_seqlens_q, m.max_seqlen_q, scale)
             return self.prefill(q, cache, m.block_tables, m.cu_seqlens_q, m.context_lens, m.seq_slots, scale,
                                 m.max_seqlen_q, m.max_context_len, total_context=m.total_context)
 

@@ -182,10 +182,10 @@ class _KernelOps:
         self._fp8 = fp8
         self._fused_fp8 = fused_fp8 and fp8 is not None
 
-    def quant_act(self, x, perm, block_bits, norm_weight=None, eps=1e-6, rotate=False, gated=False, residual=None):
+    def quant_act(self, x, *args, **kwargs):
         if self._fused_fp8 and x.shape[0] >= self._fp8[0].MIN_M:
-            return self._quant_act(x, perm, block_bits, norm_weight, eps, rotate, gated, residual, fp8=self._fp8[1])
-        return self._quant_act(x, perm, block_bits, norm_weight, eps, rotate, gated, residual)
+            kwargs["fp8"] = self._fp8[1]
+        return self._quant_act(x, *args, **kwargs)
 
     def w4ax_gemm(self, a_codes, a_scales, qweight, w_scales, bias, out_dtype) -> torch.Tensor:
         if self._fp8 is not None and a_codes.shape[0] >= self._fp8[0].MIN_M:
