@@ -21,8 +21,9 @@ weights stay 4-bit in memory and are widened in registers right before INT8 `tl.
   A weight tile is therefore split into N_SUB sub-tiles that share one activation tile.
 - Above STREAM_M rows the tuner also times a warp-specialized CUDA kernel (gemm_wgmma.py) that
   overlaps one warpgroup's MMAs with another's per-block scaling, which Triton will not do.
-- At 1-4 tokens the tuner also times a CUDA GEMV (gemv_w4ax.py: dp4a on the CUDA cores, no 16-row
-  MMA padding, no split-K partials), the batch-1 decode's choice on every benchmark shape.
+- At 1-32 tokens the tuner also times a CUDA GEMV (gemv_w4ax.py: no split-K partials; dp4a on the
+  CUDA cores at 1-4 tokens, the batch-1 decode's choice on every benchmark shape, and mma.sync on
+  8-token tiles at 1-32).
 - Small M (decode) is a weight stream: split-K over the 128-channel blocks fills all SMs; each split
   writes an fp32 partial, the last split of a tile (counted on a semaphore) sums the partials in
   split order (deterministic), adds the bias, stores Y and resets the semaphore: ONE launch, no
@@ -242,7 +243,8 @@ class GemmConfig:
     num_stages: int = 4
     prefetch: bool = True  # load block b+1's scales during block b (costs registers)
     n_sub: int = 1  # sub-tiles of block_n sharing one activation tile (1 or 2)
-    backend: str = "triton"  # or "wgmma": the CUDA kernel of gemm_wgmma.py (block_n 128); "gemv": gemv_w4ax.py
+    backend: str = "triton"  # or "wgmma": the CUDA kernel of gemm_wgmma.py (block_n 128); "gemv" / "gemv_mma":
+    # gemv_w4ax.py's dp4a / tensor-core instances
 
 
 class _State:
@@ -263,7 +265,7 @@ _STATE = _State()
 TUNE_ROTATE_BYTES = 128e6
 GRAPH_TUNE_M = 256
 STREAM_M = 64  # above this many rows the wgmma kernel joins the candidates
-USE_GEMV = True  # the CUDA GEMV among the candidates at 1-4 rows (benchmarks switch it off for A/B)
+USE_GEMV = True  # the CUDA GEMV among the candidates at 1-32 rows (benchmarks switch it off for A/B)
 
 
 def _m_bucket(m: int) -> int:
@@ -332,8 +334,10 @@ WGMMA_SHAPES = ((128, 4), (64, 6))
 def candidates(m: int, n: int, nb: int, device: torch.device, w_bits: int = 4,
                out_dtype: torch.dtype = torch.bfloat16) -> list[GemmConfig]:
     out = _candidate_list(m, n, nb, device)
-    if USE_GEMV and gemv_w4ax.can_implement(m, n, nb * BLOCK_SIZE, w_bits, out_dtype, device)[0]:
-        out += [GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, w, 1, backend="gemv") for w in gemv_w4ax.WARPS]
+    for mma in (False, True) if USE_GEMV else ():
+        if gemv_w4ax.can_implement(m, n, nb * BLOCK_SIZE, w_bits, out_dtype, device, mma)[0]:
+            out += [GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, w, 1,
+                               backend="gemv_mma" if mma else "gemv") for w in gemv_w4ax.warps_for(m, mma)]
     if m > STREAM_M and gemm_wgmma.can_implement(n, w_bits, out_dtype, device)[0]:
         out += [GemmConfig(128, bm, 1, 8, 12, st, backend="wgmma") for bm, st in WGMMA_SHAPES]
         if m <= GRAPH_TUNE_M:  # K splits where the tiles leave SMs idle (wins at M = 128 on down_proj)
@@ -360,11 +364,12 @@ def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, use_
     m, k_pad = a_codes.shape
     n = y.shape[1]
     nb = k_pad // BLOCK_SIZE
+    gemv = cfg.backend in ("gemv", "gemv_mma")
     if (cfg.backend == "wgmma" and not gemm_wgmma.operands_ok(a_codes, bias, y)) or (
-            cfg.backend == "gemv" and not gemv_w4ax.operands_ok(a_codes, bias, y)):
-        cfg = _candidate_list(m, n, nb, y.device)[0]
-    if cfg.backend == "gemv":
-        return gemv_w4ax.launch(a_codes, a_scales, qweight, w_scales, bias, y, cfg.num_warps)
+            gemv and not gemv_w4ax.operands_ok(a_codes, bias, y, cfg.backend == "gemv_mma")):
+        cfg, gemv = _candidate_list(m, n, nb, y.device)[0], False
+    if gemv:
+        return gemv_w4ax.launch(a_codes, a_scales, qweight, w_scales, bias, y, cfg.num_warps, cfg.backend == "gemv_mma")
     tiles = (n // cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = max(1, min(cfg.split_k, nb))
     if split * m * n >= 2**31:

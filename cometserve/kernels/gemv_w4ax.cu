@@ -121,3 +121,126 @@ __global__ void __launch_bounds__(32 * W) w4ax_gemv(
     if (m < M) store_out<OUT>(y + ((long long)m * stride_ym + n0 + r) * OSZ, v);
   }
 }
+
+// Tensor-core instances for up to 32 tokens (NT tiles of 8): the same CTA, slab and warp-to-block
+// assignment, but each block is mma.sync m16n8k32 s8 with the widened weights as A (rows 8 q + l / 4:
+// q = 0, 1 one 16-row tile, q = 2, 3 the other) and the activation codes as B, so the cost per block
+// stays ~flat in the tokens where dp4a's grows with them. A dot product may take its channels in any
+// order: k-step j pairs word j of the lane's weight quarter (channels 16 (l % 4) + 4 j .. in its low
+// nibbles, 64 + 16 (l % 4) + 4 j .. in its high ones) with the same channels of token 8 t + l / 4,
+// i.e. the A columns and B rows of lane l name the same 8 channels (both sit at 4 (l % 4) and
+// 16 + 4 (l % 4) in the fragment). The int32 block sum comes out of the MMA complete (no shuffles);
+// the fold is the dp4a instances' fp32 FMA, the warps summed in the same order.
+
+DEV void mma_s8(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int NT>
+struct GtAct {
+  uint4 lo[NT], hi[NT];  // channels 16 (l % 4) .. and 64 + 16 (l % 4) .. of token 8 t + l / 4
+  float s[NT][2];        // a_scale of tokens 8 t + 2 (l % 4) + {0, 1} (the accumulator's columns)
+};
+
+template <int NT>
+DEV void gt_load_act(GtAct<NT>& x, const u8* a_codes, const float* a_scales, int b, int M, int stride_am,
+                     int stride_asm, int lane) {
+  const int g = lane / 4, part = lane % 4;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int tok = 8 * t + g;
+    const uint4* p = reinterpret_cast<const uint4*>(a_codes + (long long)tok * stride_am + b * 128 + 16 * part);
+    x.lo[t] = tok < M ? __ldg(p) : uint4{0u, 0u, 0u, 0u};
+    x.hi[t] = tok < M ? __ldg(p + 4) : uint4{0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int ts = 8 * t + 2 * part + e;
+      x.s[t][e] = ts < M ? __ldg(a_scales + (long long)ts * stride_asm + b) : 0.0f;
+    }
+  }
+}
+
+template <int NT>
+DEV void gt_block(float (&acc)[2][NT][4], const GvBlock& t, const GtAct<NT>& x, int lane) {
+  float ws[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) ws[q] = __shfl_sync(0xffffffffu, t.ws, 8 * q + lane / 4);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint4 r0 = t.w[2 * h], r1 = t.w[2 * h + 1];
+    const u32 w0[4] = {r0.x, r0.y, r0.z, r0.w}, w1[4] = {r1.x, r1.y, r1.z, r1.w};
+    u32 lo0[4], lo1[4], hi0[4], hi1[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      lo0[j] = (w0[j] << 4) & 0xF0F0F0F0u, hi0[j] = w0[j] & 0xF0F0F0F0u;
+      lo1[j] = (w1[j] << 4) & 0xF0F0F0F0u, hi1[j] = w1[j] & 0xF0F0F0F0u;
+    }
+#pragma unroll
+    for (int tt = 0; tt < NT; ++tt) {
+      const u32 blo[4] = {x.lo[tt].x, x.lo[tt].y, x.lo[tt].z, x.lo[tt].w};
+      const u32 bhi[4] = {x.hi[tt].x, x.hi[tt].y, x.hi[tt].z, x.hi[tt].w};
+      int c[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) mma_s8(c, lo0[j], lo1[j], hi0[j], hi1[j], blo[j], bhi[j]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        acc[h][tt][i] = __fmaf_rn((float)c[i], __fmul_rn(ws[2 * h + i / 2], x.s[tt][i % 2]), acc[h][tt][i]);
+    }
+  }
+}
+
+// grid (N / 32), dynamic shared memory W * 8 NT * 33 fp32 (the warps' partial sums)
+template <int NT, int OUT, bool BIAS, int W>
+__global__ void __launch_bounds__(32 * W) w4ax_gemv_mma(
+    const u8* __restrict__ a_codes, const float* __restrict__ a_scales, const u8* __restrict__ w,
+    const u16* __restrict__ w_scales, const void* __restrict__ bias, u8* __restrict__ y, int M, int NB,
+    int stride_am, int stride_asm, int stride_wsb, int stride_ym) {
+  constexpr int MT = 8 * NT, RS = GV_ROWS + 1, OSZ = OUT == 2 ? 4 : 2;
+  extern __shared__ float red[];  // [W][MT][RS]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int n0 = blockIdx.x * GV_ROWS;
+  const u8* slab = w + (long long)(n0 / 64) * NB * GV_TILE_BYTES + (n0 % 64) * 64;
+  const u16* ws_col = w_scales + n0 + lane;
+  GvBlock cur, nxt;
+  GtAct<NT> xc, xn;
+  if (warp < NB) gv_load(cur, slab, ws_col, warp, stride_wsb, lane);
+  grid_dep_wait();  // the activations and Y are shared with earlier kernels
+  if (warp < NB) gt_load_act<NT>(xc, a_codes, a_scales, warp, M, stride_am, stride_asm, lane);
+  float acc[2][NT][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[h][t][i] = 0.0f;
+  for (int b = warp; b < NB; b += W) {
+    if (b + W < NB) {
+      gv_load(nxt, slab, ws_col, b + W, stride_wsb, lane);
+      gt_load_act<NT>(xn, a_codes, a_scales, b + W, M, stride_am, stride_asm, lane);
+    }
+    gt_block<NT>(acc, cur, xc, lane);
+    cur = nxt, xc = xn;
+  }
+  grid_dep_launch();
+  const int g = lane / 4, part = lane % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        red[(warp * MT + 8 * t + 2 * part + i % 2) * RS + 16 * h + 8 * (i / 2) + g] = acc[h][t][i];
+  __syncthreads();
+  for (int o = tid; o < MT * GV_ROWS; o += 32 * W) {
+    const int m = o / GV_ROWS, r = o % GV_ROWS;
+    if (m >= M) break;  // o grows with m
+    float v = red[m * RS + r];
+#pragma unroll
+    for (int i = 1; i < W; ++i) v = __fadd_rn(v, red[(i * MT + m) * RS + r]);
+    v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
+    if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, n0 + r));
+    store_out<OUT>(y + ((long long)m * stride_ym + n0 + r) * OSZ, v);
+  }
+}
