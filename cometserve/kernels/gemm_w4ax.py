@@ -336,8 +336,8 @@ def candidates(m: int, n: int, nb: int, device: torch.device, w_bits: int = 4,
     out = _candidate_list(m, n, nb, device)
     for mma in (False, True) if USE_GEMV else ():
         if gemv_w4ax.can_implement(m, n, nb * BLOCK_SIZE, w_bits, out_dtype, device, mma)[0]:
-            out += [GemmConfig(gemv_w4ax.ROWS, triton.next_power_of_2(m), 1, 1, w, 1,
-                               backend="gemv_mma" if mma else "gemv") for w in gemv_w4ax.warps_for(m, mma)]
+            out += [GemmConfig(rows, triton.next_power_of_2(m), 1, 1, w, 1, backend="gemv_mma" if mma else "gemv")
+                    for w in gemv_w4ax.warps_for(m, mma) for rows in gemv_w4ax.rows_for(mma)]
     if m > STREAM_M and gemm_wgmma.can_implement(n, w_bits, out_dtype, device)[0]:
         out += [GemmConfig(128, bm, 1, 8, 12, st, backend="wgmma") for bm, st in WGMMA_SHAPES]
         if m <= GRAPH_TUNE_M:  # K splits where the tiles leave SMs idle (wins at M = 128 on down_proj)
@@ -369,7 +369,8 @@ def _launch(cfg: GemmConfig, a_codes, a_scales, qweight, w_scales, bias, y, use_
             gemv and not gemv_w4ax.operands_ok(a_codes, bias, y, cfg.backend == "gemv_mma")):
         cfg, gemv = _candidate_list(m, n, nb, y.device)[0], False
     if gemv:
-        return gemv_w4ax.launch(a_codes, a_scales, qweight, w_scales, bias, y, cfg.num_warps, cfg.backend == "gemv_mma")
+        return gemv_w4ax.launch(a_codes, a_scales, qweight, w_scales, bias, y, cfg.num_warps,
+                                cfg.backend == "gemv_mma", cfg.block_n)
     tiles = (n // cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = max(1, min(cfg.split_k, nb))
     if split * m * n >= 2**31:

@@ -191,23 +191,26 @@ DEV void gt_block(float (&acc)[2][NT][4], const GvBlock& t, const GtAct<NT>& x, 
   }
 }
 
-// grid (N / 32), dynamic shared memory W * 8 NT * 33 fp32 (the warps' partial sums)
-template <int NT, int OUT, bool BIAS, int W>
+// grid (N / (32 RG)), dynamic shared memory (W / RG) * 8 NT * (32 RG + 1) fp32 (the warps' partial
+// sums). RG row groups of 32 rows per CTA: warp w takes rows 32 (w % RG) .. and blocks w / RG,
+// w / RG + W / RG, ..., so RG warps read each activation block at about the same time (L1 hits
+// instead of L2 reads, for the larger token counts).
+template <int NT, int OUT, bool BIAS, int W, int RG>
 __global__ void __launch_bounds__(32 * W) w4ax_gemv_mma(
     const u8* __restrict__ a_codes, const float* __restrict__ a_scales, const u8* __restrict__ w,
     const u16* __restrict__ w_scales, const void* __restrict__ bias, u8* __restrict__ y, int M, int NB,
     int stride_am, int stride_asm, int stride_wsb, int stride_ym) {
-  constexpr int MT = 8 * NT, RS = GV_ROWS + 1, OSZ = OUT == 2 ? 4 : 2;
-  extern __shared__ float red[];  // [W][MT][RS]
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int n0 = blockIdx.x * GV_ROWS;
+  constexpr int MT = 8 * NT, KW = W / RG, CR = GV_ROWS * RG, RS = CR + 1, OSZ = OUT == 2 ? 4 : 2;
+  extern __shared__ float red[];  // [KW][MT][RS]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, rg = warp % RG, kw = warp / RG;
+  const int c0 = blockIdx.x * CR, n0 = c0 + GV_ROWS * rg;
   const u8* slab = w + (long long)(n0 / 64) * NB * GV_TILE_BYTES + (n0 % 64) * 64;
   const u16* ws_col = w_scales + n0 + lane;
   GvBlock cur, nxt;
   GtAct<NT> xc, xn;
-  if (warp < NB) gv_load(cur, slab, ws_col, warp, stride_wsb, lane);
+  if (kw < NB) gv_load(cur, slab, ws_col, kw, stride_wsb, lane);
   grid_dep_wait();  // the activations and Y are shared with earlier kernels
-  if (warp < NB) gt_load_act<NT>(xc, a_codes, a_scales, warp, M, stride_am, stride_asm, lane);
+  if (kw < NB) gt_load_act<NT>(xc, a_codes, a_scales, kw, M, stride_am, stride_asm, lane);
   float acc[2][NT][4];
 #pragma unroll
   for (int h = 0; h < 2; ++h)
@@ -215,10 +218,10 @@ __global__ void __launch_bounds__(32 * W) w4ax_gemv_mma(
     for (int t = 0; t < NT; ++t)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[h][t][i] = 0.0f;
-  for (int b = warp; b < NB; b += W) {
-    if (b + W < NB) {
-      gv_load(nxt, slab, ws_col, b + W, stride_wsb, lane);
-      gt_load_act<NT>(xn, a_codes, a_scales, b + W, M, stride_am, stride_asm, lane);
+  for (int b = kw; b < NB; b += KW) {
+    if (b + KW < NB) {
+      gv_load(nxt, slab, ws_col, b + KW, stride_wsb, lane);
+      gt_load_act<NT>(xn, a_codes, a_scales, b + KW, M, stride_am, stride_asm, lane);
     }
     gt_block<NT>(acc, cur, xc, lane);
     cur = nxt, xc = xn;
@@ -231,16 +234,16 @@ __global__ void __launch_bounds__(32 * W) w4ax_gemv_mma(
     for (int t = 0; t < NT; ++t)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        red[(warp * MT + 8 * t + 2 * part + i % 2) * RS + 16 * h + 8 * (i / 2) + g] = acc[h][t][i];
+        red[(kw * MT + 8 * t + 2 * part + i % 2) * RS + GV_ROWS * rg + 16 * h + 8 * (i / 2) + g] = acc[h][t][i];
   __syncthreads();
-  for (int o = tid; o < MT * GV_ROWS; o += 32 * W) {
-    const int m = o / GV_ROWS, r = o % GV_ROWS;
+  for (int o = tid; o < MT * CR; o += 32 * W) {
+    const int m = o / CR, r = o % CR;
     if (m >= M) break;  // o grows with m
     float v = red[m * RS + r];
 #pragma unroll
-    for (int i = 1; i < W; ++i) v = __fadd_rn(v, red[(i * MT + m) * RS + r]);
+    for (int i = 1; i < KW; ++i) v = __fadd_rn(v, red[(i * MT + m) * RS + r]);
     v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
-    if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, n0 + r));
-    store_out<OUT>(y + ((long long)m * stride_ym + n0 + r) * OSZ, v);
+    if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, c0 + r));
+    store_out<OUT>(y + ((long long)m * stride_ym + c0 + r) * OSZ, v);
   }
 }

@@ -55,8 +55,13 @@ def warps_for(m: int, mma: bool) -> tuple[int, ...]:
     return tuple(w for w in WARPS if not (mma and w > 8 and _mma_tiles(m) > 2))
 
 
-def _mma_smem(m: int, warps: int) -> int:
-    return warps * 8 * _mma_tiles(m) * (ROWS + 1) * 4
+def rows_for(mma: bool) -> tuple[int, ...]:
+    """Weight rows per CTA the tuner times: ROWS, and with mma also two row groups (2 * ROWS)."""
+    return (ROWS, 2 * ROWS) if mma else (ROWS,)
+
+
+def _mma_smem(m: int, warps: int, groups: int) -> int:
+    return warps // groups * 8 * _mma_tiles(m) * (ROWS * groups + 1) * 4
 
 
 def smem_bytes(m: int, k_pad: int) -> int:
@@ -100,17 +105,20 @@ def operands_ok(a_codes: torch.Tensor, bias: torch.Tensor | None, y: torch.Tenso
             and a_codes.stride(0) % 16 == 0 and (bias is None or bias.dtype == y.dtype))
 
 
-def launch(a_codes, a_scales, qweight, w_scales, bias, y, warps: int = WARPS[0], mma: bool = False) -> None:
+def launch(a_codes, a_scales, qweight, w_scales, bias, y, warps: int = WARPS[0], mma: bool = False,
+           rows: int = ROWS) -> None:
     """Y = W4Ax(a_codes, a_scales, prepared qweight / w_scales) (+ bias) into y [M, N], M <= MAX_M
-    (MMA_MAX_M with mma), with `warps` (one of WARPS) warps per CTA."""
+    (MMA_MAX_M with mma), with `warps` (one of WARPS) warps per CTA over `rows` weight rows (ROWS, or
+    with mma 2 * ROWS: two row groups of warps that share the activation loads)."""
     m, k_pad = a_codes.shape
     tail = f"{_OUT[y.dtype]}, {'true' if bias is not None else 'false'}, {warps}>"
     if mma:
-        smem, name = _mma_smem(m, warps), f"w4ax_gemv_mma<{_mma_tiles(m)}, {tail}"
+        groups = rows // ROWS
+        smem, name = _mma_smem(m, warps, groups), f"w4ax_gemv_mma<{_mma_tiles(m)}, {tail[:-1]}, {groups}>"
     else:
         smem, name = smem_bytes(m, k_pad), f"w4ax_gemv<{_instance_rows(m)}, {tail}"
     k = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX)  # opt-in always: the static reduction buffer adds to it
-    cuda_launch.launch(k, (y.shape[1] // ROWS, 1, 1), 32 * warps,
+    cuda_launch.launch(k, (y.shape[1] // rows, 1, 1), 32 * warps,
                        [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y,
                         m, k_pad // 128, a_codes.stride(0), a_scales.stride(0),
                         w_scales.stride(0) if w_scales.shape[0] > 1 else 0, y.stride(0)],

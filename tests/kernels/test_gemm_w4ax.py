@@ -275,15 +275,15 @@ def test_gpu_gemv_kernel(m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 17, 30, 32])
 def test_gpu_gemv_mma_kernel(m):
-    """The GEMV's tensor-core instances, forced, each warp count: 1-32 tokens (one, two and four 8-token
+    """The GEMV's tensor-core instances, forced, each warp count and row grouping: 1-32 tokens (one, two and four 8-token
     tiles, ragged ones with zero rows), K of 9 blocks (warps with one block and with none), every
     output dtype with and without bias, a K of 224 and of 86 blocks; integer-exact with unit scales."""
     from cometserve.kernels import gemv_w4ax
 
     if not gemv_w4ax.can_implement(m, 384, 1152, 4, torch.bfloat16, torch.device("cuda"), mma=True)[0]:
         pytest.skip("needs NVRTC and sm_80+")
-    for warps in gemv_w4ax.warps_for(m, mma=True):
-        cfg = (32, 32, 1, 1, warps, 1, True, 1, "gemv_mma")
+    for warps, rows in ((w, r) for w in gemv_w4ax.warps_for(m, mma=True) for r in gemv_w4ax.rows_for(mma=True)):
+        cfg = (rows, 32, 1, 1, warps, 1, True, 1, "gemv_mma")
         for i, (dt, bias) in enumerate((("bf16", True), ("fp16", False), ("fp32", True))):
             res = check_case(m, 384, 1152, 4, 0.16 * i, DTYPES[dt], bias, "cuda", cfg=cfg)
             assert res["finite"] and res["max_excess"] <= 0, (warps, dt, res)
