@@ -1,5 +1,5 @@
 // W4Ax GEMV for decode batches of at most 4 tokens: the weight stream on the CUDA cores (dp4a), no
-// tensor cores, no split-K fix-up. Compiled at run time with NVRTC by gemv_w4ax.py (design and
+// tensor cores, no split-K fix-up; below it the tensor-core instances for up to 32 tokens. Compiled at run time with NVRTC by gemv_w4ax.py (design and
 // measurements there); mma_int4.cuh (typedefs, 16-bit conversions, store_out, griddepcontrol) is
 // put in front of this file.
 //

@@ -111,12 +111,12 @@ def launch(a_codes, a_scales, qweight, w_scales, bias, y, warps: int = WARPS[0],
     (MMA_MAX_M with mma), with `warps` (one of WARPS) warps per CTA over `rows` weight rows (ROWS, or
     with mma 2 * ROWS: two row groups of warps that share the activation loads)."""
     m, k_pad = a_codes.shape
-    tail = f"{_OUT[y.dtype]}, {'true' if bias is not None else 'false'}, {warps}>"
+    common = f"{_OUT[y.dtype]}, {'true' if bias is not None else 'false'}, {warps}"
     if mma:
         groups = rows // ROWS
-        smem, name = _mma_smem(m, warps, groups), f"w4ax_gemv_mma<{_mma_tiles(m)}, {tail[:-1]}, {groups}>"
+        smem, name = _mma_smem(m, warps, groups), f"w4ax_gemv_mma<{_mma_tiles(m)}, {common}, {groups}>"
     else:
-        smem, name = smem_bytes(m, k_pad), f"w4ax_gemv<{_instance_rows(m)}, {tail}"
+        smem, name = smem_bytes(m, k_pad), f"w4ax_gemv<{_instance_rows(m)}, {common}>"
     k = cuda_launch.kernel(SOURCES, name, None, SMEM_MAX)  # opt-in always: the static reduction buffer adds to it
     cuda_launch.launch(k, (y.shape[1] // rows, 1, 1), 32 * warps,
                        [a_codes, a_scales, qweight, w_scales, bias if bias is not None else y, y,
