@@ -106,6 +106,11 @@ def cmd_demo(args) -> None:
             c = outs[i].outputs[0]
             rate = len(c.token_ids) / outs[i].seconds
             print(f"[{label:8s} {outs[i].seconds:6.2f} s, {rate:5.1f} tok/s] {c.text.strip()}")
+    if llm.device.type == "cpu":
+        print("\n(On CPU the W4AxKV4 model runs the pure-PyTorch reference of each kernel: activation "
+              "quantization, per-block integer products and the INT4 KV cache in plain tensor ops, slower "
+              "than 16-bit. The speed-up comes from the GPU kernels on models of real size; see the "
+              "README's results.)")
 
 
 def cmd_bench(args) -> None:
