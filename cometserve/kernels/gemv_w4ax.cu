@@ -70,6 +70,18 @@ DEV void gv_block(float (&acc)[MT][4], const GvBlock& t, const u8* act, const fl
   }
 }
 
+// One output of either kernel's epilogue: the P warps' partial sums (stride apart) added in warp
+// order, the x16 of the mask widening undone (exact), the bias added, stored.
+template <int OUT, bool BIAS, int P>
+DEV void gv_store(const float* part, int stride, const void* bias, int col, u8* out) {
+  float v = part[0];
+#pragma unroll
+  for (int i = 1; i < P; ++i) v = __fadd_rn(v, part[i * stride]);
+  v = __fmul_rn(v, 0.0625f);
+  if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, col));
+  store_out<OUT>(out, v);
+}
+
 // grid (N / 32); rows m >= M of the MT-row instance are zero codes and never stored
 template <int MT, int OUT, bool BIAS, int W>
 __global__ void __launch_bounds__(32 * W) w4ax_gemv(
@@ -113,12 +125,7 @@ __global__ void __launch_bounds__(32 * W) w4ax_gemv(
   __syncthreads();
   if (tid < MT * GV_ROWS) {
     const int m = tid / GV_ROWS, r = tid % GV_ROWS;
-    float v = red[0][m][r];
-#pragma unroll
-    for (int i = 1; i < W; ++i) v = __fadd_rn(v, red[i][m][r]);
-    v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
-    if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, n0 + r));
-    if (m < M) store_out<OUT>(y + ((long long)m * stride_ym + n0 + r) * OSZ, v);
+    if (m < M) gv_store<OUT, BIAS, W>(&red[0][m][r], MT * GV_ROWS, bias, n0 + r, y + ((long long)m * stride_ym + n0 + r) * OSZ);
   }
 }
 
@@ -239,11 +246,6 @@ __global__ void __launch_bounds__(32 * W) w4ax_gemv_mma(
   for (int o = tid; o < MT * CR; o += 32 * W) {
     const int m = o / CR, r = o % CR;
     if (m >= M) break;  // o grows with m
-    float v = red[m * RS + r];
-#pragma unroll
-    for (int i = 1; i < KW; ++i) v = __fadd_rn(v, red[(i * MT + m) * RS + r]);
-    v = __fmul_rn(v, 0.0625f);  // undo the x16 of the mask widening (exact)
-    if (BIAS) v = __fadd_rn(v, load_bias<OUT>(bias, c0 + r));
-    store_out<OUT>(y + ((long long)m * stride_ym + c0 + r) * OSZ, v);
+    gv_store<OUT, BIAS, KW>(&red[m * RS + r], MT * RS, bias, c0 + r, y + ((long long)m * stride_ym + c0 + r) * OSZ);
   }
 }
