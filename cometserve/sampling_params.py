@@ -11,6 +11,9 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
+    # vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings are not looked for, before
+    # this many tokens; 0 = off
+    min_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -43,6 +46,8 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple(sorted((t, float(b)) for t, b in bias)))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -88,4 +93,11 @@ class SamplingParams:
     @property
     def batched_greedy(self) -> bool:
         """Picked by the runner's one argmax over the step's rows (no per-row logit changes)."""
-        return self.greedy and not self.logit_bias and not self.penalized
+        return self.greedy and not self.logit_bias and not self.penalized and not self.min_tokens
+
+
+def find_stop(text: str, stops, checked: int = 0) -> int:
+    """The index of the first stop string in `text` that ends after position `checked` (text[:checked]
+    was searched before, or precedes min_tokens), or -1."""
+    hits = [i for s in stops if (i := text.find(s, max(0, checked - len(s) + 1))) >= 0]
+    return min(hits, default=-1)

@@ -54,3 +54,40 @@ def test_quantized_generates_and_stays_close(smollm2, checkpoint_dir):
     assert llm.scheme.name == "fmpq_w4axkv4"
     assert math.isfinite(ppl["w4axkv4"])
     assert ppl["w4axkv4"] / ppl["16-bit"] <= PPL_RATIO_BOUND, ppl
+
+
+def test_llm_chat_token_prompts_and_per_prompt_params(smollm2):
+    """LLM.chat (one conversation or several), a {"prompt_token_ids": ...} prompt and a list of
+    SamplingParams give what a chat-templated string prompt gives; mismatched inputs are refused."""
+    llm = LLM(smollm2, device="cpu")
+    q = "What is the capital of France?"
+    by_text = llm.generate(q, GREEDY, chat=True, use_tqdm=False)[0]
+    by_chat = llm.chat([{"role": "user", "content": q}], GREEDY, use_tqdm=False)[0]
+    by_ids = llm.generate({"prompt_token_ids": by_text.prompt_token_ids}, GREEDY, use_tqdm=False)[0]
+    assert by_chat.prompt_token_ids == by_text.prompt_token_ids
+    assert by_chat.outputs[0].token_ids == by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    convs = [[{"role": "user", "content": q}],
+             [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": q}]]
+    outs = llm.chat(convs, [GREEDY, SamplingParams(max_tokens=3)], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == by_chat.outputs[0].token_ids
+    assert 0 < len(outs[1].outputs[0].token_ids) <= 3 and outs[1].prompt_token_ids != by_chat.prompt_token_ids
+    with pytest.raises(ValueError, match="2 prompts"):
+        llm.generate(["a", "b", "c"][:2], [GREEDY], use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate({"prompt": "a"}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate({"prompt_token_ids": [1, 10**7]}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="messages"):
+        llm.chat([], GREEDY, use_tqdm=False)
+
+
+def test_min_tokens_holds_back_eos(smollm2):
+    """min_tokens masks EOS until that many tokens exist: the short greedy answer continues past its
+    EOS (the same tokens up to there), and only then may it stop."""
+    llm = LLM(smollm2, device="cpu")
+    q = "What is the capital of France?"
+    short = llm.generate(q, SamplingParams(max_tokens=48), chat=True, use_tqdm=False)[0].outputs[0]
+    assert short.finish_reason == "stop" and len(short.token_ids) < 40, short  # ended on EOS
+    n = len(short.token_ids) + 4
+    longer = llm.generate(q, SamplingParams(max_tokens=48, min_tokens=n), chat=True, use_tqdm=False)[0].outputs[0]
+    assert len(longer.token_ids) >= n and longer.token_ids[: len(short.token_ids)] == short.token_ids

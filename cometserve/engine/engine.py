@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cometserve.engine.detokenizer import IncrementalDetokenizer
+from cometserve.engine.detokenizer import IncrementalDetokenizer, completion_text
 from cometserve.engine.kv_manager import KVBlockManager
 from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.request import Request, RequestStatus
@@ -33,7 +33,7 @@ from cometserve.engine.runner import ModelRunner
 from cometserve.engine.scheduler import Scheduler
 from cometserve.model.layers.linear import tune_gemms
 from cometserve.model.layers.lm_head import LM_HEADS, use_lm_head
-from cometserve.sampling_params import SamplingParams
+from cometserve.sampling_params import SamplingParams, find_stop
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ class LLMEngine:
             before = len(t.text)
             t.detok.update(r.output_token_ids, final=r.is_finished)
             t.text = t.detok.text
-            if params.stop:
+            if params.stop and r.num_output_tokens >= params.min_tokens:
                 self._check_stop_strings(t, before)
         new = r.output_token_ids[t.num_sent:]  # a new list: the delta owns it
         lps = r.output_logprobs[t.num_sent:] if params.logprobs else None
@@ -293,10 +293,9 @@ class LLMEngine:
         """Finish the request (status STOPPED) once its text contains a stop string; cut the text.
         t.text[:checked] held none, so a new hit ends after `checked`: only the tail is searched."""
         r = t.request
-        hits = [i for s in r.sampling_params.stop
-                if (i := t.text.find(s, max(0, checked - len(s) + 1))) >= 0]
-        if hits:
-            t.text = t.text[: min(hits)]
+        i = find_stop(t.text, r.sampling_params.stop, checked)
+        if i >= 0:
+            t.text = t.text[:i]
             t.stop_hit = True
             if not r.is_finished:
                 self.scheduler.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED)
@@ -332,6 +331,4 @@ class LLMEngine:
         """The whole completion text of a finished request, cut before the first stop string."""
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
-        hits = [text.index(s) for s in request.sampling_params.stop if s in text]
-        return text[: min(hits)] if hits else text
+        return completion_text(self.tokenizer, request.output_token_ids, request.sampling_params)[0]

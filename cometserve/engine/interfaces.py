@@ -31,6 +31,7 @@ class ScheduledChunk:
       last position give the next token and the runner must return one sample for this request.
       A non-final chunk of a chunked prefill samples nothing.
     - `sampling_params`: the request's, so the runner can sample (and seed) without a lookup.
+    - `suppress_ids`: token ids the sample must not pick (its stop tokens before min_tokens).
     - A decode's token is `PLACEHOLDER` when the previous step, still running, sampled it: the runner
       takes it from that step's sampled tokens on the device.
     """
@@ -43,6 +44,7 @@ class ScheduledChunk:
     is_prefill: bool
     needs_sample: bool
     sampling_params: SamplingParams
+    suppress_ids: tuple[int, ...]
 
     def __init__(
         self,
@@ -54,6 +56,7 @@ class ScheduledChunk:
         is_prefill: bool,
         needs_sample: bool,
         sampling_params: SamplingParams,
+        suppress_ids: tuple[int, ...] = (),
     ) -> None:
         # One __dict__ update instead of the generated frozen __init__'s object.__setattr__ per field:
         # a decode step builds one chunk per running sequence, and that was half of its scheduling
@@ -61,7 +64,7 @@ class ScheduledChunk:
         self.__dict__.update({
             "request_id": request_id, "token_ids": token_ids, "start_pos": start_pos,
             "block_table": block_table, "slot_mapping": slot_mapping, "is_prefill": is_prefill,
-            "needs_sample": needs_sample, "sampling_params": sampling_params,
+            "needs_sample": needs_sample, "sampling_params": sampling_params, "suppress_ids": suppress_ids,
         })
         if not token_ids:
             raise ValueError(f"chunk of {request_id} has no tokens")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cometserve.engine.detokenizer import completion_text
 from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.kv_manager import cdiv
 from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample
@@ -58,55 +59,100 @@ class LLM:
         self._batches = 0
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError("this model has no chat template; generate without chat")
-            msgs = [{"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(prompt)["input_ids"]
+        return self.encode_chat([{"role": "user", "content": prompt}]) if chat else self.tokenizer(prompt)["input_ids"]
 
-    def _encode_all(self, prompts, params: SamplingParams, chat: bool) -> tuple[list[str], list[list[int]]]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        encoded = [self.encode(p, chat) for p in prompts]
-        for ids in encoded:
-            self._check_length(ids, params)
-        return prompts, encoded
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """A conversation ([{"role": ..., "content": ...}, ...]) through the model's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; generate without chat")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _encode_all(self, prompts, sampling_params, chat: bool) -> tuple[list[str], list[list[int]], list[SamplingParams]]:
+        """-> (prompt texts, token ids, one SamplingParams per prompt). A prompt is a string or, as vLLM's
+        TokensPrompt, {"prompt_token_ids": [...]} (used as given: no chat template)."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        texts, encoded = [], []
+        for p in prompts:
+            if isinstance(p, dict):
+                if set(p) != {"prompt_token_ids"}:
+                    raise ValueError(f"a dict prompt takes exactly 'prompt_token_ids', got keys {sorted(p)}")
+                ids = list(p["prompt_token_ids"])
+                if not all(isinstance(t, int) and 0 <= t < self.model.config.vocab_size for t in ids):
+                    raise ValueError(f"prompt_token_ids must be token ids in [0, {self.model.config.vocab_size})")
+                texts.append(self.tokenizer.decode(ids))
+                encoded.append(ids)
+            elif isinstance(p, str):
+                texts.append(p)
+                encoded.append(self.encode(p, chat))
+            else:
+                raise TypeError(f"a prompt is a str or {{'prompt_token_ids': [...]}}, got {type(p).__name__}")
+        return texts, encoded, self._params_per_prompt(sampling_params, len(encoded), encoded)
+
+    def _params_per_prompt(self, sampling_params, n: int, encoded: list[list[int]]) -> list[SamplingParams]:
+        """One SamplingParams for all prompts (default SamplingParams()) or a list of one per prompt."""
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * n
+        else:
+            params = list(sampling_params)
+            if len(params) != n:
+                raise ValueError(f"{len(params)} SamplingParams for {n} prompts: give one, or one per prompt")
+        for ids, p in zip(encoded, params):
+            self._check_length(ids, p)
+        return params
 
     def generate(
         self,
-        prompts: str | list[str],
-        sampling_params: SamplingParams | None = None,
+        prompts: str | dict | list[str | dict],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         chat: bool = False,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """All prompts at once through the batched engine; outputs in prompt order."""
-        params = sampling_params or SamplingParams()
-        prompts, encoded = self._encode_all(prompts, params, chat)
+        """All prompts at once through the batched engine; outputs in prompt order. `chat` applies the
+        chat template to each string prompt as one user message; `sampling_params` is one for all or
+        a list of one per prompt."""
+        texts, encoded, params = self._encode_all(prompts, sampling_params, chat)
+        return self._run(texts, encoded, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Conversations through the chat template, as vLLM's LLM.chat: `messages` is one conversation
+        ([{"role": "user", "content": "..."}, ...]) or a list of them; one output per conversation."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not convs or not all(isinstance(c, list) and c and all(isinstance(m, dict) for m in c) for c in convs):
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
+        encoded = [self.encode_chat(c, add_generation_prompt) for c in convs]
+        params = self._params_per_prompt(sampling_params, len(encoded), encoded)
+        return self._run([self.tokenizer.decode(ids) for ids in encoded], encoded, params, use_tqdm)
+
+    def _run(self, texts: list[str], encoded: list[list[int]], params: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine(encoded, params)
         t0 = time.perf_counter()
         self._batches += 1
-        ids = [f"generate-{self._batches}-{i}" for i in range(len(prompts))]
-        requests = [engine.add_request(rid, toks, params) for rid, toks in zip(ids, encoded)]
+        ids = [f"generate-{self._batches}-{i}" for i in range(len(encoded))]
+        requests = [engine.add_request(rid, toks, p) for rid, toks, p in zip(ids, encoded, params)]
         seconds: dict[str, float] = {}
         reasons: dict[str, str] = {}
-        with tqdm(total=len(prompts), desc="generating", disable=not use_tqdm) as bar:
+        with tqdm(total=len(encoded), desc="generating", disable=not use_tqdm) as bar:
             for delta in engine.stream():
                 if delta.finished:
                     seconds[delta.request_id] = time.perf_counter() - t0
                     reasons[delta.request_id] = delta.finish_reason
                     bar.update(1)
         outputs = []
-        for prompt, toks, rid, req in zip(prompts, encoded, ids, requests):
+        for text, toks, rid, req, p in zip(texts, encoded, ids, requests, params):
             reason = reasons.get(rid, req.finish_reason)
-            lps = list(req.output_logprobs) if params.logprobs else None
-            tops = list(req.output_top_logprobs) if params.top_logprobs else None
+            lps = list(req.output_logprobs) if p.logprobs else None
+            tops = list(req.output_top_logprobs) if p.top_logprobs else None
             completion = CompletionOutput(engine.completion_text(req), list(req.output_token_ids), reason, lps, tops,
                                           req.prompt_logprobs)
-            outputs.append(RequestOutput(prompt, toks, [completion], seconds.get(rid, 0.0)))
+            outputs.append(RequestOutput(text, toks, [completion], seconds.get(rid, 0.0)))
         return outputs
 
-    def engine(self, encoded: list[list[int]] | None = None, params: SamplingParams | None = None) -> LLMEngine:
+    def engine(self, encoded: list[list[int]] | None = None,
+               params: SamplingParams | list[SamplingParams] | None = None) -> LLMEngine:
         """The batched engine. On CUDA one engine sized from free memory is kept; on CPU the cache is
         sized (and the engine rebuilt) to hold this batch's requests whole."""
         if self.device.type == "cuda":
@@ -116,7 +162,9 @@ class LLM:
             return self._engine
         cfg = self.engine_config or EngineConfig(max_num_seqs=64, use_cuda_graphs=False)
         page = cfg.page_size or (self.scheme.kv_group_size if self.scheme.kv_bits == 4 else 64)
-        need = sum(cdiv(len(t) + params.max_tokens, page) for t in encoded or [[0]]) if params else 1
+        if isinstance(params, SamplingParams):
+            params = [params] * len(encoded or [[0]])
+        need = sum(cdiv(len(t) + p.max_tokens, page) for t, p in zip(encoded or [[0]], params)) if params else 1
         if cfg.num_pages is None:
             cfg = dataclasses.replace(cfg, num_pages=max(need, cdiv(self.max_model_len, page)))
         if self._engine is None or self._engine.storage.num_pages < cfg.num_pages:
@@ -127,13 +175,12 @@ class LLM:
     def generate_reference(self, prompts: str | list[str], sampling_params: SamplingParams | None = None,
                            chat: bool = False) -> list[RequestOutput]:
         """The one-sequence-at-a-time path over the plain cache (the behavioural reference)."""
-        params = sampling_params or SamplingParams()
-        prompts, encoded = self._encode_all(prompts, params, chat)
+        texts, encoded, params = self._encode_all(prompts, sampling_params, chat)
         outputs = []
-        for prompt, ids in zip(prompts, encoded):
+        for text, ids, p in zip(texts, encoded, params):
             t0 = time.perf_counter()
-            completion = generate_reference(self.model, self.scheme, ids, params, self.tokenizer)
-            outputs.append(RequestOutput(prompt, ids, [completion], time.perf_counter() - t0))
+            completion = generate_reference(self.model, self.scheme, ids, p, self.tokenizer)
+            outputs.append(RequestOutput(text, ids, [completion], time.perf_counter() - t0))
         return outputs
 
     def _check_length(self, ids: list[int], params: SamplingParams) -> None:
@@ -167,10 +214,7 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
     prompt_lps = None
 
     def finish(reason: str) -> CompletionOutput:
-        text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
-        for s in params.stop:
-            if s in text:
-                text = text[: text.index(s)]
+        text = completion_text(tokenizer, tokens, params)[0] if tokenizer is not None else ""
         return CompletionOutput(text, tokens, reason, logprobs if params.logprobs else None,
                                 tops if params.top_logprobs else None, prompt_lps)
 
@@ -183,7 +227,7 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
             lps = rows.gather(1, step_ids[1:, None])[:, 0]
             prompt_lps = [None] + [(lp, tuple(zip(ii, vv))) for lp, ii, vv in zip(lps.tolist(), i.tolist(), v.tolist())]
         logits = model.compute_logits(hidden[-1:])[0]
-        token, lp = sample(logits, params, gen, counts)
+        token, lp = sample(logits, params, gen, counts, tuple(stop_ids) if len(tokens) < params.min_tokens else None)
         pos += step_ids.numel()
         if token in stop_ids:
             return finish("stop")
@@ -192,10 +236,9 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
         if params.top_logprobs:
             v, i = torch.log_softmax(logits, dim=-1).topk(params.top_logprobs)
             tops.append(tuple(zip(i.tolist(), v.tolist())))
-        if params.stop and tokenizer is not None:
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            if any(s in text for s in params.stop):
-                return finish("stop")
+        stops = params.stop and tokenizer is not None and len(tokens) >= params.min_tokens
+        if stops and completion_text(tokenizer, tokens, params)[1]:
+            return finish("stop")
         if len(tokens) >= params.max_tokens:
             return finish("length")
         step_ids = torch.tensor([token], device=device)

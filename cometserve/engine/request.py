@@ -197,6 +197,15 @@ class Request:
         self.output_logprobs.append(logprob)
         self.output_top_logprobs.append(top)
 
+    def suppressed_ids(self, end: int) -> tuple[int, ...]:
+        """The stop tokens masked from the sample after tokens [0, end): every token that would stop
+        the request while that sample would be output number < min_tokens, else none."""
+        params = self.sampling_params
+        if end - len(self.prompt_token_ids) >= params.min_tokens:
+            return ()
+        eos = () if params.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
+        return params.stop_token_ids + eos
+
     def is_stop_token(self, token_id: int) -> bool:
         """A stop_token_id always stops; EOS stops unless the request asked to ignore it."""
         params = self.sampling_params

@@ -290,6 +290,7 @@ class Scheduler:
         """Describe tokens [computed, computed + num_new) and mark them computed."""
         rid, start = request.request_id, request.num_computed_tokens
         end = start + num_new
+        sample = end == request.num_tokens
         chunk = ScheduledChunk(
             request_id=rid,
             token_ids=tuple(request.token_slice(start, end)),
@@ -297,8 +298,9 @@ class Scheduler:
             block_table=self.kv.table_tuple(rid),
             slot_mapping=tuple(self.kv.slots(rid, start, end)),
             is_prefill=not request.is_decoding,
-            needs_sample=end == request.num_tokens,
+            needs_sample=sample,
             sampling_params=request.sampling_params,
+            suppress_ids=request.suppressed_ids(end) if sample and request.sampling_params.min_tokens else (),
         )
         request.num_computed_tokens = end
         return chunk
@@ -310,8 +312,9 @@ class Scheduler:
         table, bs = self.kv.table_tuple(rid), self.kv.block_size
         request.num_computed_tokens = pos + 1
         token = PLACEHOLDER if request.num_inflight else request.output_token_ids[-1]
+        params = request.sampling_params
         return ScheduledChunk(rid, (token,), pos, table, (table[pos // bs] * bs + pos % bs,),
-                              False, True, request.sampling_params)
+                              False, True, params, request.suppressed_ids(pos + 1) if params.min_tokens else ())
 
     @property
     def in_flight(self) -> bool:

@@ -57,10 +57,11 @@ class _Common(_Strict):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    top_k: int = 0  # extensions (vLLM's names): top-k and min-p sampling, repetition penalty, and run
-    min_p: float = 0.0  # to max_tokens past EOS
+    top_k: int = 0  # extensions (vLLM's names): top-k and min-p sampling, repetition penalty, run
+    min_p: float = 0.0  # to max_tokens past EOS, no stop before min_tokens
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 class CompletionRequest(_Common):
@@ -191,7 +192,7 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+            max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
             seed=None if req.seed is None else (req.seed + choice) % (MAX_SEED + 1), stop=tuple(stop),
             ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,

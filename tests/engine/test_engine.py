@@ -396,6 +396,30 @@ def test_stop_strings_tokens_and_max_tokens(tiny16):
     assert got[2][3] == "length" and len(got[2][0]) == 3 and len(got[2][1]) == 3
 
 
+def test_min_tokens_equals_reference(tiny16):
+    """min_tokens: a stop token cannot be sampled, and a stop string is not looked for, before that
+    many tokens (vLLM's semantics); greedy rows with it are picked row by row beside plain ones."""
+    tok = CharTokenizer()
+    batch = prompts((12, 40, 7))
+    greedy = reference(tiny16, batch, GREEDY, tok)
+    ids0, text1 = greedy[0][0], greedy[1][2]
+    params = [
+        SamplingParams(max_tokens=16, ignore_eos=True, min_tokens=6, stop_token_ids=(ids0[1],)),
+        SamplingParams(max_tokens=16, ignore_eos=True, min_tokens=8, stop=(text1[1:3],)),
+        SamplingParams(max_tokens=16, ignore_eos=True, min_tokens=16),
+    ]
+    got = run(make_engine(tiny16, tokenizer=tok, page_size=16), batch, params)
+    want = reference(tiny16, batch, params, tok)
+    for i in range(3):
+        assert got[i][0] == want[i][0] and got[i][2] == want[i][2] and got[i][3] == want[i][3], i
+    assert len(got[0][0]) >= 6 and ids0[1] not in got[0][0][:6]  # without min_tokens: stops after 1 token
+    assert len(got[1][0]) >= 8 and text1[1:3] in got[1][2][: len(tok.decode(got[1][0][:7]))]  # kept there
+    assert got[2][0] == greedy[2][0]  # nothing to suppress: plain greedy
+    for bad in (-1, 17):
+        with pytest.raises(ValueError, match="min_tokens"):
+            SamplingParams(max_tokens=16, min_tokens=bad)
+
+
 def test_abort_frees_and_reports(tiny16):
     engine = make_engine(tiny16, page_size=16)
     for i, ids in enumerate(prompts((20, 8))):

@@ -214,6 +214,10 @@ def test_stop_string_cuts_like_generate(server, llm):
     streamed = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0,
                                          stop=stop, stream=True, extra_body={"ignore_eos": True})
     assert "".join(ch.choices[0].text for ch in streamed) == want.text
+    # min_tokens (vLLM's extension): the stop string is not looked for before the 16th token
+    late = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True, "min_tokens": 16})
+    assert late.choices[0].text == full and late.choices[0].finish_reason == "length"
 
 
 def test_n_choices_seeded_reproducible(server):

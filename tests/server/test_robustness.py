@@ -72,6 +72,7 @@ HOSTILE = [
     ("presence penalty past 2", "POST", CMPL, cmpl(presence_penalty=3.0), 400),
     ("min_p past 1", "POST", CMPL, cmpl(min_p=1.5), 400),
     ("repetition_penalty zero", "POST", CMPL, cmpl(repetition_penalty=0), 400),
+    ("min_tokens past max_tokens", "POST", CMPL, cmpl(max_tokens=4, min_tokens=5), 400),
     ("suffix", "POST", CMPL, cmpl(suffix="!"), 400),
     ("logit_bias key not a token id", "POST", CMPL, cmpl(logit_bias={"abc": 1}), 400),
     ("logit_bias token past vocab", "POST", CMPL, cmpl(logit_bias={"999999": 1}), 400),
