@@ -442,17 +442,8 @@ def test_rejects_a_request_that_never_fits(tiny16):
         engine.add_request("big", list(range(40)), SamplingParams(max_tokens=4))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["bf16", pytest.param("w4axkv4", marks=pytest.mark.xfail(
-    reason="H100, 2026-11-24: 4/6 first tokens and 32/144 tokens agree with the reference path on this "
-           "random 2-layer model. That is its noise floor: on CPU, the reference path itself with noise "
-           "of 0.1% / 0.3% of mean |attention output| added keeps 5/6 / 3/6 first tokens and 28/144 "
-           "tokens (INT4 activation codes flip and amplify; bf16 keeps 144/144), and the attention "
-           "kernels differ from their reference by 0.6-4.8e-3 (scripts/noise_floor.py). Agreement cannot tell a bug here",
-    strict=False))])
-def test_cuda_engine_with_kernels_and_graphs_tracks_reference(mode, tmp_path):
-    """On CUDA: Triton attention + decode CUDA graphs against the plain reference path (same
-    model, same GEMMs; attention numerics differ in rounding only): most greedy tokens agree."""
+def cuda_random_model(tmp_path, mode: str):
+    """A random 2-layer model of Llama-3-8B's head layout (vocabulary 4096) on CUDA."""
     import json
 
     from cometserve.engine.random_model import build_random_model, config_path
@@ -466,6 +457,38 @@ def test_cuda_engine_with_kernels_and_graphs_tracks_reference(mode, tmp_path):
     loaded = build_random_model(tmp_path, mode, device="cuda")
     with torch.no_grad():  # sharper logits than the throughput init: fewer near-ties
         loaded.model.lm_head.weight.mul_(3.0)
+    return loaded
+
+
+@pytest.mark.gpu
+def test_cuda_min_tokens_beside_batched_greedy_in_decode_graphs(tmp_path):
+    """On CUDA with decode graphs: a min_tokens row is picked from the graph's logits with its stop
+    token masked, beside rows the graph's batched argmax picks, which keep their tokens."""
+    loaded = cuda_random_model(tmp_path, "bf16")
+    engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(max_num_seqs=8, num_pages=64, max_graph_batch=8))
+    assert engine.runner.graphs is not None, engine.runner.graphs_error
+    batch = [[t % 4096 for t in ids] for ids in prompts((5, 63, 64))]
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = run(engine, batch, greedy)
+    stop = plain[0][0][1]
+    got = run(engine, batch, [SamplingParams(max_tokens=12, ignore_eos=True, min_tokens=8, stop_token_ids=(stop,)),
+                              greedy, greedy])
+    assert got[1][0] == plain[1][0] and got[2][0] == plain[2][0]
+    assert len(got[0][0]) >= 8 and stop not in got[0][0][:8]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["bf16", pytest.param("w4axkv4", marks=pytest.mark.xfail(
+    reason="H100, 2026-11-24: 4/6 first tokens and 32/144 tokens agree with the reference path on this "
+           "random 2-layer model. That is its noise floor: on CPU, the reference path itself with noise "
+           "of 0.1% / 0.3% of mean |attention output| added keeps 5/6 / 3/6 first tokens and 28/144 "
+           "tokens (INT4 activation codes flip and amplify; bf16 keeps 144/144), and the attention "
+           "kernels differ from their reference by 0.6-4.8e-3 (scripts/noise_floor.py). Agreement cannot tell a bug here",
+    strict=False))])
+def test_cuda_engine_with_kernels_and_graphs_tracks_reference(mode, tmp_path):
+    """On CUDA: Triton attention + decode CUDA graphs against the plain reference path (same
+    model, same GEMMs; attention numerics differ in rounding only): most greedy tokens agree."""
+    loaded = cuda_random_model(tmp_path, mode)
     batch = [[t % 4096 for t in ids] for ids in prompts((5, 63, 64, 200, 1, 130))]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     want = reference(loaded, batch, params)
