@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range, so a seed can never fail in the engine
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    n: int = 1  # completions per prompt (LLM.generate / LLM.chat; the engine takes one per request)
     max_tokens: int = 64
     # vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings are not looked for, before
     # this many tokens; 0 = off
@@ -44,6 +47,10 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple(sorted((t, float(b)) for t, b in bias)))
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be None or an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
@@ -76,6 +83,12 @@ class SamplingParams:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {t}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+
+    def choice(self, i: int) -> SamplingParams:
+        """The parameters of completion number i of n: n = 1, and a given seed becomes seed + i, so
+        that the n completions differ and each is reproducible."""
+        seed = None if self.seed is None else (self.seed + i) % (MAX_SEED + 1)
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -91,3 +91,20 @@ def test_min_tokens_holds_back_eos(smollm2):
     n = len(short.token_ids) + 4
     longer = llm.generate(q, SamplingParams(max_tokens=48, min_tokens=n), chat=True, use_tqdm=False)[0].outputs[0]
     assert len(longer.token_ids) >= n and longer.token_ids[: len(short.token_ids)] == short.token_ids
+
+
+def test_n_completions_per_prompt(smollm2):
+    """SamplingParams(n=...): n completions per prompt, completion i as a lone request seeded seed + i."""
+    llm = LLM(smollm2, device="cpu")
+    q = "Write a word."
+    params = SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=11)
+    outs = llm.generate([q, q], params, chat=True, use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [3, 3]
+    assert [c.token_ids for c in outs[0].outputs] == [c.token_ids for c in outs[1].outputs]
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1
+    lone = llm.generate(q, SamplingParams(max_tokens=6, temperature=1.0, seed=13), chat=True, use_tqdm=False)
+    assert lone[0].outputs[0].token_ids == outs[0].outputs[2].token_ids
+    with pytest.raises(ValueError, match="n=2"):
+        llm.engine().add_request("x", [1, 2], SamplingParams(n=2))
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=-1)

@@ -184,6 +184,8 @@ class LLMEngine:
         """Queue a request; raises RequestRejected (a ValueError) if it can never fit."""
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id} is already in use")
+        if params.n != 1:
+            raise ValueError(f"a request is one completion, got n={params.n}: add params.choice(i) for each")
         vocab = self.model.config.vocab_size
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise ValueError(f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary [0, {vocab})")

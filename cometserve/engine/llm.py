@@ -128,27 +128,32 @@ class LLM:
 
     def _run(self, texts: list[str], encoded: list[list[int]], params: list[SamplingParams],
              use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.engine(encoded, params)
+        """Every prompt's n completions through the engine: one request each (completion i with
+        params.choice(i)); outputs in prompt order, each with its n completions."""
+        engine = self.engine([t for t, p in zip(encoded, params) for _ in range(p.n)],
+                             [p.choice(i) for p in params for i in range(p.n)])
         t0 = time.perf_counter()
         self._batches += 1
-        ids = [f"generate-{self._batches}-{i}" for i in range(len(encoded))]
-        requests = [engine.add_request(rid, toks, p) for rid, toks, p in zip(ids, encoded, params)]
+        jobs = [[(f"generate-{self._batches}-{k}-{i}", p.choice(i)) for i in range(p.n)] for k, p in enumerate(params)]
+        requests = {rid: engine.add_request(rid, toks, p) for toks, job in zip(encoded, jobs) for rid, p in job}
         seconds: dict[str, float] = {}
         reasons: dict[str, str] = {}
-        with tqdm(total=len(encoded), desc="generating", disable=not use_tqdm) as bar:
+        with tqdm(total=len(requests), desc="generating", disable=not use_tqdm) as bar:
             for delta in engine.stream():
                 if delta.finished:
                     seconds[delta.request_id] = time.perf_counter() - t0
                     reasons[delta.request_id] = delta.finish_reason
                     bar.update(1)
         outputs = []
-        for text, toks, rid, req, p in zip(texts, encoded, ids, requests, params):
-            reason = reasons.get(rid, req.finish_reason)
-            lps = list(req.output_logprobs) if p.logprobs else None
-            tops = list(req.output_top_logprobs) if p.top_logprobs else None
-            completion = CompletionOutput(engine.completion_text(req), list(req.output_token_ids), reason, lps, tops,
-                                          req.prompt_logprobs)
-            outputs.append(RequestOutput(text, toks, [completion], seconds.get(rid, 0.0)))
+        for text, toks, job in zip(texts, encoded, jobs):
+            completions = []
+            for rid, p in job:
+                req = requests[rid]
+                lps = list(req.output_logprobs) if p.logprobs else None
+                tops = list(req.output_top_logprobs) if p.top_logprobs else None
+                completions.append(CompletionOutput(engine.completion_text(req), list(req.output_token_ids),
+                                                    reasons.get(rid, req.finish_reason), lps, tops, req.prompt_logprobs))
+            outputs.append(RequestOutput(text, toks, completions, max(seconds.get(rid, 0.0) for rid, _ in job)))
         return outputs
 
     def engine(self, encoded: list[list[int]] | None = None,
@@ -179,8 +184,9 @@ class LLM:
         outputs = []
         for text, ids, p in zip(texts, encoded, params):
             t0 = time.perf_counter()
-            completion = generate_reference(self.model, self.scheme, ids, p, self.tokenizer)
-            outputs.append(RequestOutput(text, ids, [completion], time.perf_counter() - t0))
+            completions = [generate_reference(self.model, self.scheme, ids, p.choice(i), self.tokenizer)
+                           for i in range(p.n)]
+            outputs.append(RequestOutput(text, ids, completions, time.perf_counter() - t0))
         return outputs
 
     def _check_length(self, ids: list[int], params: SamplingParams) -> None:

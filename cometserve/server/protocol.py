@@ -15,11 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cometserve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from cometserve.sampling_params import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 128  # n times the number of prompts: one API request's sub-requests
 MAX_STOP = 4  # OpenAI's limit on stop strings
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range, so a seed can never fail in the engine
 
 
 class APIError(Exception):
@@ -192,12 +191,12 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
     try:
         return SamplingParams(
-            max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-            seed=None if req.seed is None else (req.seed + choice) % (MAX_SEED + 1), stop=tuple(stop),
+            max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p,
+            top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=tuple(stop),
             ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             prompt_logprobs=prompt_logprobs, repetition_penalty=req.repetition_penalty,
-        )
+        ).choice(choice)
     except ValueError as e:  # SamplingParams' messages start with the field's name
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None
 
