@@ -17,8 +17,9 @@ def _sampling(args):
     from cometserve.sampling_params import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop or ()),
+        n=args.n, max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        seed=args.seed, stop=tuple(args.stop or ()),
     )
 
 
@@ -41,8 +42,9 @@ def cmd_generate(args) -> None:
     llm = LLM(args.model, device=args.device)
     chat = args.chat if args.chat is not None else bool(getattr(llm.tokenizer, "chat_template", None))
     for out in llm.generate(args.prompt, _sampling(args), chat=chat, use_tqdm=False):
-        c = out.outputs[0]
-        print(f"> {out.prompt}\n{c.text}\n[{len(c.token_ids)} tokens, {out.seconds:.2f} s, {c.finish_reason}]")
+        print(f"> {out.prompt}")
+        for c in out.outputs:
+            print(f"{c.text}\n[{len(c.token_ids)} tokens, {out.seconds:.2f} s, {c.finish_reason}]")
 
 
 def cmd_eval(args) -> None:
@@ -209,6 +211,8 @@ def _add_serve_parser(sub) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--min-tokens", type=int, default=0, help="no EOS, stop token or stop string before this many")
+    p.add_argument("-n", type=int, default=1, help="completions per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
