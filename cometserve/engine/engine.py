@@ -213,10 +213,6 @@ class LLMEngine:
         want = self.config.async_scheduling
         return getattr(runner, "async_ok", False) and (runner.device.type == "cuda" if want is None else want)
 
-    def get_request(self, request_id: str) -> Request | None:
-        t = self._tracked.get(request_id)
-        return t.request if t else None
-
     # ---- stepping ------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:
