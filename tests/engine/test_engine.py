@@ -418,6 +418,13 @@ def test_min_tokens_equals_reference(tiny16):
     for bad in (-1, 17):
         with pytest.raises(ValueError, match="min_tokens"):
             SamplingParams(max_tokens=16, min_tokens=bad)
+    # through chunked prefill and preemption by recompute (the mask counts outputs, not computed tokens)
+    batch = prompts()
+    firsts = {i: g[0][1] for i, g in reference(tiny16, batch, GREEDY).items()}
+    got = run_preempted_like_reference(tiny16, batch, [
+        SamplingParams(max_tokens=16, ignore_eos=True, min_tokens=10, stop_token_ids=(firsts[i],))
+        for i in range(len(batch))])
+    assert all(len(g[0]) >= 10 for g in got.values())
 
 
 def test_abort_frees_and_reports(tiny16):

@@ -153,6 +153,24 @@ def test_preemption_latest_arrival_first_and_resumed_first():
     assert s.kv.num_free_blocks == 4
 
 
+def test_min_tokens_masks_stop_tokens_by_outputs_through_preemption():
+    """A chunk that samples output number k (counted from its end position, so a recompute after
+    preemption counts the outputs it re-reads) masks the request's stop tokens while k < min_tokens."""
+    s = make(num_blocks=4, block_size=2)
+    rs = [req(r, 2, max_tokens=4, eos=2, stop_token_ids=(7,), min_tokens=3) for r in "ABC"]
+    for r in rs:
+        s.add(r)
+    seen = []
+    while s.has_unfinished():
+        for c in step(s).chunks:
+            if c.needs_sample:
+                k = c.end_pos - 2
+                seen.append((c.is_prefill and c.start_pos == 0 and k > 0, k))
+                assert c.suppress_ids == ((7, 2) if k < 3 else ()), (c.request_id, k, c.suppress_ids)
+    assert (True, 1) in seen and (True, 3) in seen  # recomputes before and after min_tokens were checked
+    assert all(r.output_token_ids == [1002, 1003, 1004, 1005] for r in rs)
+
+
 def test_fifo_admission_with_max_num_seqs():
     s = make(max_num_seqs=2)
     for rid, max_tokens in (("A", 1), ("B", 3), ("C", 2), ("D", 1)):
