@@ -192,7 +192,8 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429 answers")
     s.add_argument("--num-pages", type=int, default=None,
                    help="KV cache pages (default: from free GPU memory; on CPU, one full context)")
-    s.add_argument("--memory-fraction", type=float, default=0.9)
+    s.add_argument("--memory-fraction", "--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of GPU memory for weights, activations and the KV cache (vLLM's name too)")
     s.add_argument("--lm-head", choices=("16bit", "int8"), default="16bit",
                    help="int8: weight-only INT8 LM head (half its bytes; faster decode at small batches)")
     s.add_argument("--no-cuda-graphs", action="store_true")
@@ -201,7 +202,8 @@ def _add_serve_parser(sub) -> None:
                         "2048; 0: those steps run eagerly)")
     s.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the K/V of prompts' shared leading pages across requests")
-    s.add_argument("--tensor-parallel", type=int, default=1, help="GPUs (ranks) to split the model over")
+    s.add_argument("--tensor-parallel", "--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="GPUs (ranks) to split the model over (vLLM's names too)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
