@@ -1,5 +1,5 @@
 """The OpenAI-compatible FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health,
-/metrics. It reaches the engine only through engine/async_engine.py.
+/metrics, and vLLM's /tokenize and /detokenize. It reaches the engine only through engine/async_engine.py.
 
 Every failure a client can cause is answered in OpenAI's error shape with a 4xx status
 (protocol.py says which); engine admission errors map to 429 (queue full), 503 (shutting down or
@@ -34,6 +34,8 @@ from cometserve.server.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_messages,
     check_prompt,
     check_unsupported,
@@ -67,6 +69,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     app.add_api_route("/v1/models/{model_id:path}", routes.model, methods=["GET"])
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"])
+    app.add_api_route("/tokenize", routes.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", routes.detokenize, methods=["POST"])
     return app
 
 
@@ -142,17 +146,54 @@ class OpenAIRoutes:
         req = parse_body(await _read_body(request), ChatRequest)
         self._check_model(req.model)
         check_unsupported(req)
+        ids = await self._chat_ids(req, True)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs, req.n, req.top_logprobs or 0)
+        return await self._generate(request, req, [ids], max_tokens, fmt, arrival, "messages")
+
+    async def _chat_ids(self, req: ChatRequest | TokenizeRequest, add_generation_prompt: bool) -> list[int]:
+        """The token ids the chat template makes of the request's messages."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"model '{self.model_name}' has no chat template: use /v1/completions")
         try:
             text = await asyncio.to_thread(self.tokenizer.apply_chat_template, chat_messages(req),
-                                           tokenize=False, add_generation_prompt=True)
+                                           tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - jinja raises what the template chose (role order, ...)
             raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
-        ids = (await asyncio.to_thread(self.tokenizer, text, add_special_tokens=False))["input_ids"]
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs, req.n, req.top_logprobs or 0)
-        return await self._generate(request, req, [ids], max_tokens, fmt, arrival, "messages")
+        return (await asyncio.to_thread(self.tokenizer, text, add_special_tokens=False))["input_ids"]
+
+    # ---- tokenizer endpoints (vLLM's) -----------------------------------------------------------
+
+    async def tokenize(self, request: Request) -> dict:
+        """A prompt's token ids (as /v1/completions reads a text prompt), or the messages' (as
+        /v1/chat/completions reads them)."""
+        self._auth(request)
+        req = parse_body(await _read_body(request), TokenizeRequest)
+        if req.model is not None:
+            self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either 'prompt' or 'messages'", "prompt")
+        if req.messages is not None:
+            ids = await self._chat_ids(req, req.add_generation_prompt)
+        elif self.tokenizer is None:
+            raise APIError(400, f"model '{self.model_name}' has no tokenizer", "prompt")
+        else:
+            ids = (await asyncio.to_thread(self.tokenizer, req.prompt,
+                                           add_special_tokens=req.add_special_tokens))["input_ids"]
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+
+    async def detokenize(self, request: Request) -> dict:
+        self._auth(request)
+        req = parse_body(await _read_body(request), DetokenizeRequest)
+        if req.model is not None:
+            self._check_model(req.model)
+        if self.tokenizer is None:
+            raise APIError(400, f"model '{self.model_name}' has no tokenizer", "tokens")
+        bad = [t for t in req.tokens if not 0 <= t < self.engine.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.engine.vocab_size})",
+                           "tokens")
+        return {"prompt": await asyncio.to_thread(self.tokenizer.decode, req.tokens)}
 
     async def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt

@@ -91,6 +91,19 @@ class ChatRequest(_Common):
     top_logprobs: int | None = None
 
 
+class TokenizeRequest(_Strict):  # vLLM's /tokenize: a prompt, or messages through the chat template
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):  # vLLM's /detokenize
+    model: str | None = None
+    tokens: list[int]
+
+
 _HINTS = {  # fields that take one of several shapes: say which, not why the first shape failed
     "prompt": "must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
@@ -201,7 +214,7 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None
 
 
-def chat_messages(req: ChatRequest) -> list[dict]:
+def chat_messages(req: ChatRequest | TokenizeRequest) -> list[dict]:
     """Messages as the chat template expects them: content parts joined into one string."""
     out = []
     for m in req.messages:

@@ -298,3 +298,25 @@ def test_null_fields_mean_the_default(server):
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 1 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_tokenize_and_detokenize_like_the_generation_routes(server, llm):
+    """vLLM's /tokenize and /detokenize: a prompt's ids as /v1/completions reads it, messages' as
+    /v1/chat/completions reads them (its usage.prompt_tokens), and back to text; bad input is a 4xx."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        out = http.post("/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]}).json()
+        assert out["tokens"] == llm.encode(PROMPTS[0]) and out["count"] == len(out["tokens"])
+        assert out["max_model_len"] == MAX_MODEL_LEN
+        chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": CHAT}]}).json()
+        used = server.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": CHAT}], max_tokens=1, temperature=0)
+        assert chat["tokens"] == llm.encode(CHAT, chat=True) and chat["count"] == used.usage.prompt_tokens
+        text = http.post("/detokenize", json={"model": MODEL, "tokens": out["tokens"]}).json()["prompt"]
+        assert text == llm.tokenizer.decode(out["tokens"])
+        for path, body, status in (("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, 400),
+                                   ("/tokenize", {}, 400),
+                                   ("/tokenize", {"model": "nope", "prompt": "a"}, 404),
+                                   ("/detokenize", {"tokens": [1, 10**7]}, 400),
+                                   ("/detokenize", {"tokens": "abc"}, 400)):
+            r = http.post(path, json=body)
+            assert r.status_code == status and r.json()["error"]["message"], (path, body, r.text)

@@ -169,6 +169,8 @@ def test_api_key_enforced(tiny_checkpoint):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         r = httpx.get(f"{s.url}/v1/models", headers={"Authorization": "Basic s3cret"})
         assert r.status_code == 401
+        assert httpx.post(f"{s.url}/tokenize", json={"prompt": "Hi"}).status_code == 401
+        assert httpx.post(f"{s.url}/detokenize", json={"tokens": [1]}).status_code == 401
         out = s.client(api_key="s3cret").completions.create(model=MODEL, prompt="Hi", max_tokens=2)
         assert out.usage.completion_tokens >= 1
         assert [m.id for m in s.client(api_key="s3cret").models.list().data] == [MODEL]
