@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
@@ -49,8 +50,13 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple(sorted((t, float(b)) for t, b in bias)))
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be a positive integer, got {self.n!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
-            raise ValueError(f"seed must be None or an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        if self.seed is not None:
+            try:
+                object.__setattr__(self, "seed", operator.index(self.seed))  # numpy integers too
+            except TypeError:
+                raise ValueError(f"seed must be None or an integer, got {self.seed!r}") from None
+            if not 0 <= self.seed <= MAX_SEED:
+                raise ValueError(f"seed must be None or an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
