@@ -24,6 +24,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature); 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    include_stop_str_in_output: bool = False  # vLLM's: the completion ends after the stop string, not before
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: bool = False  # the sampled token's log-probability
@@ -115,8 +116,12 @@ class SamplingParams:
         return self.greedy and not self.logit_bias and not self.penalized and not self.min_tokens
 
 
-def find_stop(text: str, stops, checked: int = 0) -> int:
-    """The index of the first stop string in `text` that ends after position `checked` (text[:checked]
-    was searched before, or precedes min_tokens), or -1."""
-    hits = [i for s in stops if (i := text.find(s, max(0, checked - len(s) + 1))) >= 0]
-    return min(hits, default=-1)
+def find_stop(text: str, params: SamplingParams, checked: int = 0) -> int:
+    """Where the completion text is cut at the first of params.stop that ends after position `checked`
+    (text[:checked] was searched before, or precedes min_tokens): its start, or its end with
+    include_stop_str_in_output; -1 if there is none."""
+    hits = [(i, i + len(s)) for s in params.stop if (i := text.find(s, max(0, checked - len(s) + 1))) >= 0]
+    if not hits:
+        return -1
+    start, end = min(hits)
+    return end if params.include_stop_str_in_output else start

@@ -19,14 +19,14 @@ REPLACEMENT = "\ufffd"
 
 
 def completion_text(tokenizer, token_ids: list[int], params: SamplingParams) -> tuple[str, bool]:
-    """(the text of a completion's tokens cut before its first stop string, whether one was found). A
+    """(the text of a completion's tokens cut at its first stop string, whether one was found). A
     stop string that ends before the text of token number min_tokens does not count: no one looks for
     it while fewer tokens exist."""
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     checked = 0
     if params.min_tokens > 1:
         checked = len(tokenizer.decode(token_ids[: params.min_tokens - 1], skip_special_tokens=True))
-    i = find_stop(text, params.stop, checked)
+    i = find_stop(text, params, checked)
     return (text[:i], True) if i >= 0 else (text, False)
 
 

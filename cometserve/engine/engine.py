@@ -288,10 +288,11 @@ class LLMEngine:
         return RequestDelta(r.request_id, new, text_delta, lps, reason, cached, tops, plps)
 
     def _check_stop_strings(self, t: _Tracked, checked: int) -> None:
-        """Finish the request (status STOPPED) once its text contains a stop string; cut the text.
+        """Finish the request (status STOPPED) once its text contains a stop string; cut the text there
+        (before it, or after it with include_stop_str_in_output).
         t.text[:checked] held none, so a new hit ends after `checked`: only the tail is searched."""
         r = t.request
-        i = find_stop(t.text, r.sampling_params.stop, checked)
+        i = find_stop(t.text, r.sampling_params, checked)
         if i >= 0:
             t.text = t.text[:i]
             t.stop_hit = True

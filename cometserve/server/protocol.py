@@ -61,6 +61,7 @@ class _Common(_Strict):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     min_tokens: int = 0
+    include_stop_str_in_output: bool = False
 
 
 class CompletionRequest(_Common):
@@ -206,6 +207,7 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=tuple(stop),
+            include_stop_str_in_output=req.include_stop_str_in_output,
             ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             prompt_logprobs=prompt_logprobs, repetition_penalty=req.repetition_penalty,

@@ -378,22 +378,25 @@ def test_repetition_penalty_equals_reference(tiny16, budget):
 def test_stop_strings_tokens_and_max_tokens(tiny16):
     tok = CharTokenizer()
     batch = prompts((12, 40, 7))
+    batch.append(batch[0])
     greedy = reference(tiny16, batch, GREEDY, tok)
     text0, ids1 = greedy[0][2], greedy[1][0]
     params = [
         SamplingParams(max_tokens=16, ignore_eos=True, stop=(text0[3:5], "zzzz")),  # stop string
         SamplingParams(max_tokens=16, ignore_eos=True, stop_token_ids=(ids1[4],)),  # stop token
         SamplingParams(max_tokens=3, ignore_eos=True, logprobs=True),  # length
+        SamplingParams(max_tokens=16, ignore_eos=True, stop=(text0[3:5],), include_stop_str_in_output=True),
     ]
     got = run(make_engine(tiny16, tokenizer=tok, page_size=16), batch, params)
     want = reference(tiny16, batch, params, tok)
-    for i in range(3):
+    for i in range(4):
         assert got[i][0] == want[i][0], i
         assert got[i][2] == want[i][2], i  # streamed text deltas add up to the reference text
         assert got[i][3] == want[i][3], i
     assert got[0][3] == "stop" and got[0][2] == text0[: text0.index(text0[3:5])]
     assert got[1][3] == "stop" and ids1[4] not in got[1][0][4:5]
     assert got[2][3] == "length" and len(got[2][0]) == 3 and len(got[2][1]) == 3
+    assert got[3][3] == "stop" and got[3][2] == text0[: text0.index(text0[3:5]) + 2]  # the stop string kept
 
 
 def test_min_tokens_equals_reference(tiny16):

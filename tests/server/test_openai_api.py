@@ -218,6 +218,9 @@ def test_stop_string_cuts_like_generate(server, llm):
     late = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop],
                                      extra_body={"ignore_eos": True, "min_tokens": 16})
     assert late.choices[0].text == full and late.choices[0].finish_reason == "length"
+    kept = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert kept.choices[0].text == full[: full.index(stop) + len(stop)]
 
 
 def test_n_choices_seeded_reproducible(server):
