@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -104,8 +105,10 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queue: int = 256) -> None:
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
+        t0 = time.perf_counter()
         if engine.runner.device.type == "cuda":
             engine.warm_up()  # kernel compilation and tuning before the first request, not in it
+        self.warm_up_s = time.perf_counter() - t0
         self.engine = engine
         self.max_queue = max_queue
         self.tokenizer = engine.tokenizer
