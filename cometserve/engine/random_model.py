@@ -1,8 +1,8 @@
 """`--random-weights`: a model of real shape with random weights, built directly on the device.
 
-For measuring speed with no download: Llama-2-7B, Llama-3-8B, Llama-2-13B and Llama-3-70B
-configs ship in `cometserve/configs/` (Hugging Face config.json contents); any config.json path
-works too. Quantized modes are built without calibration, straight into the checkpoint's storage
+For measuring speed with no download: Llama-2-7B, Llama-3-8B, Llama-2-13B, Llama-3-70B, Qwen2-7B
+and Mistral-7B (v0.3) configs ship in `cometserve/configs/` (Hugging Face config.json contents); any
+config.json path of the LLaMA family works too. Quantized modes are built without calibration, straight into the checkpoint's storage
 layout: identity permutations (none stored), random INT4 weight codes with plausible float16
 scales, the scheme's Hadamard rotation of INT4 activation blocks, and a fixed activation block map: every block INT8 (`w4a8kv4`) or the first 16% of blocks
 INT8 (`w4axkv4`: FMPQ gathers outlier channels into as few blocks as possible; 16% is the
@@ -21,7 +21,7 @@ from cometserve.model.loader import LoadedModel, build_model, default_device
 from cometserve.scheme import PRESETS, num_blocks
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-MODEL_NAMES = ("llama-2-7b", "llama-3-8b", "llama-2-13b", "llama-3-70b")
+MODEL_NAMES = ("llama-2-7b", "llama-3-8b", "llama-2-13b", "llama-3-70b", "qwen2-7b", "mistral-7b")
 MODES = {"bf16": "fp16", "w4a8kv4": "w4a8kv4", "w4axkv4": "fmpq_w4axkv4"}
 INT8_FRACTION = 0.16
 
@@ -40,9 +40,11 @@ def config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path):
-    from transformers import LlamaConfig
+    """The transformers config of the file's model_type (LlamaConfig, Qwen2Config, MistralConfig)."""
+    from transformers import AutoConfig
 
-    return LlamaConfig(**json.loads(config_path(name_or_path).read_text()))
+    fields = json.loads(config_path(name_or_path).read_text())
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
 
 
 def block_map(in_features: int, a_mode: str, int8_fraction: float = INT8_FRACTION) -> torch.Tensor:
@@ -113,14 +115,14 @@ def build_random_model(name_or_path: str | Path, mode: str = "w4axkv4", device: 
 
 
 def build_hf_model(name_or_path: str | Path, device: str | torch.device = "cuda"):
-    """Hugging Face transformers' LlamaForCausalLM of the same config, random bf16 weights (the
-    benchmarks' peer)."""
-    from transformers import LlamaForCausalLM
+    """Hugging Face transformers' model of the same config (LlamaForCausalLM, ...), random bf16
+    weights (the benchmarks' peer)."""
+    from transformers import AutoModelForCausalLM
 
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            return LlamaForCausalLM(load_config(name_or_path)).eval()
+            return AutoModelForCausalLM.from_config(load_config(name_or_path)).eval()
     finally:
         torch.set_default_dtype(prev)
