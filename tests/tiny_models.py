@@ -27,6 +27,23 @@ def tiny_hf_config(family: str, **overrides):
     return Qwen2Config(**{**common, "tie_word_embeddings": True})
 
 
+def shrunk_config(out: Path, name: str = "llama-3-8b", **overrides) -> Path:
+    """A shipped `--random-weights` config (engine/random_model.py) with fields overridden, written as
+    out/config.json; returns `out` (build_random_model takes it)."""
+    import json
+
+    from cometserve.engine.random_model import config_path
+
+    cfg = {**json.loads(config_path(name).read_text()), **overrides}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+# the small Llama-3-8B-shaped model of the GPU engine tests (head layout and GQA of the real one)
+SMALL_8B = {"hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "vocab_size": 4096}
+
+
 def write_tiny_model(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     """A random HF model of `family` saved as safetensors in `out`; returns `out`."""
     from transformers import AutoModelForCausalLM

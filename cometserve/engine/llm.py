@@ -130,11 +130,10 @@ class LLM:
              use_tqdm: bool) -> list[RequestOutput]:
         """Every prompt's n completions through the engine: one request each (completion i with
         params.choice(i)); outputs in prompt order, each with its n completions."""
-        engine = self.engine([t for t, p in zip(encoded, params) for _ in range(p.n)],
-                             [p.choice(i) for p in params for i in range(p.n)])
-        t0 = time.perf_counter()
         self._batches += 1
         jobs = [[(f"generate-{self._batches}-{k}-{i}", p.choice(i)) for i in range(p.n)] for k, p in enumerate(params)]
+        engine = self.engine([t for t, job in zip(encoded, jobs) for _ in job], [p for job in jobs for _, p in job])
+        t0 = time.perf_counter()
         requests = {rid: engine.add_request(rid, toks, p) for toks, job in zip(encoded, jobs) for rid, p in job}
         seconds: dict[str, float] = {}
         reasons: dict[str, str] = {}
@@ -156,10 +155,9 @@ class LLM:
             outputs.append(RequestOutput(text, toks, completions, max(seconds.get(rid, 0.0) for rid, _ in job)))
         return outputs
 
-    def engine(self, encoded: list[list[int]] | None = None,
-               params: SamplingParams | list[SamplingParams] | None = None) -> LLMEngine:
+    def engine(self, encoded: list[list[int]] | None = None, params: list[SamplingParams] | None = None) -> LLMEngine:
         """The batched engine. On CUDA one engine sized from free memory is kept; on CPU the cache is
-        sized (and the engine rebuilt) to hold this batch's requests whole."""
+        sized (and the engine rebuilt) to hold this batch's requests whole (one SamplingParams each)."""
         if self.device.type == "cuda":
             if self._engine is None:
                 self._engine = LLMEngine(self.model, self.scheme, self.engine_config, self.tokenizer)
@@ -167,8 +165,6 @@ class LLM:
             return self._engine
         cfg = self.engine_config or EngineConfig(max_num_seqs=64, use_cuda_graphs=False)
         page = cfg.page_size or (self.scheme.kv_group_size if self.scheme.kv_bits == 4 else 64)
-        if isinstance(params, SamplingParams):
-            params = [params] * len(encoded or [[0]])
         need = sum(cdiv(len(t) + p.max_tokens, page) for t, p in zip(encoded or [[0]], params)) if params else 1
         if cfg.num_pages is None:
             cfg = dataclasses.replace(cfg, num_pages=max(need, cdiv(self.max_model_len, page)))

@@ -18,7 +18,7 @@ from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.llm import generate_reference
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
-from tests.tiny_models import write_tiny_model
+from tests.tiny_models import SMALL_8B, shrunk_config, write_tiny_model
 
 LENGTHS = (5, 17, 64, 70, 130, 1)
 
@@ -454,17 +454,11 @@ def test_rejects_a_request_that_never_fits(tiny16):
 
 def cuda_random_model(tmp_path, mode: str):
     """A random 2-layer model of Llama-3-8B's head layout (vocabulary 4096) on CUDA."""
-    import json
-
-    from cometserve.engine.random_model import build_random_model, config_path
+    from cometserve.engine.random_model import build_random_model
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    cfg = json.loads(config_path("llama-3-8b").read_text())
-    cfg.update(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
-               num_key_value_heads=2, vocab_size=4096)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    loaded = build_random_model(tmp_path, mode, device="cuda")
+    loaded = build_random_model(shrunk_config(tmp_path, **SMALL_8B), mode, device="cuda")
     with torch.no_grad():  # sharper logits than the throughput init: fewer near-ties
         loaded.model.lm_head.weight.mul_(3.0)
     return loaded

@@ -5,8 +5,6 @@ variant (runner.DecodeGraphs) against the eager forward."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.interfaces import StepOutput
 from cometserve.engine.piecewise import graph_sizes
 from cometserve.sampling_params import SamplingParams
+from tests.tiny_models import SMALL_8B, shrunk_config
 
 
 def test_graph_sizes():
@@ -23,13 +22,9 @@ def test_graph_sizes():
 
 
 def _small_random_model(mode: str, tmp_path):
-    from cometserve.engine.random_model import build_random_model, config_path
+    from cometserve.engine.random_model import build_random_model
 
-    cfg = json.loads(config_path("llama-3-8b").read_text())
-    cfg.update(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
-               num_key_value_heads=2, vocab_size=4096)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return build_random_model(tmp_path, mode, device="cuda")
+    return build_random_model(shrunk_config(tmp_path, **SMALL_8B), mode, device="cuda")
 
 
 def _step_both_ways(engine: LLMEngine) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -4,8 +4,6 @@ on CPU in each mode."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from cometserve.config import ModelConfig
 from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.random_model import MODEL_NAMES, build_random_model, config_path, load_config
 from cometserve.sampling_params import SamplingParams
+from tests.tiny_models import shrunk_config
 
 
 def test_shipped_configs_load_as_their_family():
@@ -28,12 +27,11 @@ def test_shipped_configs_load_as_their_family():
 @pytest.mark.parametrize("name", ["qwen2-7b", "mistral-7b"])
 @pytest.mark.parametrize("mode", ["bf16", "w4axkv4"])
 def test_small_copies_build_and_generate(name, mode, tmp_path):
-    cfg = json.loads(config_path(name).read_text())
-    heads, kv = cfg["num_attention_heads"] // 4, cfg["num_key_value_heads"] // 4  # the same GQA ratio
-    cfg.update(hidden_size=128 * heads, intermediate_size=256, num_hidden_layers=2, num_attention_heads=heads,
-               num_key_value_heads=kv, vocab_size=512)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    loaded = build_random_model(tmp_path, mode, device="cpu", dtype=torch.float32)
+    real = load_config(name)
+    heads, kv = real.num_attention_heads // 4, real.num_key_value_heads // 4  # the same GQA ratio
+    path = shrunk_config(tmp_path, name, hidden_size=128 * heads, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=512)
+    loaded = build_random_model(path, mode, device="cpu", dtype=torch.float32)
     biases = [m.bias is not None for n, m in loaded.model.named_modules() if n.endswith("qkv_proj")]
     assert biases and all(biases) == (name == "qwen2-7b")
     engine = LLMEngine(loaded.model, loaded.scheme, EngineConfig(num_pages=16, use_cuda_graphs=False, max_num_seqs=4))
