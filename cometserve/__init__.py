@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "QuantScheme", "SamplingParams", "quantize"]
+__all__ = ["LLM", "QuantScheme", "SamplingParams", "StructuredOutputsParams", "quantize"]
 
 
 def __getattr__(name: str):
@@ -13,10 +13,10 @@ def __getattr__(name: str):
         from cometserve.engine.llm import LLM
 
         return LLM
-    if name == "SamplingParams":
-        from cometserve.sampling_params import SamplingParams
+    if name in ("SamplingParams", "StructuredOutputsParams"):
+        from cometserve import sampling_params
 
-        return SamplingParams
+        return getattr(sampling_params, name)
     if name == "QuantScheme":
         from cometserve.scheme import QuantScheme
 

@@ -14,12 +14,18 @@ DEMO_PROMPTS = (
 
 
 def _sampling(args):
-    from cometserve.sampling_params import SamplingParams
+    from cometserve.sampling_params import SamplingParams, StructuredOutputsParams
 
+    shapes = {"json": args.json_schema, "regex": args.regex, "choice": args.choice,
+              "json_object": args.json_object or None}
+    given = {k: v for k, v in shapes.items() if v is not None}
+    if given and args.json_schema is not None and Path(args.json_schema).is_file():
+        given["json"] = Path(args.json_schema).read_text()
     return SamplingParams(
         n=args.n, max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         seed=args.seed, stop=tuple(args.stop or ()),
+        structured_outputs=StructuredOutputsParams(**given) if given else None,
     )
 
 
@@ -222,6 +228,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--json-schema", help="structured output: a JSON schema (a file, or its JSON text)")
+    p.add_argument("--regex", help="structured output: the completion fully matches this regex")
+    p.add_argument("--choice", action="append", help="structured output: one of these strings (repeatable)")
+    p.add_argument("--json-object", action="store_true", help="structured output: any JSON object")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the GPU if there is one)")
 
 

@@ -3,12 +3,66 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import operator
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range, so a seed can never fail in the engine
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's structured outputs: the completion is constrained to one of these (exactly one set).
+
+    - `json`: a JSON schema (a dict or its JSON text): the completion is a JSON text valid under it
+      (the subset structured/json_schema.py supports; other keywords are refused by name)
+    - `regex`: the completion fully matches it (structured/regex.py's dialect)
+    - `choice`: the completion is one of these strings
+    - `json_object`: the completion is a JSON object (OpenAI's response_format json_object)
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("json", "regex", "choice") if getattr(self, n) is not None] + (
+            ["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs takes exactly one of json, regex, choice and json_object, "
+                             f"got {given or 'none'}")
+        if self.json is not None:  # kept as JSON text: hashable, and the key of the compiled grammar
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(f"structured_outputs.json must be a JSON schema object, got {type(schema).__name__}")
+            object.__setattr__(self, "json", json.dumps(schema))
+        if self.choice is not None:
+            choice = (self.choice,) if isinstance(self.choice, str) else tuple(self.choice)
+            if not choice or any(not isinstance(c, str) or not c for c in choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", choice)
+        self.regex_pattern()  # a bad schema or pattern is refused here, with its reason
+
+    def regex_pattern(self) -> str:
+        """The regex whose full matches are the allowed completions."""
+        from cometserve.structured import json_schema, regex
+
+        if self.regex is not None:
+            regex.parse(self.regex)
+            return self.regex
+        if self.choice is not None:
+            return "|".join(f"(?:{json_schema.escape_literal(c)})" for c in self.choice)
+        if self.json_object:
+            return json_schema.json_object_regex()
+        return json_schema.schema_to_regex(json.loads(self.json))
 
 
 @dataclass(frozen=True)
@@ -41,6 +95,8 @@ class SamplingParams:
     # vLLM's / HF's: the logits of tokens in the prompt or generated so far divided by it where positive,
     # multiplied where negative; 1 = off. Such a request computes its whole prompt (no prefix-cache hits).
     repetition_penalty: float = 1.0
+    # vLLM's: the completion follows a JSON schema, a regex, a choice of strings or any JSON object
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -113,7 +169,8 @@ class SamplingParams:
     @property
     def batched_greedy(self) -> bool:
         """Picked by the runner's one argmax over the step's rows (no per-row logit changes)."""
-        return self.greedy and not self.logit_bias and not self.penalized and not self.min_tokens
+        return (self.greedy and not self.logit_bias and not self.penalized and not self.min_tokens
+                and self.structured_outputs is None)
 
 
 def find_stop(text: str, params: SamplingParams, checked: int = 0) -> int:

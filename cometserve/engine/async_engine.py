@@ -208,6 +208,11 @@ class AsyncEngine:
                 f"server overloaded: {waiting} requests are waiting and the queue holds {self.max_queue}; "
                 f"retry later"
             )
+        specs = {p.structured_outputs for p in params if p.structured_outputs is not None}
+        try:  # compiled here, off the engine's thread, which then finds them cached
+            await asyncio.gather(*(asyncio.to_thread(self.engine.grammars.grammar, s) for s in specs))
+        except ValueError as e:
+            raise RequestRejected(f"the structured output cannot be compiled: {e}") from None
         base = f"req-{next(self._ids)}"
         stream = RequestStream(self, [f"{base}-{i}" for i in range(len(prompts))])
         for rid in stream.request_ids:

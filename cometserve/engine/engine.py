@@ -34,6 +34,7 @@ from cometserve.engine.scheduler import Scheduler
 from cometserve.model.layers.linear import tune_gemms
 from cometserve.model.layers.lm_head import LM_HEADS, use_lm_head
 from cometserve.sampling_params import SamplingParams, find_stop
+from cometserve.structured.grammar import GrammarCompiler, GrammarMatcher
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class _Tracked:
     text_sent: int = 0
     stop_hit: bool = False
     prompt_sent: bool = False  # its prompt_logprobs went out
+    grammar: GrammarMatcher | None = None  # structured outputs: where its text is in the grammar
 
 
 def _reserve_bytes(model, cfg: EngineConfig) -> int:
@@ -133,6 +135,8 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._aborted: list[str] = []
         self._flight = None  # ModelRunner.launch() of the step the scheduler holds (async scheduling)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # structured outputs
+        self._num_structured = 0  # live requests with a grammar: no step is launched ahead of them
         self.num_steps = 0
 
     def warm_up(self) -> None:
@@ -190,10 +194,17 @@ class LLMEngine:
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise ValueError(f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary [0, {vocab})")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_id)
+        grammar = self._grammar(request) if params.structured_outputs is not None else None
         self.scheduler.add(request)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        self._tracked[request_id] = _Tracked(request, detok)
+        self._tracked[request_id] = _Tracked(request, detok, grammar=grammar)
+        self._num_structured += grammar is not None
         return request
+
+    def _grammar(self, request: Request) -> GrammarMatcher:
+        params = request.sampling_params
+        eos = () if params.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
+        return self.grammars.matcher(params.structured_outputs, params.stop_token_ids + eos)
 
     def abort(self, request_id: str) -> bool:
         """End a live request; its final delta (finish_reason "abort") comes with the next step."""
@@ -223,12 +234,13 @@ class LLMEngine:
         self._aborted.clear()
         sched, runner = self.scheduler, self.runner
         if not sched.in_flight:
-            out = sched.schedule()
+            out = self._constrained(sched.schedule())
             if not self.async_scheduling:
                 return self._updated(runner.execute(out), deltas)
             self._flight = runner.launch(out)
             sched.hold()
-        ahead = sched.has_unfinished() and sched.can_schedule_ahead()
+        # a structured request's next mask needs the sample in flight: no step goes ahead of it
+        ahead = sched.has_unfinished() and sched.can_schedule_ahead() and not self._num_structured
         nxt = runner.launch(sched.schedule()) if ahead else None
         deltas += self.sync()
         if ahead:
@@ -244,6 +256,15 @@ class LLMEngine:
         flight, self._flight = self._flight, None
         return self._updated(self.runner.collect(flight), [])
 
+    def _constrained(self, out):
+        """The step's structured requests' allowed tokens, for the runner's sampler."""
+        if self._num_structured:
+            for c in out.chunks:
+                t = self._tracked.get(c.request_id) if c.needs_sample else None
+                if t is not None and t.grammar is not None:
+                    out.allowed_tokens[c.request_id] = t.grammar.allowed()
+        return out
+
     def _updated(self, step_out, deltas: list[RequestDelta]) -> list[RequestDelta]:
         """Fold a step's samples into the requests; their deltas appended to `deltas`."""
         finished = self.scheduler.update(step_out)
@@ -252,8 +273,20 @@ class LLMEngine:
         for rid in step_out.sampled:
             tracked = self._tracked.get(rid)
             if tracked is not None:
+                if tracked.grammar is not None:
+                    self._follow_grammar(tracked)
                 deltas.append(self._delta(tracked))
         return deltas
+
+    def _follow_grammar(self, t: _Tracked) -> None:
+        """Advance the grammar over the new token; a text the grammar lets nothing follow ends the
+        request as if it had sampled EOS."""
+        r = t.request
+        if r.num_output_tokens > t.num_sent:
+            t.grammar.accept(r.output_token_ids[-1])  # one new token per step
+        if not r.is_finished and t.grammar.is_terminated:
+            self.scheduler.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED)
+            self.runner.release([r.request_id])
 
     def stream(self) -> Iterator[RequestDelta]:
         """Step until no request is left, yielding every delta as it comes."""
@@ -280,7 +313,7 @@ class LLMEngine:
             reason = "stop" if t.stop_hit else r.finish_reason
         text_delta = self._text_delta(t, final=reason is not None)
         if reason is not None:
-            self._tracked.pop(r.request_id)
+            self._forget(r.request_id)
         cached = (r.num_cached_prompt_tokens or 0) if reason is not None else 0
         plps = None
         if r.prompt_logprobs is not None and not t.prompt_sent:
@@ -320,8 +353,13 @@ class LLMEngine:
         t.text_sent = end
         return delta
 
-    def _final_delta(self, rid: str, reason: str) -> RequestDelta:
+    def _forget(self, rid: str) -> _Tracked | None:
         t = self._tracked.pop(rid, None)
+        self._num_structured -= t is not None and t.grammar is not None
+        return t
+
+    def _final_delta(self, rid: str, reason: str) -> RequestDelta:
+        t = self._forget(rid)
         params = t.request.sampling_params if t else None
         return RequestDelta(rid, [], "", [] if params and params.logprobs else None, reason,
                             top_logprobs=[] if params and params.top_logprobs else None)

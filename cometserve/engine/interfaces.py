@@ -96,12 +96,15 @@ class SchedulerOutput:
       state (seeded generators): they are not finished.
     - `finished_ids`: requests that ended (stop, length, abort) since the previous step; drop any
       per-request state kept for them. May name requests the runner never saw.
+    - `allowed_tokens`: request id -> bool numpy array [vocab]: the only tokens its sample may pick
+      (structured outputs; filled by the engine after scheduling, as the grammar is the engine's).
     """
 
     chunks: tuple[ScheduledChunk, ...]
     preempted_ids: tuple[str, ...]
     finished_ids: tuple[str, ...]
     num_batched_tokens: int
+    allowed_tokens: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         total = sum(len(c.token_ids) for c in self.chunks)

@@ -20,6 +20,7 @@ from cometserve.engine.kv_manager import cdiv
 from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
+from cometserve.structured.grammar import GrammarCompiler
 
 
 @dataclass
@@ -210,6 +211,10 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     if not params.ignore_eos and eos is not None:
         stop_ids.add(eos)
+    grammar = None
+    if params.structured_outputs is not None:
+        grammar = GrammarCompiler(tokenizer, model.config.vocab_size).matcher(params.structured_outputs,
+                                                                              tuple(stop_ids))
     tokens, logprobs, tops = [], [], []
     step_ids = torch.tensor(prompt_ids, device=device)
     pos = 0
@@ -229,7 +234,9 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
             lps = rows.gather(1, step_ids[1:, None])[:, 0]
             prompt_lps = [None] + [(lp, tuple(zip(ii, vv))) for lp, ii, vv in zip(lps.tolist(), i.tolist(), v.tolist())]
         logits = model.compute_logits(hidden[-1:])[0]
-        token, lp = sample(logits, params, gen, counts, tuple(stop_ids) if len(tokens) < params.min_tokens else None)
+        allowed = None if grammar is None else torch.from_numpy(grammar.allowed()).to(device)
+        token, lp = sample(logits, params, gen, counts, tuple(stop_ids) if len(tokens) < params.min_tokens else None,
+                           allowed)
         pos += step_ids.numel()
         if token in stop_ids:
             return finish("stop")
@@ -241,6 +248,10 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
         stops = params.stop and tokenizer is not None and len(tokens) >= params.min_tokens
         if stops and completion_text(tokenizer, tokens, params)[1]:
             return finish("stop")
+        if grammar is not None:
+            grammar.accept(token)
         if len(tokens) >= params.max_tokens:
             return finish("length")
+        if grammar is not None and grammar.is_terminated:  # nothing may follow: as if it sampled EOS
+            return finish("stop")
         step_ids = torch.tensor([token], device=device)

@@ -256,7 +256,7 @@ class ModelRunner:
             return _to_host([], none, none.float(), None, prompt) if prompt else None
         params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
         suppress = {c.request_id: c.suppress_ids for c in out.chunks if c.suppress_ids}
-        tokens, logprobs = self.sample_device(*res, inputs.sample_ids, params, suppress)
+        tokens, logprobs = self.sample_device(*res, inputs.sample_ids, params, suppress, out.allowed_tokens)
         if self.share_samples is not None:
             self.share_samples(tokens)
         self._last = ({rid: i for i, rid in enumerate(inputs.sample_ids)}, tokens)
@@ -306,13 +306,13 @@ class ModelRunner:
         return self.collect(_to_host(request_ids, *self.sample_device(logits, greedy_out, request_ids, params))).sampled
 
     def sample_device(self, logits: torch.Tensor, greedy_out: tuple[torch.Tensor, torch.Tensor] | None,
-                      request_ids: list[str], params: dict, suppress: dict | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      request_ids: list[str], params: dict, suppress: dict | None = None,
+                      allowed: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """logits float32 [S, vocab] -> (tokens int64 [S], their logprobs float32 [S]) on the device,
         without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
         computed them), the others (and greedy rows with a logit_bias, penalties or min_tokens) one by
         one with their kept seeded generators and token counts; `suppress`: request id -> token ids
-        its sample must not pick."""
+        its sample must not pick; `allowed`: request id -> bool numpy [vocab], the only tokens it may."""
         rows = [i for i, rid in enumerate(request_ids) if not params[rid].batched_greedy]
         if len(rows) < len(request_ids):  # greedy rows: one batched pick
             greedy = greedy_out if greedy_out is not None else greedy_logprobs(logits)
@@ -321,8 +321,10 @@ class ModelRunner:
         picked = []
         for i in rows:
             p = params[request_ids[i]]
+            mask = (allowed or {}).get(request_ids[i])
             picked.append(sample_tensor(logits[i], p, *self._sampler_state(request_ids[i], p),
-                                        suppress=(suppress or {}).get(request_ids[i])))
+                                        suppress=(suppress or {}).get(request_ids[i]),
+                                        allowed=None if mask is None else torch.from_numpy(mask).to(logits.device)))
         tokens, lps = torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])
         if len(rows) == len(request_ids):
             return tokens, lps

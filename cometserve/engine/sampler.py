@@ -17,9 +17,10 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           counts: torch.Tensor | None = None, suppress: tuple[int, ...] | None = None) -> tuple[int, float]:
+           counts: torch.Tensor | None = None, suppress: tuple[int, ...] | None = None,
+           allowed: torch.Tensor | None = None) -> tuple[int, float]:
     """logits float32 [vocab] -> (token id, its log-probability under the unmodified distribution)."""
-    token, logprob = sample_tensor(logits, params, generator, counts, suppress)
+    token, logprob = sample_tensor(logits, params, generator, counts, suppress, allowed)
     return int(token), float(logprob)
 
 
@@ -35,12 +36,12 @@ def mark_prompt(counts: torch.Tensor, token_ids) -> None:
 
 
 def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                  counts: torch.Tensor | None = None, suppress: tuple[int, ...] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  counts: torch.Tensor | None = None, suppress: tuple[int, ...] | None = None,
+                  allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample` without leaving the device: (token int64 [], its log-probability float32 []).
-    logit_bias, the penalties and `suppress` (token ids that must not be picked: a request's stop
-    tokens before min_tokens) move the logits the token is picked from, not the reported
-    log-probability. `counts` (new_counts(); required when penalized) is read for the penalties and
+    logit_bias, the penalties, `suppress` (token ids that must not be picked: a request's stop
+    tokens before min_tokens) and `allowed` (bool [vocab]: the only tokens that may be, a structured
+    output's grammar) move the logits the token is picked from, not the reported log-probability. `counts` (new_counts(); required when penalized) is read for the penalties and
     then counts the picked token, on the device."""
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.penalized:
@@ -55,6 +56,8 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch
                                   torch.tensor(bias, dtype=logits.dtype, device=logits.device))
     if suppress:
         logits = logits.index_fill(0, torch.tensor(suppress, device=logits.device), float("-inf"))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.greedy:
         token = torch.argmax(logits)
         return _counted(token, counts), logprobs[token]

@@ -42,6 +42,7 @@ from cometserve.server.protocol import (
     logit_bias,
     parse_body,
     sampling_params,
+    structured_outputs,
 )
 from cometserve.server.responses import ChatFormat, Choice, CompletionFormat
 
@@ -221,8 +222,10 @@ class OpenAIRoutes:
         limit = self.engine.max_model_len
         bias = logit_bias(req, self.engine.vocab_size)
         prompt_k = fmt.top if fmt.echo is not None and fmt.want_logprobs else None
+        structured = structured_outputs(req)
         params = [sampling_params(req, limit - len(ids) if max_tokens is None else max_tokens, i % req.n,
-                                  fmt.want_logprobs, fmt.top, bias, prompt_k) for i, ids in enumerate(subs)]
+                                  fmt.want_logprobs, fmt.top, bias, prompt_k, structured)
+                  for i, ids in enumerate(subs)]
         stream = await self._submit(subs, params)
         tracker = self.metrics.tracker(len(subs), arrival)
         num_prompt = sum(len(ids) for ids in prompts)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cometserve.sampling_params import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
+from cometserve.sampling_params import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams, StructuredOutputsParams
 
 MAX_CHOICES = 128  # n times the number of prompts: one API request's sub-requests
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -42,6 +42,27 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str
+    json_schema: dict | None = Field(None, alias="schema")  # "schema" would shadow BaseModel.schema
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):  # OpenAI's response_format
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):  # vLLM's structured_outputs extension
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    json_schema: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool = False
+
+
 class _Common(_Strict):
     model: str
     max_tokens: int | None = None
@@ -62,6 +83,13 @@ class _Common(_Strict):
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    # the completion's shape: OpenAI's response_format, vLLM's structured_outputs, or vLLM's older
+    # guided_json / guided_regex / guided_choice (one of them)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
 
 class CompletionRequest(_Common):
@@ -198,8 +226,39 @@ def logit_bias(req: _Common, vocab_size: int) -> dict[int, float]:
     return out
 
 
+def structured_outputs(req: _Common) -> StructuredOutputsParams | None:
+    """The request's constraint on its completion (response_format, structured_outputs or guided_*),
+    checked (a bad schema or regex is a 400 that says why), or None."""
+    given = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        given.append(("response_format", {"json_object": True}))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+            raise APIError(400, "'response_format' of type json_schema needs 'json_schema': {'name', 'schema'}",
+                           "response_format")
+        given.append(("response_format", {"json": fmt.json_schema.json_schema}))
+    if req.structured_outputs is not None:
+        so = req.structured_outputs
+        given.append(("structured_outputs", {"json": so.json_schema, "regex": so.regex, "choice": so.choice,
+                                             "json_object": so.json_object}))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+        if getattr(req, name) is not None:
+            given.append((name, {key: getattr(req, name)}))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError(400, f"give at most one of {', '.join(n for n, _ in given)}", given[1][0])
+    name, spec = given[0]
+    try:
+        return StructuredOutputsParams(**spec)
+    except ValueError as e:
+        raise APIError(400, f"'{name}': {e}", name) from None
+
+
 def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, top: int = 0,
-                    bias: dict[int, float] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+                    bias: dict[int, float] | None = None, prompt_logprobs: int | None = None,
+                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
     """The SamplingParams of choice number `choice`; seeded choices get seed + choice so that n > 1
     samples n different completions, reproducibly."""
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
@@ -211,6 +270,7 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
             ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             prompt_logprobs=prompt_logprobs, repetition_penalty=req.repetition_penalty,
+            structured_outputs=structured,
         ).choice(choice)
     except ValueError as e:  # SamplingParams' messages start with the field's name
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None

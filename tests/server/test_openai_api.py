@@ -5,8 +5,10 @@ to LLM.generate (greedy, same checkpoint); logprobs, usage, stop strings, n, see
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx2 as httpx
+import openai
 import pytest
 import torch
 
@@ -323,3 +325,41 @@ def test_tokenize_and_detokenize_like_the_generation_routes(server, llm):
                                    ("/detokenize", {"tokens": "abc"}, 400)):
             r = http.post(path, json=body)
             assert r.status_code == status and r.json()["error"]["message"], (path, body, r.text)
+
+
+def test_structured_outputs_follow_the_schema_and_equal_generate(server, llm):
+    """response_format json_schema (through the openai client's parse() and a pydantic model),
+    json_object, vLLM's structured_outputs and guided_choice: the random-weights model writes only
+    what the grammar allows, token for token what LLM.generate writes."""
+    import re
+
+    import pydantic
+
+    from cometserve.sampling_params import StructuredOutputsParams
+
+    class Pet(pydantic.BaseModel):
+        kind: Literal["cat", "dog"]
+        good: bool
+
+    client = server.client()
+    messages = [{"role": "user", "content": CHAT}]
+    parsed = client.chat.completions.parse(model=MODEL, messages=messages, response_format=Pet, max_tokens=120,
+                                           temperature=0)
+    c = parsed.choices[0]
+    assert c.finish_reason == "stop" and isinstance(c.message.parsed, Pet)
+    schema = openai.lib._pydantic.to_strict_json_schema(Pet)
+    want = reference(llm, CHAT, chat=True, max_tokens=120, structured_outputs=StructuredOutputsParams(json=schema))
+    assert c.message.content == want.outputs[0].text
+
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=1.0, seed=1,
+                                         response_format={"type": "json_object"})
+    text = out.choices[0].message.content
+    assert text.startswith("{") and (out.choices[0].finish_reason == "length" or isinstance(json.loads(text), dict))
+
+    cmpl = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                     extra_body={"structured_outputs": {"regex": "[0-9]{2}-[a-z]{3}"}})
+    assert re.fullmatch("[0-9]{2}-[a-z]{3}", cmpl.choices[0].text) and cmpl.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True,
+                                       extra_body={"guided_choice": ["north", "south"]})
+    assert "".join(ch.choices[0].text for ch in stream if ch.choices) in ("north", "south")
+    server.assert_idle_and_free()

@@ -89,6 +89,17 @@ HOSTILE = [
     ("chat: top_logprobs past 20", "POST", CHAT, chat(logprobs=True, top_logprobs=21), 400),
     ("chat: max_completion_tokens zero", "POST", CHAT, chat(max_completion_tokens=0), 400),
     ("chat: unknown model", "POST", CHAT, chat(model="llama"), 404),
+    ("chat: response_format unknown type", "POST", CHAT, chat(response_format={"type": "xml"}), 400),
+    ("chat: json_schema without schema", "POST", CHAT,
+     chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400),
+    ("chat: schema keyword unsupported", "POST", CHAT, chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "number", "multipleOf": 3}}}), 400),
+    ("chat: schema type misspelled", "POST", CHAT, chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "str"}}}), 400),
+    ("regex outside the dialect", "POST", CMPL, cmpl(structured_outputs={"regex": "(?<=a)b"}), 400),
+    ("two structured outputs", "POST", CMPL, cmpl(guided_regex="a", guided_choice=["a"]), 400),
+    ("structured_outputs empty", "POST", CMPL, cmpl(structured_outputs={}), 400),
+    ("guided_choice empty", "POST", CMPL, cmpl(guided_choice=[]), 400),
     ("GET on completions", "GET", CMPL, None, 405),
     ("unknown route", "POST", "/v1/embeddings", cmpl(), 404),
     ("unknown model card", "GET", "/v1/models/gpt-4", None, 404),

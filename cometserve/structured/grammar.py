@@ -1,0 +1,120 @@
+"""Grammar-constrained decoding: a request's StructuredOutputsParams -> a matcher that says which
+tokens may come next and follows the tokens sampled.
+
+```
+compiler = GrammarCompiler(tokenizer, vocab_size)      # one per engine: the vocabulary's index
+matcher = compiler.matcher(params.structured_outputs, stop_ids=(eos,))
+mask = matcher.allowed()       # bool [vocab_size]: the sampler picks among these only
+matcher.accept(token)          # after the sample; matcher.is_terminated: nothing may follow
+```
+
+Every spec compiles to a regex (JSON schemas through structured/json_schema.py), the regex to a
+minimal byte DFA (structured/regex.py); a state's mask is one vectorized walk of the vocabulary
+(structured/vocab.py), cached per state, and compiled grammars are cached per spec, so a request
+that repeats a schema pays neither again. The request's stop tokens are allowed exactly where the
+text so far is a whole match.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from cometserve.sampling_params import StructuredOutputsParams
+from cometserve.structured.regex import DFA, compile_regex
+from cometserve.structured.vocab import TokenIndex, token_bytes
+
+MAX_CACHED_MASKS = 4096  # per grammar: 4096 x vocab bytes (~0.5 GB at 128k tokens) at most
+MAX_CACHED_GRAMMARS = 32
+
+
+class Grammar:
+    """A compiled spec over one vocabulary: its DFA and the allowed-token mask of each state met."""
+
+    def __init__(self, dfa: DFA, index: TokenIndex) -> None:
+        self.dfa, self.index = dfa, index
+        self._masks: dict[int, np.ndarray] = {}
+
+    def mask(self, state: int) -> np.ndarray:
+        m = self._masks.get(state)
+        if m is None:
+            if len(self._masks) >= MAX_CACHED_MASKS:
+                self._masks.clear()
+            m = self._masks[state] = self.index.allowed(self.dfa.trans, state)
+        return m
+
+
+class GrammarMatcher:
+    """One request's position in its grammar."""
+
+    def __init__(self, grammar: Grammar, stop_ids: tuple[int, ...]) -> None:
+        self.grammar, self.stop_ids = grammar, stop_ids
+        self.state = grammar.dfa.start
+
+    def allowed(self) -> np.ndarray:
+        """bool [vocab_size]: the tokens the next sample may be; stop tokens where the text so far
+        is a whole match."""
+        mask = self.grammar.mask(self.state)
+        if self.stop_ids and self.grammar.dfa.accepting[self.state]:
+            mask = mask.copy()
+            mask[list(self.stop_ids)] = True
+        return mask
+
+    def accept(self, token_id: int) -> None:
+        """Advance over a sampled token (a stop token ends the text: nothing to advance)."""
+        if token_id in self.stop_ids:
+            return
+        data = self.grammar.index.tokens[token_id] if 0 <= token_id < self.grammar.index.vocab_size else None
+        nxt = self.grammar.dfa.run(data, self.state) if data else 0
+        if nxt == 0:
+            raise ValueError(f"token {token_id} ({data!r}) does not continue the grammar")
+        self.state = nxt
+
+    @property
+    def is_terminated(self) -> bool:
+        """No token of the vocabulary can continue the text: it is complete (or, where the
+        tokenizer cannot spell what the grammar needs, stuck), so the request ends here."""
+        return not self.grammar.mask(self.state).any()
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.grammar.dfa.accepting[self.state])
+
+
+class GrammarCompiler:
+    """Specs -> grammars over one tokenizer's vocabulary (its index built at the first request).
+    Thread-safe: a server compiles a request's grammar off the engine's thread, the engine then
+    finds it cached."""
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._index: TokenIndex | None = None
+        self._grammars: OrderedDict[StructuredOutputsParams, Grammar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def grammar(self, spec: StructuredOutputsParams) -> Grammar:
+        """The compiled grammar of `spec`; ValueError (naming the problem) for a bad spec."""
+        with self._lock:
+            return self._grammar(spec)
+
+    def _grammar(self, spec: StructuredOutputsParams) -> Grammar:
+        g = self._grammars.get(spec)
+        if g is not None:
+            self._grammars.move_to_end(spec)
+            return g
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need the model's tokenizer (none was loaded)")
+        dfa = compile_regex(spec.regex_pattern())
+        if self._index is None:
+            self._index = TokenIndex(token_bytes(self.tokenizer, self.vocab_size))
+        g = self._grammars[spec] = Grammar(dfa, self._index)
+        if len(self._grammars) > MAX_CACHED_GRAMMARS:
+            self._grammars.popitem(last=False)
+        if not g.mask(dfa.start).any():
+            raise ValueError("the structured output's first token cannot be spelled by this tokenizer")
+        return g
+
+    def matcher(self, spec: StructuredOutputsParams, stop_ids: tuple[int, ...]) -> GrammarMatcher:
+        return GrammarMatcher(self.grammar(spec), stop_ids)

@@ -1,0 +1,149 @@
+"""Structured outputs through the engine: a random-weights model (whose free output is noise) with the
+shipped SmolLM2 tokenizer writes only what the grammar allows; the batched engine (sync and async
+scheduling) equals the one-sequence reference; bad specs are refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from cometserve import assets
+from cometserve.engine.engine import EngineConfig
+from cometserve.engine.llm import LLM
+from cometserve.sampling_params import SamplingParams, StructuredOutputsParams
+from cometserve.structured.grammar import GrammarCompiler
+from cometserve.structured.vocab import token_bytes
+from tests.tiny_models import write_tiny_model
+
+PERSON = {  # what pydantic writes for a small model: $defs, enum, optional field, bounded integer
+    "$defs": {"Pet": {"properties": {"kind": {"enum": ["cat", "dog"], "type": "string"},
+                                     "legs": {"type": "integer", "minimum": 0, "maximum": 4}},
+                      "required": ["kind", "legs"], "title": "Pet", "type": "object"}},
+    "properties": {"name": {"type": "string", "maxLength": 6}, "adult": {"type": "boolean"},
+                   "pet": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}]}},
+    "required": ["name", "adult", "pet"], "title": "Person", "type": "object",
+}
+SPECS = {
+    "choice": StructuredOutputsParams(choice=["yes", "no", "maybe not"]),
+    "regex": StructuredOutputsParams(regex=r"[0-9]{3}-[A-Z]{2}(x|yz)?"),
+    "json": StructuredOutputsParams(json=PERSON),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir():
+    try:
+        return assets.smollm2_dir()
+    except RuntimeError as e:
+        pytest.skip(f"shipped SmolLM2 tokenizer not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory, tokenizer_dir):
+    src = write_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama", vocab_size=49152)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, src / f.name)
+    return LLM(src, device="cpu", engine_config=EngineConfig(max_num_seqs=8, num_pages=64, use_cuda_graphs=False))
+
+
+def _full_match(spec: StructuredOutputsParams, text: str) -> bool:
+    return re.fullmatch(spec.regex_pattern(), text, re.ASCII) is not None
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_engine_equals_reference_and_output_follows_the_grammar(llm, name):
+    spec = SPECS[name]
+    prompts = ["Hello", "The answer is", "Write JSON:"]
+    for params in (SamplingParams(max_tokens=80, structured_outputs=spec),
+                   SamplingParams(max_tokens=80, temperature=1.0, seed=3, structured_outputs=spec)):
+        got = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        want = [o.outputs[0] for o in llm.generate_reference(prompts, params)]
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        for g in got:
+            assert g.finish_reason == "stop" and _full_match(spec, g.text), g.text
+    if name == "json":
+        assert all(isinstance(json.loads(g.text)["adult"], bool) for g in got)
+
+
+def test_without_the_grammar_the_model_writes_noise(llm):
+    """The control: the same prompts unconstrained match none of the grammars."""
+    for o in llm.generate(["Hello", "The answer is"], SamplingParams(max_tokens=12), use_tqdm=False):
+        assert not any(_full_match(s, o.outputs[0].text) for s in SPECS.values())
+
+
+def test_json_object_and_limits(llm):
+    out = llm.generate(["{"], SamplingParams(max_tokens=64, temperature=1.0, seed=0,
+                                             structured_outputs=StructuredOutputsParams(json_object=True)),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text.startswith("{")
+    if out.finish_reason == "stop":
+        assert isinstance(json.loads(out.text), dict)
+    else:  # cut by max_tokens: still a prefix the grammar allows
+        assert out.finish_reason == "length" and len(out.token_ids) == 64
+
+
+def test_async_scheduling_structured_beside_free_requests(llm):
+    """With async scheduling (forced on CPU) the engine stops launching ahead while a structured
+    request lives; outputs equal the synchronous engine's."""
+    prompts = ["Hello", "Once upon", "The answer is"]
+    params = [SamplingParams(max_tokens=20), SamplingParams(max_tokens=40, structured_outputs=SPECS["json"]),
+              SamplingParams(max_tokens=20, temperature=1.0, seed=5)]
+    sync = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    async_llm = LLM.__new__(LLM)
+    async_llm.__dict__.update(llm.__dict__)
+    async_llm.engine_config = EngineConfig(max_num_seqs=8, num_pages=64, use_cuda_graphs=False, async_scheduling=True)
+    async_llm._engine = None
+    assert async_llm.engine([[1]], [params[0]]).async_scheduling
+    assert [o.outputs[0].token_ids for o in async_llm.generate(prompts, params, use_tqdm=False)] == sync
+
+
+def test_token_bytes_spell_the_text(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    spelled = token_bytes(tok, 49152 + 8)
+    text = 'Hi {"a": [1, 2.5e-3], "b": "wörld 中文 😀"}\n\tend'
+    assert b"".join(spelled[i] for i in tok.encode(text)) == text.encode()
+    assert spelled[tok.eos_token_id] is None and spelled[49152] is None  # special, and past the vocabulary
+
+
+def test_masks_equal_running_each_token(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    matcher = GrammarCompiler(tok, 49152).matcher(SPECS["json"], stop_ids=(tok.eos_token_id,))
+    dfa, spelled = matcher.grammar.dfa, matcher.grammar.index.tokens
+    for piece in ['{"name": "', 'Al', '", "adult": ', "true", ', "pet": ', "null", "}"]:
+        want = np.array([b is not None and dfa.run(b, matcher.state) != 0 for b in spelled])
+        want[tok.eos_token_id] = bool(dfa.accepting[matcher.state])
+        assert (matcher.allowed() == want).all(), piece
+        for t in tok.encode(piece):
+            matcher.accept(t)
+    assert matcher.is_complete and matcher.is_terminated
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"regex": "(ab"}, "missing )"),
+    ({"regex": "a", "choice": ["a"]}, "exactly one"),
+    ({}, "exactly one"),
+    ({"json": "{not json"}, "not valid JSON"),
+    ({"json": {"type": "number", "minimum": 0}}, "minimum"),
+    ({"choice": []}, "non-empty"),
+])
+def test_bad_specs_are_refused_with_the_reason(kw, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        StructuredOutputsParams(**kw)
+
+
+def test_engine_without_tokenizer_refuses_structured_requests(llm):
+    from cometserve.engine.engine import LLMEngine
+
+    engine = LLMEngine(llm.model, llm.scheme, EngineConfig(num_pages=8, use_cuda_graphs=False))
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request("a", [1, 2], SamplingParams(structured_outputs=SPECS["choice"]))
+    assert not engine.has_unfinished()
