@@ -17,6 +17,7 @@ anchors inside) is a RegexError that names the position.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -365,7 +366,7 @@ def _determinize(nfa: _NFA, start: int, accept: int) -> tuple[np.ndarray, np.nda
             cuts.update((a, b + 1))
     bounds = sorted(cuts)
     byte_class = np.zeros(256, dtype=np.int64)
-    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+    for k, (a, b) in enumerate(pairwise(bounds)):
         byte_class[a:b] = k
     # per NFA state: (class, target) for every class its edges cover
     moves = [[(k, t) for a, b, t in edges for k in range(int(byte_class[a]), int(byte_class[b]) + 1)]
