@@ -62,11 +62,14 @@ class LLM:
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         return self.encode_chat([{"role": "user", "content": prompt}]) if chat else self.tokenizer(prompt)["input_ids"]
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """A conversation ([{"role": ..., "content": ...}, ...]) through the model's chat template."""
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        """A conversation ([{"role": ..., "content": ...}, ...]) through the model's chat template
+        (with `tools`, OpenAI-style function definitions, where the template renders them)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; generate without chat")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _encode_all(self, prompts, sampling_params, chat: bool) -> tuple[list[str], list[list[int]], list[SamplingParams]]:
@@ -117,13 +120,14 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[RequestOutput]:
         """Conversations through the chat template, as vLLM's LLM.chat: `messages` is one conversation
-        ([{"role": "user", "content": "..."}, ...]) or a list of them; one output per conversation."""
+        ([{"role": "user", "content": "..."}, ...]) or a list of them; one output per conversation.
+        `tools` go to the template; constrain the answer to a call with `structured_outputs`."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not convs or not all(isinstance(c, list) and c and all(isinstance(m, dict) for m in c) for c in convs):
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
-        encoded = [self.encode_chat(c, add_generation_prompt) for c in convs]
+        encoded = [self.encode_chat(c, add_generation_prompt, tools) for c in convs]
         params = self._params_per_prompt(sampling_params, len(encoded), encoded)
         return self._run([self.tokenizer.decode(ids) for ids in encoded], encoded, params, use_tqdm)
 

@@ -28,6 +28,7 @@ from cometserve.engine.async_engine import (
     RequestRejected,
     RequestStream,
 )
+from cometserve.sampling_params import StructuredOutputsParams
 from cometserve.server.metrics import LatencyTracker, Metrics
 from cometserve.server.protocol import (
     MAX_CHOICES,
@@ -45,6 +46,7 @@ from cometserve.server.protocol import (
     structured_outputs,
 )
 from cometserve.server.responses import ChatFormat, Choice, CompletionFormat
+from cometserve.server.tools import template_tools, tool_plan
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -139,7 +141,8 @@ class OpenAIRoutes:
             echo = list(zip(prompts, texts))
         fmt = CompletionFormat(self.model_name, self.tokenizer, req.logprobs is not None, req.n, req.logprobs or 0,
                                echo)
-        return await self._generate(request, req, prompts, req.max_tokens, fmt, arrival, "prompt")
+        return await self._generate(request, req, prompts, req.max_tokens, fmt, arrival, "prompt",
+                                    structured_outputs(req))
 
     async def chat(self, request: Request):
         arrival = time.perf_counter()
@@ -147,17 +150,21 @@ class OpenAIRoutes:
         req = parse_body(await _read_body(request), ChatRequest)
         self._check_model(req.model)
         check_unsupported(req)
+        structured = structured_outputs(req)
+        plan = tool_plan(req, structured)
         ids = await self._chat_ids(req, True)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs, req.n, req.top_logprobs or 0)
-        return await self._generate(request, req, [ids], max_tokens, fmt, arrival, "messages")
+        fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs, req.n, req.top_logprobs or 0, tools=plan)
+        return await self._generate(request, req, [ids], max_tokens, fmt, arrival, "messages",
+                                    plan.structured if plan else structured)
 
     async def _chat_ids(self, req: ChatRequest | TokenizeRequest, add_generation_prompt: bool) -> list[int]:
         """The token ids the chat template makes of the request's messages."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"model '{self.model_name}' has no chat template: use /v1/completions")
         try:
-            text = await asyncio.to_thread(self.tokenizer.apply_chat_template, chat_messages(req),
+            tools = template_tools(req) if isinstance(req, ChatRequest) else None
+            text = await asyncio.to_thread(self.tokenizer.apply_chat_template, chat_messages(req), tools=tools,
                                            tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - jinja raises what the template chose (role order, ...)
             raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
@@ -213,7 +220,8 @@ class OpenAIRoutes:
         return (await asyncio.to_thread(self.tokenizer, texts))["input_ids"]
 
     async def _generate(self, request: Request, req, prompts: list[list[int]], max_tokens: int | None,
-                        fmt: CompletionFormat, arrival: float, param: str):
+                        fmt: CompletionFormat, arrival: float, param: str,
+                        structured: StructuredOutputsParams | None):
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} prompts times n per request", param)
         for ids in prompts:
@@ -222,7 +230,6 @@ class OpenAIRoutes:
         limit = self.engine.max_model_len
         bias = logit_bias(req, self.engine.vocab_size)
         prompt_k = fmt.top if fmt.echo is not None and fmt.want_logprobs else None
-        structured = structured_outputs(req)
         params = [sampling_params(req, limit - len(ids) if max_tokens is None else max_tokens, i % req.n,
                                   fmt.want_logprobs, fmt.top, bias, prompt_k, structured)
                   for i, ids in enumerate(subs)]

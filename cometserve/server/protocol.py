@@ -106,11 +106,44 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):  # an assistant message's earlier call, sent back in the conversation
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; none: the function takes no arguments
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatRequest(_Common):
@@ -118,6 +151,9 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(_Strict):  # vLLM's /tokenize: a prompt, or messages through the chat template
@@ -277,10 +313,25 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
 
 
 def chat_messages(req: ChatRequest | TokenizeRequest) -> list[dict]:
-    """Messages as the chat template expects them: content parts joined into one string."""
+    """Messages as the chat template expects them: content parts joined into one string; an
+    assistant's tool calls with their arguments as objects (what templates render, as vLLM passes
+    them), a tool result with the id of the call it answers."""
     out = []
     for m in req.messages:
         content = m.content if isinstance(m.content, str) or m.content is None else "".join(
             p.text for p in m.content)
-        out.append({"role": m.role, "content": content or "", **({"name": m.name} if m.name else {})})
+        msg = {"role": m.role, "content": content or "", **({"name": m.name} if m.name else {})}
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
+        out.append(msg)
     return out
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise APIError(400, f"a tool call's arguments are not valid JSON: {text[:80]!r}", "messages") from None

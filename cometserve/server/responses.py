@@ -117,7 +117,14 @@ class CompletionFormat:
 
 
 class ChatFormat(CompletionFormat):
+    """`tools`: the request's tool plan (server/tools.py): its completions are tool calls."""
+
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def __init__(self, model: str, tokenizer, logprobs: bool, n: int = 1, top: int = 0, tools=None) -> None:
+        super().__init__(model, tokenizer, logprobs, n, top)
+        self.tools = tools
+        self._call_ids: dict[int, str] = {}  # streamed named calls: choice -> the call's id, sent once
 
     def logprobs(self, ids: list[int], lps: list[float], tops: list, offset: int = 0) -> dict | None:
         if not self.want_logprobs:
@@ -129,13 +136,40 @@ class ChatFormat(CompletionFormat):
         return {"content": content}
 
     def choice(self, index: int, c: Choice) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": self.logprobs(c.token_ids, c.logprobs, c.top_logprobs), "finish_reason": c.finish_reason}
+        message, reason = {"role": "assistant", "content": c.text}, c.finish_reason
+        calls = self.tools.calls(c.text, reason) if self.tools is not None else None
+        if calls is not None:
+            message = {"role": "assistant", "content": None,
+                       "tool_calls": [{k: v for k, v in call.items() if k != "index"} for call in calls]}
+            reason = self.tools.finish_reason(reason)
+        return {"index": index, "message": message,
+                "logprobs": self.logprobs(c.token_ids, c.logprobs, c.top_logprobs), "finish_reason": reason}
+
+    def _tool_delta(self, index: int, c: Choice, delta) -> dict:
+        """A tool plan's stream: a named function's arguments as they come (its id and name with the
+        first piece); "required" calls whole in the last chunk (or, cut short, the text)."""
+        if self.tools.name is None:
+            if delta.finish_reason is None:
+                return {}
+            calls = self.tools.calls(c.text + delta.text_delta, delta.finish_reason)
+            return {"tool_calls": calls} if calls is not None else {"content": c.text + delta.text_delta}
+        if index not in self._call_ids:
+            call = self.tools.calls(delta.text_delta, None)[0]
+            self._call_ids[index] = call["id"]
+        elif delta.text_delta:
+            call = {"index": 0, "function": {"arguments": delta.text_delta}}
+        else:
+            return {}
+        return {"tool_calls": [call]}
 
     def chunk(self, index: int, c: Choice, delta) -> dict:
         body = self._head(self.chunk_object)
         text, ids, finish_reason = delta.text_delta, delta.new_token_ids, delta.finish_reason
         content = {"content": text} if text or finish_reason is None else {}
+        if self.tools is not None:
+            content = self._tool_delta(index, c, delta)
+            if "tool_calls" in content:
+                finish_reason = self.tools.finish_reason(finish_reason)
         lp = self.logprobs(ids, delta.logprobs or [], delta.top_logprobs or []) if ids else None
         body["choices"] = [{"index": index, "delta": content, "logprobs": lp, "finish_reason": finish_reason}]
         return body

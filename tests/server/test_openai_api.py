@@ -363,3 +363,63 @@ def test_structured_outputs_follow_the_schema_and_equal_generate(server, llm):
                                        extra_body={"guided_choice": ["north", "south"]})
     assert "".join(ch.choices[0].text for ch in stream if ch.choices) in ("north", "south")
     server.assert_idle_and_free()
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}, "required": ["zone"]}}}
+
+
+def test_tool_calls_named_and_required(server):
+    """tool_choice naming a function, and "required" (parallel or not): the random-weights model
+    answers with well-formed calls to the offered functions, arguments valid under their schemas;
+    streamed calls add up to the whole response's; the conversation continues with the call and its
+    result."""
+    client = server.client()
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME], tool_choice=named,
+                                         max_tokens=80, temperature=0)
+    c = out.choices[0]
+    assert c.finish_reason == "stop" and c.message.content is None and len(c.message.tool_calls) == 1
+    call = c.message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and call.type == "function" and call.id.startswith("call_")
+    assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit") and len(args["city"]) <= 12
+
+    stream = list(client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME],
+                                                 tool_choice=named, max_tokens=80, temperature=0, stream=True))
+    deltas = [d for ch in stream if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert [ch.choices[0].finish_reason for ch in stream if ch.choices][-1] == "stop"
+
+    for parallel in (True, False):
+        out = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME],
+                                             tool_choice="required", parallel_tool_calls=parallel, max_tokens=200,
+                                             temperature=1.0, seed=4)
+        c = out.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        assert 1 <= len(c.message.tool_calls) <= (99 if parallel else 1)
+        for call in c.message.tool_calls:
+            args = json.loads(call.function.arguments)
+            assert call.function.name in ("get_weather", "get_time")
+            assert set(args) == ({"city", "unit"} if call.function.name == "get_weather" else {"zone"})
+    stream = list(client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME],
+                                                 tool_choice="required", parallel_tool_calls=False, max_tokens=200,
+                                                 temperature=1.0, seed=4, stream=True))
+    whole = [d for ch in stream if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, d.function.arguments) for d in whole] == [
+        (t.function.name, t.function.arguments) for t in c.message.tool_calls]
+    assert [ch.choices[0].finish_reason for ch in stream if ch.choices][-1] == "tool_calls"
+
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C, clear"}]
+    out = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], tool_choice="none",
+                                         max_tokens=5, temperature=0)
+    assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason in ("stop", "length")
+    server.assert_idle_and_free()

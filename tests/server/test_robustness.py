@@ -13,6 +13,7 @@ import pytest
 from tests.server.conftest import MODEL, LiveServer, serve_process, wait_until
 
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 LONG = "hello " * 1000  # ~1000 tokens: over the tiny model's 512-token context
 
 
@@ -100,6 +101,20 @@ HOSTILE = [
     ("two structured outputs", "POST", CMPL, cmpl(guided_regex="a", guided_choice=["a"]), 400),
     ("structured_outputs empty", "POST", CMPL, cmpl(structured_outputs={}), 400),
     ("guided_choice empty", "POST", CMPL, cmpl(guided_choice=[]), 400),
+    ("chat: tools with tool_choice auto", "POST", CHAT, chat(tools=[TOOL]), 400),
+    ("chat: tool_choice without tools", "POST", CHAT, chat(tool_choice="required"), 400),
+    ("chat: tool_choice names an unknown function", "POST", CHAT,
+     chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "other"}}), 400),
+    ("chat: tool name with spaces", "POST", CHAT,
+     chat(tools=[{"type": "function", "function": {"name": "a b"}}], tool_choice="required"), 400),
+    ("chat: tools twice the same name", "POST", CHAT, chat(tools=[TOOL, TOOL], tool_choice="required"), 400),
+    ("chat: tool parameters unsupported", "POST", CHAT, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"x": {"not": {}}}}}}], tool_choice="required"), 400),
+    ("chat: tools and response_format", "POST", CHAT,
+     chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}), 400),
+    ("chat: tool call arguments not JSON", "POST", CHAT, chat(messages=[
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]), 400),
     ("GET on completions", "GET", CMPL, None, 405),
     ("unknown route", "POST", "/v1/embeddings", cmpl(), 404),
     ("unknown model card", "GET", "/v1/models/gpt-4", None, 404),
