@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.model.layers.linear import Linear, QuantLinear
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
-from tests.tiny_models import engine_tokens, teacher_forced, write_tiny_model
+from tests.tiny_models import byte_tokenizer, engine_tokens, teacher_forced, write_tiny_model
 
 # tp=2 needs whole heads and whole 128-channel blocks per rank: o_proj K = 4 x 64 = 2 blocks,
 # down_proj K = 512 = 4 blocks
@@ -318,6 +319,37 @@ def test_two_ranks_greedy_equals_one_process_16bit(workers, tiny_dir, async_sche
     model = engine.loaded.model
     assert model.config.num_kv_heads == 1 and engine.storage.layers[0].k_pages.shape[1] == 1  # rank's KV heads
     assert model.model.embed_tokens.weight.shape[0] == 160 and model.lm_head.weight.shape[0] == 160
+
+
+def test_two_ranks_structured_outputs_async_equal_one_process(workers, tiny_dir):
+    """Structured requests under async scheduling: rank 0 samples their rows after the step in flight
+    (ModelRunner.finish) and only then broadcasts the step's samples, which the workers wait for."""
+    from cometserve.distributed.engine import ModelSpec, create_engine, free_engine
+    from cometserve.sampling_params import StructuredOutputsParams
+
+    tok = byte_tokenizer()
+    params = [SamplingParams(max_tokens=12, structured_outputs=StructuredOutputsParams(regex=r"[a-f]{2,5}-[0-9]+")),
+              SamplingParams(max_tokens=12, temperature=1.0, seed=1,
+                             structured_outputs=StructuredOutputsParams(choice=["north", "south"])), GREEDY]
+    cfg = _engine_config(async_scheduling=True)
+
+    def run(engine):
+        for i, ids in enumerate(_prompts()):
+            engine.add_request(str(i), ids, params[i % 3])
+        out = {str(i): [] for i in range(len(LENGTHS))}
+        while engine.has_unfinished():
+            for d in engine.step():
+                out[d.request_id].extend(d.new_token_ids)
+        return out
+
+    single = load_model(tiny_dir, device="cpu", dtype=torch.float32)
+    want = run(LLMEngine(single.model, single.scheme, cfg, tokenizer=tok))
+    engine = create_engine(workers.tp, ModelSpec(path=str(tiny_dir), dtype="float32"), cfg, tokenizer=tok)
+    try:
+        assert engine.async_scheduling and run(engine) == want
+    finally:
+        free_engine(workers.tp)
+    assert tok.decode(want["1"]) in ("north", "south") and re.fullmatch(r"[a-f]{2,5}-[0-9]+", tok.decode(want["0"]))
 
 
 def test_two_ranks_int8_lm_head_equals_one_process(workers, tiny_dir):

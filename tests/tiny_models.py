@@ -44,6 +44,20 @@ SMALL_8B = {"hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers":
             "num_key_value_heads": 2, "vocab_size": 4096}
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer of 256 byte tokens and an EOS (id 256), for the tiny 320-token models:
+    structured outputs need a tokenizer's bytes (ids 257+ have none)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cometserve.structured.vocab import _byte_level_decoder
+
+    tok = Tokenizer(models.BPE(vocab={c: b for c, b in _byte_level_decoder().items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
 def write_tiny_model(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     """A random HF model of `family` saved as safetensors in `out`; returns `out`."""
     from transformers import AutoModelForCausalLM

@@ -39,7 +39,7 @@ from cometserve.distributed.context import ParallelContext
 from cometserve.engine.engine import EngineConfig, LLMEngine, _reserve_bytes
 from cometserve.engine.interfaces import SchedulerOutput, StepOutput
 from cometserve.engine.kv_storage import page_bytes, pages_for_memory
-from cometserve.engine.runner import InFlight, ModelRunner
+from cometserve.engine.runner import InFlight, ModelRunner, PendingSample
 from cometserve.model.layers.lm_head import use_lm_head
 from cometserve.model.loader import LoadedModel, default_dtype
 
@@ -91,10 +91,12 @@ class DriverRunner:
     def execute(self, out: SchedulerOutput) -> StepOutput:
         return self.inner.collect(self.launch(out))
 
-    def launch(self, out: SchedulerOutput) -> InFlight | None:
+    def launch(self, out: SchedulerOutput, defer: frozenset[str] = frozenset()) -> InFlight | PendingSample | None:
+        """Every rank runs the step; the workers sample deferred rows unconstrained, since rank 0's
+        samples replace theirs (its finish() makes the broadcast they wait in)."""
         releases, self._released = self._released, []
         self.tp.broadcast_object(("step", releases, out))
-        return self.inner.launch(out)
+        return self.inner.launch(out, defer)
 
     def release(self, request_ids, keep_generators: bool = False) -> None:
         ids = list(request_ids)

@@ -136,7 +136,7 @@ class LLMEngine:
         self._aborted: list[str] = []
         self._flight = None  # ModelRunner.launch() of the step the scheduler holds (async scheduling)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # structured outputs
-        self._num_structured = 0  # live requests with a grammar: no step is launched ahead of them
+        self._num_structured = 0  # live requests with a grammar
         self.num_steps = 0
 
     def warm_up(self) -> None:
@@ -239,11 +239,15 @@ class LLMEngine:
                 return self._updated(runner.execute(out), deltas)
             self._flight = runner.launch(out)
             sched.hold()
-        # a structured request's next mask needs the sample in flight: no step goes ahead of it
-        ahead = sched.has_unfinished() and sched.can_schedule_ahead() and not self._num_structured
-        nxt = runner.launch(sched.schedule()) if ahead else None
+        ahead = sched.has_unfinished() and sched.can_schedule_ahead()
+        if ahead:  # its structured requests' samples wait for their masks, which the step in flight decides
+            out = sched.schedule()
+            deferred = self._structured_ids(out)
+            nxt = runner.launch(out, deferred)
         deltas += self.sync()
         if ahead:
+            if deferred:
+                nxt = runner.finish(nxt, self._masks(deferred))
             self._flight = nxt
             sched.hold()
         return deltas
@@ -256,13 +260,22 @@ class LLMEngine:
         flight, self._flight = self._flight, None
         return self._updated(self.runner.collect(flight), [])
 
+    def _structured_ids(self, out) -> frozenset[str]:
+        """The step's requests that sample under a grammar."""
+        if not self._num_structured:
+            return frozenset()
+        return frozenset(c.request_id for c in out.chunks if c.needs_sample and c.request_id in self._tracked
+                         and self._tracked[c.request_id].grammar is not None)
+
+    def _masks(self, request_ids) -> dict:
+        """Their grammars' allowed tokens now; none for a request that ended (its sample is dropped)."""
+        tracked = (self._tracked.get(rid) for rid in request_ids)
+        return {t.request.request_id: t.grammar.allowed() for t in tracked
+                if t is not None and not t.request.is_finished}
+
     def _constrained(self, out):
-        """The step's structured requests' allowed tokens, for the runner's sampler."""
-        if self._num_structured:
-            for c in out.chunks:
-                t = self._tracked.get(c.request_id) if c.needs_sample else None
-                if t is not None and t.grammar is not None:
-                    out.allowed_tokens[c.request_id] = t.grammar.allowed()
+        """The step with its structured requests' allowed tokens, for the runner's sampler."""
+        out.allowed_tokens.update(self._masks(self._structured_ids(out)))
         return out
 
     def _updated(self, step_out, deltas: list[RequestDelta]) -> list[RequestDelta]:

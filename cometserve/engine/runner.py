@@ -118,6 +118,22 @@ class InFlight:
     prompt: list[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # same
 
 
+@dataclass
+class PendingSample:
+    """A launched step's samples before they leave the device: `deferred` rows still to be sampled
+    (ModelRunner.finish), the others in `tokens` / `logprobs` (int64 / float32 [S])."""
+
+    logits: torch.Tensor  # float32 [S, vocab]
+    request_ids: list[str]
+    deferred: list[int]
+    params: dict
+    suppress: dict
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    top: tuple | None
+    prompt: list
+
+
 class ModelRunner:
     """Runs one scheduled step of `model` over `storage`; keeps per-request sampler state."""
 
@@ -239,9 +255,11 @@ class ModelRunner:
         return self.collect(self.launch(out))
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> InFlight | None:
+    def launch(self, out: SchedulerOutput, defer: frozenset[str] = frozenset()) -> InFlight | PendingSample | None:
         """Prepare, run and sample the step on the device and start copying the samples (and prompt
-        log-probabilities) to the host; None when it has neither. Returns before the device is done."""
+        log-probabilities) to the host; None when it has neither. Returns before the device is done.
+        The sampled rows of the requests in `defer` wait for finish() (their structured-output masks
+        need the tokens of the step still in flight): then a PendingSample is returned."""
         if out.is_empty:
             self._last = None
             self.release(out.preempted_ids, keep_generators=True)
@@ -256,11 +274,29 @@ class ModelRunner:
             return _to_host([], none, none.float(), None, prompt) if prompt else None
         params = {c.request_id: c.sampling_params for c in out.chunks if c.needs_sample}
         suppress = {c.request_id: c.suppress_ids for c in out.chunks if c.suppress_ids}
-        tokens, logprobs = self.sample_device(*res, inputs.sample_ids, params, suppress, out.allowed_tokens)
+        tokens, logprobs = self.sample_device(*res, inputs.sample_ids, params, suppress, out.allowed_tokens, defer)
+        top = _top_logprobs(res[0], inputs.sample_ids, params)
+        rows = [i for i, rid in enumerate(inputs.sample_ids) if rid in defer]
+        pending = PendingSample(res[0], inputs.sample_ids, rows, params, suppress, tokens, logprobs, top, prompt)
+        return pending if rows else self._sent(pending)
+
+    @torch.inference_mode()
+    def finish(self, pending: PendingSample, allowed: dict) -> InFlight:
+        """Sample a launched step's deferred rows (`allowed`: request id -> bool numpy [vocab]; a request
+        without one, ended meanwhile, is sampled unconstrained and dropped) and start the copy."""
+        picked = [self._sample_row(pending.logits[i], pending.request_ids[i], pending.params, pending.suppress,
+                                   allowed) for i in pending.deferred]
+        idx = torch.tensor(pending.deferred, device=pending.tokens.device)
+        pending.tokens = pending.tokens.index_copy(0, idx, torch.stack([t for t, _ in picked]))
+        pending.logprobs = pending.logprobs.index_copy(0, idx, torch.stack([lp for _, lp in picked]))
+        return self._sent(pending)
+
+    def _sent(self, p: PendingSample) -> InFlight:
+        """Share the samples (tensor parallel), keep them for the next step's placeholders, copy them out."""
         if self.share_samples is not None:
-            self.share_samples(tokens)
-        self._last = ({rid: i for i, rid in enumerate(inputs.sample_ids)}, tokens)
-        return _to_host(inputs.sample_ids, tokens, logprobs, _top_logprobs(res[0], inputs.sample_ids, params), prompt)
+            self.share_samples(p.tokens)
+        self._last = ({rid: i for i, rid in enumerate(p.request_ids)}, p.tokens)
+        return _to_host(p.request_ids, p.tokens, p.logprobs, p.top, p.prompt)
 
     @staticmethod
     def collect(flight: InFlight | None) -> StepOutput:
@@ -307,30 +343,33 @@ class ModelRunner:
 
     def sample_device(self, logits: torch.Tensor, greedy_out: tuple[torch.Tensor, torch.Tensor] | None,
                       request_ids: list[str], params: dict, suppress: dict | None = None,
-                      allowed: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      allowed: dict | None = None, defer: frozenset[str] = frozenset()
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits float32 [S, vocab] -> (tokens int64 [S], their logprobs float32 [S]) on the device,
         without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
         computed them), the others (and greedy rows with a logit_bias, penalties or min_tokens) one by
         one with their kept seeded generators and token counts; `suppress`: request id -> token ids
-        its sample must not pick; `allowed`: request id -> bool numpy [vocab], the only tokens it may."""
-        rows = [i for i, rid in enumerate(request_ids) if not params[rid].batched_greedy]
+        its sample must not pick; `allowed`: request id -> bool numpy [vocab], the only tokens it may.
+        Rows of `defer` are left to finish() (their values here are placeholders)."""
+        rows = [i for i, rid in enumerate(request_ids) if not params[rid].batched_greedy and rid not in defer]
         if len(rows) < len(request_ids):  # greedy rows: one batched pick
             greedy = greedy_out if greedy_out is not None else greedy_logprobs(logits)
             if not rows:
                 return greedy
-        picked = []
-        for i in rows:
-            p = params[request_ids[i]]
-            mask = (allowed or {}).get(request_ids[i])
-            picked.append(sample_tensor(logits[i], p, *self._sampler_state(request_ids[i], p),
-                                        suppress=(suppress or {}).get(request_ids[i]),
-                                        allowed=None if mask is None else torch.from_numpy(mask).to(logits.device)))
+        picked = [self._sample_row(logits[i], request_ids[i], params, suppress or {}, allowed or {}) for i in rows]
         tokens, lps = torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])
         if len(rows) == len(request_ids):
             return tokens, lps
         idx = torch.tensor(rows, device=logits.device)
         return greedy[0].index_copy(0, idx, tokens), greedy[1].index_copy(0, idx, lps)
 
+
+    def _sample_row(self, logits: torch.Tensor, rid: str, params: dict, suppress: dict, allowed: dict
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One request's sample from its logits float32 [vocab], with its generator, counts and masks."""
+        p, mask = params[rid], allowed.get(rid)
+        return sample_tensor(logits, p, *self._sampler_state(rid, p), suppress=suppress.get(rid),
+                             allowed=None if mask is None else torch.from_numpy(mask).to(logits.device))
 
     def _sampler_state(self, rid: str, params) -> tuple[torch.Generator | None, torch.Tensor | None]:
         """The request's seeded generator and penalty counts, made at its first use."""

@@ -88,18 +88,26 @@ def test_json_object_and_limits(llm):
 
 
 def test_async_scheduling_structured_beside_free_requests(llm):
-    """With async scheduling (forced on CPU) the engine stops launching ahead while a structured
-    request lives; outputs equal the synchronous engine's."""
-    prompts = ["Hello", "Once upon", "The answer is"]
+    """With async scheduling (forced on CPU) steps still launch ahead of structured requests: their
+    rows are sampled once the step in flight has decided their masks (ModelRunner.finish). Outputs
+    equal the synchronous engine's, for grammars that end the request (choice) and those that run to
+    max_tokens, sampled and greedy."""
+    prompts = ["Hello", "Once upon", "The answer is", "Pick"]
     params = [SamplingParams(max_tokens=20), SamplingParams(max_tokens=40, structured_outputs=SPECS["json"]),
-              SamplingParams(max_tokens=20, temperature=1.0, seed=5)]
-    sync = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+              SamplingParams(max_tokens=20, temperature=1.0, seed=5),
+              SamplingParams(max_tokens=20, temperature=1.0, seed=2, structured_outputs=SPECS["choice"])]
+    sync = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
     async_llm = LLM.__new__(LLM)
     async_llm.__dict__.update(llm.__dict__)
     async_llm.engine_config = EngineConfig(max_num_seqs=8, num_pages=64, use_cuda_graphs=False, async_scheduling=True)
     async_llm._engine = None
-    assert async_llm.engine([[1]], [params[0]]).async_scheduling
-    assert [o.outputs[0].token_ids for o in async_llm.generate(prompts, params, use_tqdm=False)] == sync
+    engine = async_llm.engine([[1]], [params[0]])
+    assert engine.async_scheduling
+    finished, finish = [], engine.runner.finish
+    engine.runner.finish = lambda pending, allowed: finished.append(len(allowed)) or finish(pending, allowed)
+    got = [o.outputs[0] for o in async_llm.generate(prompts, params, use_tqdm=False)]
+    assert [(g.token_ids, g.finish_reason) for g in got] == [(s.token_ids, s.finish_reason) for s in sync]
+    assert len(finished) >= 30 and max(finished) == 2  # ahead of both structured requests at once
 
 
 def test_token_bytes_spell_the_text(tokenizer_dir):
