@@ -10,6 +10,7 @@ prefill and preemption are compared exactly in 16-bit KV, where chunking changes
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -479,6 +480,36 @@ def test_cuda_min_tokens_beside_batched_greedy_in_decode_graphs(tmp_path):
                               greedy, greedy])
     assert got[1][0] == plain[1][0] and got[2][0] == plain[2][0]
     assert len(got[0][0]) >= 8 and stop not in got[0][0][:8]
+
+
+@pytest.mark.gpu
+def test_cuda_structured_rows_beside_batched_greedy_in_decode_graphs(tmp_path):
+    """On CUDA with decode graphs and async scheduling (the default there): structured rows are sampled
+    after the step in flight, under their grammar, beside rows the graph's batched argmax picks,
+    which keep their tokens; the structured ones equal the synchronous engine's."""
+    from cometserve.sampling_params import StructuredOutputsParams
+    from tests.tiny_models import byte_tokenizer
+
+    loaded = cuda_random_model(tmp_path, "bf16")
+    tok = byte_tokenizer()
+
+    def engine(async_scheduling: bool) -> LLMEngine:
+        cfg = EngineConfig(max_num_seqs=8, num_pages=64, max_graph_batch=8, async_scheduling=async_scheduling)
+        e = LLMEngine(loaded.model, loaded.scheme, cfg, tokenizer=tok)
+        assert e.runner.graphs is not None, e.runner.graphs_error
+        return e
+
+    batch = [[t % 4096 for t in ids] for ids in prompts((5, 63, 64, 20))]
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    plain = run(engine(True), batch, greedy)
+    regex = StructuredOutputsParams(regex=r"[a-f]{3,6}-[0-9]{1,8}")
+    params = [SamplingParams(max_tokens=16, structured_outputs=regex), greedy,
+              SamplingParams(max_tokens=16, temperature=1.0, seed=3, structured_outputs=regex), greedy]
+    got, sync = run(engine(True), batch, params), run(engine(False), batch, params)
+    assert got[1][0] == plain[1][0] and got[3][0] == plain[3][0]
+    assert [got[i][0] for i in range(4)] == [sync[i][0] for i in range(4)]
+    for i in (0, 2):
+        assert re.fullmatch(r"[a-f]{3,6}-[0-9]{1,8}", tok.decode(got[i][0])), tok.decode(got[i][0])
 
 
 @pytest.mark.gpu
