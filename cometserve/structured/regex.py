@@ -24,6 +24,7 @@ import numpy as np
 MAX_CODE_POINT = 0x10FFFF
 MAX_REPEAT = 1000  # {n,m} copies the sub-automaton: bounded so that a pattern cannot exhaust memory
 MAX_NFA_STATES = 400_000
+MAX_REFINE_ROUNDS = 64  # minimization rounds before the DFA is kept unminimized (see _minimize)
 _SURROGATES = (0xD800, 0xDFFF)  # not characters: UTF-8 cannot encode them
 
 _DIGIT = [(0x30, 0x39)]
@@ -406,29 +407,51 @@ def _determinize(nfa: _NFA, start: int, accept: int) -> tuple[np.ndarray, np.nda
     return np.asarray(rows, dtype=np.int32), np.array([accept in s for s in sets]), byte_class
 
 
+def _live(trans: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+    """bool [states]: some path leads to acceptance (a search back from the accepting states over
+    the reversed edges, a frontier at a time)."""
+    num_states, num_classes = trans.shape
+    sources = np.repeat(np.arange(num_states), num_classes)
+    order = np.argsort(trans.reshape(-1), kind="stable")
+    preds = sources[order]  # predecessors grouped by target
+    starts = np.searchsorted(trans.reshape(-1)[order], np.arange(num_states + 1))
+    live = accepting.copy()
+    frontier = np.flatnonzero(live)
+    while len(frontier):
+        lo, hi = starts[frontier], starts[frontier + 1]
+        idx = np.repeat(lo - np.cumsum(np.concatenate([[0], (hi - lo)[:-1]])), hi - lo) + np.arange((hi - lo).sum())
+        found = np.unique(preds[idx])
+        frontier = found[~live[found]]
+        live[frontier] = True
+    live[0] = False
+    return live
+
+
 def _minimize(trans: np.ndarray, accepting: np.ndarray) -> DFA:
     """Prune states that cannot reach acceptance into the dead state, then merge equivalent
-    states (Moore's refinement, vectorized); the dead state stays 0, the start 1."""
-    live = accepting.copy()
-    while True:  # co-reachability: a state is live if some byte leads to a live state
-        grown = live | live[trans].any(axis=1)
-        if (grown == live).all():
-            break
-        live = grown
-    live[0] = False
+    states (Moore's refinement, vectorized); the dead state stays 0, the start 1. Refinement costs
+    a pass over the table per round, and long chains of states (a repeat like {20,} of a large
+    pattern) take hundreds of rounds: past MAX_REFINE_ROUNDS the automaton stays as the subset
+    construction made it (correct, only more states to cache masks for)."""
+    live = _live(trans, accepting)
     trans = np.where(live[trans], trans, 0)
     if not live[1]:
         raise RegexError("the pattern matches nothing")
     # partition: dead alone, then by acceptance; refine by the blocks of the successors
     block = np.where(live, 1 + accepting.astype(np.int64), 0)
     num_blocks = len(np.unique(block))
-    while True:
+    for _ in range(MAX_REFINE_ROUNDS):
         sig = np.concatenate([block[:, None], block[trans]], axis=1)
         new = _row_ids(sig)
         if new.max() + 1 == num_blocks:
-            break
+            return _renumbered(trans, accepting, block)
         block, num_blocks = new, int(new.max()) + 1
-    # renumber: dead -> 0, start -> 1, the rest in order of first appearance
+    return _renumbered(trans, accepting, np.where(live, np.arange(len(trans)), 0))  # not converged: unmerged
+
+
+def _renumbered(trans: np.ndarray, accepting: np.ndarray, block: np.ndarray) -> DFA:
+    """The DFA of a partition `block` (state -> block id) of equivalent states: dead -> 0, start ->
+    1, the rest in order of first appearance."""
     order = [block[0], block[1]] + [b for b in dict.fromkeys(block.tolist()) if b not in (block[0], block[1])]
     remap = np.empty(int(block.max()) + 1, dtype=np.int32)
     remap[np.asarray(order)] = np.arange(len(order), dtype=np.int32)
@@ -438,7 +461,14 @@ def _minimize(trans: np.ndarray, accepting: np.ndarray) -> DFA:
 
 
 def _row_ids(rows: np.ndarray) -> np.ndarray:
-    """Equal rows -> equal ids 0..n-1 (np.unique(axis=0) without its slow row sort: lexsort)."""
+    """Equal rows -> equal ids: each row hashed (random odd 64-bit weights, wrapping sums), then
+    checked against the first row of its hash; where a collision joined unequal rows, the exact
+    lexsort decides (np.unique(axis=0) sorts rows as bytes: tens of times slower)."""
+    weights = np.random.default_rng(0).integers(1, 2**62, size=rows.shape[1], dtype=np.int64) * 2 + 1
+    hashes = (rows.astype(np.int64) * weights).sum(axis=1)  # integer overflow wraps: fine for a hash
+    _, first, ids = np.unique(hashes, return_index=True, return_inverse=True)
+    if (rows == rows[first[ids.reshape(-1)]]).all():
+        return ids.reshape(-1)
     order = np.lexsort(rows.T[::-1])
     sorted_rows = rows[order]
     starts = np.concatenate([[True], (sorted_rows[1:] != sorted_rows[:-1]).any(axis=1)])

@@ -88,3 +88,20 @@ def test_vocabulary_walk_equals_running_each_token():
     for state in range(1, dfa.num_states):
         want = np.array([bool(t) and dfa.run(t, state) != 0 for t in tokens])
         assert (index.allowed(dfa.trans, state) == want).all(), state
+
+
+def test_long_repeat_is_left_unminimized_and_still_exact():
+    """(ab|cd){70,}: refinement would need more than MAX_REFINE_ROUNDS rounds; the automaton stays
+    as the subset construction made it, every non-dead state still live, the language exact."""
+    pattern = "(ab|cd){70,}e?"
+    dfa = compile_regex(pattern)
+    assert dfa.num_states > 140
+    rng = random.Random(1)
+    for _ in range(3000):
+        k = rng.choice([69, 70, 71, 90])
+        text = "".join(rng.choice(["ab", "cd"]) for _ in range(k)) + rng.choice(["", "e", "x", "a"])
+        assert dfa.matches(text) == bool(re.fullmatch(pattern, text)), text
+    reach = dfa.accepting.copy()
+    for _ in range(dfa.num_states):
+        reach = reach | reach[dfa.trans].any(axis=1)
+    assert reach[1:].all()
