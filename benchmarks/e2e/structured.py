@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--no-engine", action="store_true", help="host costs only")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the shipped SmolLM2's)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default="structured")
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cometserve import assets
 
-    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_dir())
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or assets.smollm2_dir())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compiled, masks = host_costs(tokenizer)
     rows, model = [], None
