@@ -154,6 +154,8 @@ def cmd_serve(args) -> None:
                        else args.max_piecewise_tokens)
     name = args.served_model_name or (Path(args.model).name if args.model is not None
                                       else f"{Path(args.random_weights).stem}-{args.mode}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (the model's call format)")
     workers = None
     if args.tensor_parallel > 1:  # one process per rank; this one is rank 0 and schedules
         from cometserve.distributed.engine import ModelSpec
@@ -175,7 +177,8 @@ def cmd_serve(args) -> None:
         engine = AsyncEngine.from_random_weights(args.random_weights, args.mode, cfg, args.device, args.max_queue)
     try:
         serve(engine, name, host=args.host, port=args.port, api_key=args.api_key,
-              shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+              shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+              tool_call_parser=args.tool_call_parser)
     finally:
         if workers is not None:
             workers.close()
@@ -192,6 +195,11 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: dir name)")
+    s.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json"),
+                   help="the model's own tool-call format, for tool_choice 'auto' (hermes: Qwen2; llama3_json: "
+                   "Llama 3.1/3.2)")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM's command lines: 'auto' is on whenever --tool-call-parser is given")
     s.add_argument("--max-num-seqs", type=int, default=256, help="largest running batch")
     s.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
     s.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")

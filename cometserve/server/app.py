@@ -46,13 +46,16 @@ from cometserve.server.protocol import (
     structured_outputs,
 )
 from cometserve.server.responses import ChatFormat, Choice, CompletionFormat
+from cometserve.server.tool_parsers import PARSERS
 from cometserve.server.tools import template_tools, tool_plan
 
 MAX_BODY_BYTES = 8 << 20
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The app; its lifespan starts the engine thread and shuts it down."""
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              tool_call_parser: str | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine thread and shuts it down. `tool_call_parser`: a name
+    of server/tool_parsers.PARSERS, for tool_choice "auto"."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,7 +64,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         await engine.shutdown()
 
     app = FastAPI(title="cometserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    routes = OpenAIRoutes(engine, model_name, api_key)
+    routes = OpenAIRoutes(engine, model_name, api_key, tool_call_parser)
     app.state.routes = routes
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -92,8 +95,12 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
+                 tool_call_parser: str | None = None) -> None:
+        if tool_call_parser is not None and tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {tool_call_parser!r}: one of {sorted(PARSERS)}")
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        self.tool_parser = PARSERS.get(tool_call_parser)
         self.tokenizer = engine.tokenizer
         self.metrics = Metrics()
         self.created = int(time.time())
@@ -151,7 +158,7 @@ class OpenAIRoutes:
         self._check_model(req.model)
         check_unsupported(req)
         structured = structured_outputs(req)
-        plan = tool_plan(req, structured)
+        plan = tool_plan(req, structured, self.tool_parser)
         ids = await self._chat_ids(req, True)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs, req.n, req.top_logprobs or 0, tools=plan)

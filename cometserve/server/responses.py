@@ -124,7 +124,7 @@ class ChatFormat(CompletionFormat):
     def __init__(self, model: str, tokenizer, logprobs: bool, n: int = 1, top: int = 0, tools=None) -> None:
         super().__init__(model, tokenizer, logprobs, n, top)
         self.tools = tools
-        self._call_ids: dict[int, str] = {}  # streamed named calls: choice -> the call's id, sent once
+        self._sent: dict[int, int] = {}  # tool plans, streamed: choice -> characters of its text sent
 
     def logprobs(self, ids: list[int], lps: list[float], tops: list, offset: int = 0) -> dict | None:
         if not self.want_logprobs:
@@ -137,30 +137,35 @@ class ChatFormat(CompletionFormat):
 
     def choice(self, index: int, c: Choice) -> dict:
         message, reason = {"role": "assistant", "content": c.text}, c.finish_reason
-        calls = self.tools.calls(c.text, reason) if self.tools is not None else None
-        if calls is not None:
-            message = {"role": "assistant", "content": None,
-                       "tool_calls": [{k: v for k, v in call.items() if k != "index"} for call in calls]}
-            reason = self.tools.finish_reason(reason)
+        if self.tools is not None:
+            content, calls = self.tools.split(c.text, reason)
+            if calls is not None:
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [{k: v for k, v in call.items() if k != "index"} for call in calls]}
+                reason = self.tools.finish_reason(reason)
         return {"index": index, "message": message,
                 "logprobs": self.logprobs(c.token_ids, c.logprobs, c.top_logprobs), "finish_reason": reason}
 
     def _tool_delta(self, index: int, c: Choice, delta) -> dict:
         """A tool plan's stream: a named function's arguments as they come (its id and name with the
-        first piece); "required" calls whole in the last chunk (or, cut short, the text)."""
-        if self.tools.name is None:
-            if delta.finish_reason is None:
-                return {}
-            calls = self.tools.calls(c.text + delta.text_delta, delta.finish_reason)
-            return {"tool_calls": calls} if calls is not None else {"content": c.text + delta.text_delta}
-        if index not in self._call_ids:
-            call = self.tools.calls(delta.text_delta, None)[0]
-            self._call_ids[index] = call["id"]
-        elif delta.text_delta:
-            call = {"index": 0, "function": {"arguments": delta.text_delta}}
-        else:
-            return {}
-        return {"tool_calls": [call]}
+        first piece); otherwise the text that surely is plain as it comes ("auto"), and the calls
+        whole in the last chunk, with any text held back before them."""
+        text, reason = c.text + delta.text_delta, delta.finish_reason
+        if self.tools.name is not None:
+            if index not in self._sent:
+                self._sent[index] = 0
+                return {"tool_calls": self.tools.split(delta.text_delta, None)[1]}
+            return {"tool_calls": [{"index": 0, "function": {"arguments": delta.text_delta}}]} if delta.text_delta else {}
+        sent = self._sent.get(index, 0)
+        if reason is None:
+            upto = self.tools.parser.plain_upto(text) if self.tools.parser is not None else 0
+            self._sent[index] = max(sent, upto)
+            return {"content": text[sent:upto]} if upto > sent else {}
+        content, calls = self.tools.split(text, reason)
+        if calls is None:
+            return {"content": text[sent:]}
+        rest = (content or "")[sent:]  # plain_upto never passes a call's start: content holds what was sent
+        return {**({"content": rest} if rest else {}), "tool_calls": calls}
 
     def chunk(self, index: int, c: Choice, delta) -> dict:
         body = self._head(self.chunk_object)

@@ -8,9 +8,9 @@ any model emits well-formed calls to the functions offered, with arguments valid
   only without parallel_tool_calls), each name one of the tools' with its own schema; finish_reason
   "tool_calls"
 - "none", or no tools: plain text, and the tools are left out of the prompt
-- "auto" (the default when tools are given: the model decides whether to call) needs a parser for
-  the model family's own call format; this server has none yet and says so (vLLM, started without
-  --tool-call-parser, refuses it too)
+- "auto" (the default when tools are given: the model decides whether to call): the completion is
+  free, and the parser of the model family's own call format (`serve --tool-call-parser`,
+  server/tool_parsers.py) cuts calls out of it; without one, "auto" is refused (as vLLM does)
 
 The tools go to the chat template (`tools=`), which renders them the way the model was trained to
 read them where it knows how.
@@ -24,37 +24,43 @@ from dataclasses import dataclass
 
 from cometserve.sampling_params import StructuredOutputsParams
 from cometserve.server.protocol import APIError, ChatRequest, NamedToolChoice
+from cometserve.server.tool_parsers import ToolParser
 
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """How a request's completion becomes tool calls: `name` set for a named function, else any of
-    the tools ("required")."""
+    """How a request's completion becomes tool calls: constrained to a named function's arguments
+    (`name`) or to a list of calls ("required"), or free text a parser reads calls from ("auto")."""
 
-    structured: StructuredOutputsParams
+    structured: StructuredOutputsParams | None
     name: str | None = None
+    parser: ToolParser | None = None
 
     def finish_reason(self, reason: str | None) -> str | None:
-        """OpenAI's finish_reason for a completion that ended with `reason`: "tool_calls" where the
-        model's calls are whole ("required"), as it was for a forced function (stop) or a cut one."""
+        """OpenAI's finish_reason for a completion with calls that ended with `reason`: "tool_calls"
+        where the model chose to call ("required", "auto"), "stop" for a forced function, a cut
+        completion's own reason."""
         return "tool_calls" if reason == "stop" and self.name is None else reason
 
-    def calls(self, text: str, reason: str | None) -> list[dict] | None:
-        """The completion's calls in OpenAI's shape. A named function's arguments are the text as
-        it is (cut short by max_tokens, they are cut, as OpenAI's are); "required" calls only from a
-        whole array (else None: the text is returned as content)."""
+    def split(self, text: str, reason: str | None) -> tuple[str | None, list[dict] | None]:
+        """(content, calls in OpenAI's shape) of a completion. A named function's arguments are the
+        text as it is (cut by max_tokens, they are cut, as OpenAI's are); "required" calls only from
+        a whole array; "auto" calls as its parser finds them. No calls: (text, None)."""
         if self.name is not None:
-            return [call_dict(0, self.name, text)]
-        try:
-            value = json.loads(text) if reason == "stop" else None
-        except ValueError:
-            value = None
-        if value is None:
-            return None
-        return [call_dict(i, c["name"], json.dumps(c["parameters"], ensure_ascii=False))
-                for i, c in enumerate(value)]
+            return None, [call_dict(0, self.name, text)]
+        if self.parser is not None:
+            content, pairs = self.parser.parse(text)
+        else:
+            try:
+                value = json.loads(text) if reason == "stop" else None
+            except ValueError:
+                value = None
+            content, pairs = None, [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value or []]
+        if not pairs:
+            return text, None
+        return content or None, [call_dict(i, name, args) for i, (name, args) in enumerate(pairs)]
 
 
 def call_dict(index: int, name: str, arguments: str, call_id: str | None = None) -> dict:
@@ -69,8 +75,10 @@ def template_tools(req: ChatRequest) -> list[dict] | None:
     return [t.model_dump(exclude_none=True) for t in req.tools]
 
 
-def tool_plan(req: ChatRequest, structured: StructuredOutputsParams | None) -> ToolPlan | None:
-    """The request's tool plan (None: a plain completion), or APIError(400) naming what is wrong."""
+def tool_plan(req: ChatRequest, structured: StructuredOutputsParams | None,
+              parser: ToolParser | None = None) -> ToolPlan | None:
+    """The request's tool plan (None: a plain completion), or APIError(400) naming what is wrong.
+    `parser`: the server's for tool_choice "auto" (none: "auto" is refused)."""
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none"):
@@ -82,9 +90,11 @@ def tool_plan(req: ChatRequest, structured: StructuredOutputsParams | None) -> T
     if choice == "none":
         return None
     if choice in (None, "auto"):
-        raise APIError(400, "tool_choice 'auto' (the model decides whether to call a tool; the default when "
-                       "tools are given) is not supported: this server has no parser for the model's own "
-                       "tool-call format. Send tool_choice 'required', 'none' or a named function", "tool_choice")
+        if parser is None:
+            raise APIError(400, "tool_choice 'auto' (the model decides whether to call a tool; the default when "
+                           "tools are given) needs the server started with --tool-call-parser (the model's own "
+                           "call format). Send tool_choice 'required', 'none' or a named function", "tool_choice")
+        return ToolPlan(structured, parser=parser)
     if structured is not None:
         raise APIError(400, "a tool call's shape is the tools' schemas: give either a tool_choice or a "
                        "response_format / structured output, not both", "tool_choice")

@@ -423,3 +423,21 @@ def test_tool_calls_named_and_required(server):
                                          max_tokens=5, temperature=0)
     assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason in ("stop", "length")
     server.assert_idle_and_free()
+
+
+def test_auto_tool_choice_with_a_parser_passes_plain_answers_through(tiny_checkpoint, llm):
+    """serve --tool-call-parser hermes: tool_choice "auto" (the default with tools) leaves a completion
+    without calls as content, token for token what LLM.generate writes, whole and streamed."""
+    from tests.server.conftest import LiveServer
+
+    want = reference(llm, CHAT, chat=True, max_tokens=10)
+    with LiveServer(tiny_checkpoint, tool_call_parser="hermes") as s:
+        client = s.client()
+        kw = {"model": MODEL, "messages": [{"role": "user", "content": CHAT}], "tools": [WEATHER], "max_tokens": 10,
+              "temperature": 0}
+        out = client.chat.completions.create(**kw)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(**kw, stream=True)
+                           if ch.choices)
+    assert "<tool_call>" not in want.outputs[0].text
+    assert out.choices[0].message.content == want.outputs[0].text == streamed
+    assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason == "length"
