@@ -284,8 +284,9 @@ class ModelRunner:
     def finish(self, pending: PendingSample, allowed: dict) -> InFlight:
         """Sample a launched step's deferred rows (`allowed`: request id -> bool numpy [vocab]; a request
         without one, ended meanwhile, is sampled unconstrained and dropped) and start the copy."""
+        masks = _device_masks(allowed, pending.logits.device)
         picked = [self._sample_row(pending.logits[i], pending.request_ids[i], pending.params, pending.suppress,
-                                   allowed) for i in pending.deferred]
+                                   masks) for i in pending.deferred]
         idx = torch.tensor(pending.deferred, device=pending.tokens.device)
         pending.tokens = pending.tokens.index_copy(0, idx, torch.stack([t for t, _ in picked]))
         pending.logprobs = pending.logprobs.index_copy(0, idx, torch.stack([lp for _, lp in picked]))
@@ -356,7 +357,8 @@ class ModelRunner:
             greedy = greedy_out if greedy_out is not None else greedy_logprobs(logits)
             if not rows:
                 return greedy
-        picked = [self._sample_row(logits[i], request_ids[i], params, suppress or {}, allowed or {}) for i in rows]
+        masks = _device_masks({rid: m for rid, m in (allowed or {}).items() if rid not in defer}, logits.device)
+        picked = [self._sample_row(logits[i], request_ids[i], params, suppress or {}, masks) for i in rows]
         tokens, lps = torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])
         if len(rows) == len(request_ids):
             return tokens, lps
@@ -364,12 +366,13 @@ class ModelRunner:
         return greedy[0].index_copy(0, idx, tokens), greedy[1].index_copy(0, idx, lps)
 
 
-    def _sample_row(self, logits: torch.Tensor, rid: str, params: dict, suppress: dict, allowed: dict
+    def _sample_row(self, logits: torch.Tensor, rid: str, params: dict, suppress: dict, masks: dict
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One request's sample from its logits float32 [vocab], with its generator, counts and masks."""
-        p, mask = params[rid], allowed.get(rid)
+        """One request's sample from its logits float32 [vocab], with its generator, counts and masks
+        (`masks`: request id -> bool [vocab] on the device)."""
+        p = params[rid]
         return sample_tensor(logits, p, *self._sampler_state(rid, p), suppress=suppress.get(rid),
-                             allowed=None if mask is None else torch.from_numpy(mask).to(logits.device))
+                             allowed=masks.get(rid))
 
     def _sampler_state(self, rid: str, params) -> tuple[torch.Generator | None, torch.Tensor | None]:
         """The request's seeded generator and penalty counts, made at its first use."""
@@ -377,6 +380,18 @@ class ModelRunner:
             self.generators[rid] = make_generator(params, self.device)
             self.counts[rid] = new_counts(params, self.model.config.vocab_size, self.device)
         return self.generators[rid], self.counts[rid]
+
+
+def _device_masks(allowed: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Structured outputs' masks (request id -> bool numpy [vocab]) on the device, in one copy: from
+    pinned memory, so the host does not wait for the work already queued (a pageable copy would
+    block it until the step's forward is done)."""
+    if not allowed:
+        return {}
+    stacked = torch.from_numpy(np.stack(list(allowed.values())))
+    if device.type == "cuda":
+        stacked = stacked.pin_memory().to(device, non_blocking=True)
+    return dict(zip(allowed, stacked))
 
 
 def _top_logprobs(logits: torch.Tensor, request_ids: list[str], params: dict):
