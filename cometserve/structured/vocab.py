@@ -97,15 +97,41 @@ class TokenIndex:
             count = int((sorted_lengths > j).sum())
             self.columns.append(np.ascontiguousarray(padded[:count, j]))
         self.tokens = tokens
+        # rows by their first byte: a state that takes few first bytes starts from those tokens only
+        first = self.columns[0] if self.columns else np.zeros(0, dtype=np.int64)
+        self.by_first = [np.flatnonzero(first == b) for b in range(256)]
+        self.first_counts = np.array([len(r) for r in self.by_first])
 
     def allowed(self, trans: np.ndarray, state: int) -> np.ndarray:
         """bool [vocab_size]: the tokens whose bytes, read from `state`, do not reach the dead
         state 0 of the transition table `trans` (int32 [num_states, 256])."""
         flat = trans.reshape(-1)
-        cur = np.full(len(self.columns[0]) if self.columns else 0, state, dtype=np.int64)
-        for col in self.columns:
-            head = cur[: len(col)]
-            head[:] = flat[head * 256 + col]
         mask = np.zeros(self.vocab_size, dtype=bool)
-        mask[self.order] = cur != 0
+        if not self.columns:
+            return mask
+        cur = np.full(len(self.columns[0]), state, dtype=np.int64)
+        rows = None  # the tokens still alive, as rows of the sorted order (None: all of them)
+        first = np.flatnonzero(trans[state])
+        if self.first_counts[first].sum() * 2 < len(cur):  # few tokens start with a byte the state takes
+            rows = np.sort(np.concatenate([self.by_first[b] for b in first])) if len(first) else np.zeros(0, np.int64)
+            cur = trans[state, self.columns[0][rows]].astype(np.int64)
+        for j, col in enumerate(self.columns):
+            if j == 0 and rows is not None:
+                continue
+            if rows is None:
+                head = cur[: len(col)]
+                head[:] = flat[head * 256 + col]
+                if (head == 0).mean() > 0.5:  # most are dead: go on with the survivors only
+                    rows = np.flatnonzero(cur)
+                    cur = cur[rows]
+            else:
+                n = np.searchsorted(rows, len(col))  # survivors long enough for this column
+                cur[:n] = flat[cur[:n] * 256 + col[rows[:n]]]
+                if n and (cur[:n] == 0).mean() > 0.5:
+                    keep = cur != 0
+                    rows, cur = rows[keep], cur[keep]
+        if rows is None:
+            mask[self.order] = cur != 0
+        else:
+            mask[self.order[rows[cur != 0]]] = True
         return mask
