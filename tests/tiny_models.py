@@ -44,6 +44,26 @@ SMALL_8B = {"hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers":
             "num_key_value_heads": 2, "vocab_size": 4096}
 
 
+def tiny_with_smollm2_tokenizer(out: Path, **overrides) -> Path:
+    """A tiny random Llama of SmolLM2's vocabulary with SmolLM2's tokenizer and chat template, in
+    `out`; skips the test where the shipped model is not installed."""
+    import shutil
+
+    import pytest
+
+    from cometserve import assets
+
+    try:
+        tokenizer_dir = assets.smollm2_dir()
+    except RuntimeError as e:
+        pytest.skip(f"shipped SmolLM2 tokenizer not installed: {e}")
+    src = write_tiny_model("llama", out, vocab_size=49152, **overrides)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, src / f.name)
+    return src
+
+
 def byte_tokenizer():
     """A byte-level tokenizer of 256 byte tokens and an EOS (id 256), for the tiny 320-token models:
     structured outputs need a tokenizer's bytes (ids 257+ have none)."""

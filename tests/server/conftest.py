@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,11 +18,10 @@ import openai
 import pytest
 import torch
 
-from cometserve import assets
 from cometserve.engine.async_engine import AsyncEngine
 from cometserve.engine.engine import EngineConfig
 from cometserve.server.run import make_server
-from tests.tiny_models import write_tiny_model
+from tests.tiny_models import tiny_with_smollm2_tokenizer
 
 MODEL = "tiny-w4axkv4"
 MAX_MODEL_LEN = 512  # tiny_models' max_position_embeddings
@@ -41,16 +39,9 @@ def tiny_checkpoint(tmp_path_factory):
 
 def quantized_tiny(tmp_path_factory, **shape):
     """A tiny random Llama (shape overrides) with the SmolLM2 tokenizer, quantized to fmpq_w4axkv4."""
-    try:
-        tokenizer_dir = assets.smollm2_dir()
-    except RuntimeError as e:
-        pytest.skip(f"shipped SmolLM2 tokenizer not installed: {e}")
     from cometserve.quant.quantize import quantize
 
-    src = write_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama", vocab_size=49152, **shape)
-    for f in tokenizer_dir.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
-            shutil.copy(f, src / f.name)
+    src = tiny_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny") / "llama", **shape)
     tokens = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(1))
     return quantize(src, tmp_path_factory.mktemp("q") / MODEL, scheme="fmpq_w4axkv4", calib_tokens=tokens,
                     device="cpu")

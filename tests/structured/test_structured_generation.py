@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pytest
 
-from cometserve import assets
 from cometserve.engine.engine import EngineConfig
 from cometserve.engine.llm import LLM
 from cometserve.sampling_params import SamplingParams, StructuredOutputsParams
 from cometserve.structured.grammar import GrammarCompiler
 from cometserve.structured.vocab import token_bytes
-from tests.tiny_models import write_tiny_model
+from tests.tiny_models import tiny_with_smollm2_tokenizer
 
 PERSON = {  # what pydantic writes for a small model: $defs, enum, optional field, bounded integer
     "$defs": {"Pet": {"properties": {"kind": {"enum": ["cat", "dog"], "type": "string"},
@@ -35,19 +33,8 @@ SPECS = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir():
-    try:
-        return assets.smollm2_dir()
-    except RuntimeError as e:
-        pytest.skip(f"shipped SmolLM2 tokenizer not installed: {e}")
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory, tokenizer_dir):
-    src = write_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama", vocab_size=49152)
-    for f in tokenizer_dir.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
-            shutil.copy(f, src / f.name)
+def llm(tmp_path_factory):
+    src = tiny_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny") / "llama")
     return LLM(src, device="cpu", engine_config=EngineConfig(max_num_seqs=8, num_pages=64, use_cuda_graphs=False))
 
 
@@ -110,20 +97,16 @@ def test_async_scheduling_structured_beside_free_requests(llm):
     assert len(finished) >= 30 and max(finished) == 2  # ahead of both structured requests at once
 
 
-def test_token_bytes_spell_the_text(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+def test_token_bytes_spell_the_text(llm):
+    tok = llm.tokenizer
     spelled = token_bytes(tok, 49152 + 8)
     text = 'Hi {"a": [1, 2.5e-3], "b": "wörld 中文 😀"}\n\tend'
     assert b"".join(spelled[i] for i in tok.encode(text)) == text.encode()
     assert spelled[tok.eos_token_id] is None and spelled[49152] is None  # special, and past the vocabulary
 
 
-def test_masks_equal_running_each_token(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+def test_masks_equal_running_each_token(llm):
+    tok = llm.tokenizer
     matcher = GrammarCompiler(tok, 49152).matcher(SPECS["json"], stop_ids=(tok.eos_token_id,))
     dfa, spelled = matcher.grammar.dfa, matcher.grammar.index.tokens
     for piece in ['{"name": "', 'Al', '", "adult": ', "true", ', "pet": ', "null", "}"]:
