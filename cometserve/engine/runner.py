@@ -365,7 +365,6 @@ class ModelRunner:
         idx = torch.tensor(rows, device=logits.device)
         return greedy[0].index_copy(0, idx, tokens), greedy[1].index_copy(0, idx, lps)
 
-
     def _sample_row(self, logits: torch.Tensor, rid: str, params: dict, suppress: dict, masks: dict
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One request's sample from its logits float32 [vocab], with its generator, counts and masks

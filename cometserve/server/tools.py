@@ -107,8 +107,20 @@ def tool_plan(req: ChatRequest, structured: StructuredOutputsParams | None,
     calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": fn.parameters or NO_ARGUMENTS},
               "required": ["name", "parameters"], "additionalProperties": False} for name, fn in tools.items()]
     array = {"type": "array", "items": {"anyOf": calls}, "minItems": 1,
-             **({} if req.parallel_tool_calls else {"maxItems": 1})}
+             **({} if req.parallel_tool_calls else {"maxItems": 1}), **_shared_defs(tools)}
     return ToolPlan(_structured({"json": array}, None))
+
+
+def _shared_defs(tools: dict) -> dict:
+    """The tools' own `$defs` / `definitions`, lifted to the root of the "required" array schema,
+    where their "#/$defs/..." references resolve (pydantic writes nested models that way)."""
+    out: dict[str, dict] = {}
+    for fn in tools.values():
+        for key in ("$defs", "definitions"):
+            for name, schema in (fn.parameters or {}).get(key, {}).items():
+                if out.setdefault(key, {}).setdefault(name, schema) != schema:
+                    raise APIError(400, f"'tools': two functions define '{key}/{name}' differently: rename one", "tools")
+    return out
 
 
 def _structured(spec: dict, name: str | None) -> StructuredOutputsParams:

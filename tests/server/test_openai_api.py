@@ -416,6 +416,16 @@ def test_tool_calls_named_and_required(server):
         (t.function.name, t.function.arguments) for t in c.message.tool_calls]
     assert [ch.choices[0].finish_reason for ch in stream if ch.choices][-1] == "tool_calls"
 
+    # pydantic's nested models: "$defs" inside a function's parameters, lifted for "required"
+    city = {"type": "function", "function": {"name": "set_city", "parameters": {
+        "$defs": {"City": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+                           "required": ["name"]}},
+        "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"]}}}
+    out = client.chat.completions.create(model=MODEL, messages=messages, tools=[city, TIME], tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=120, temperature=0)
+    (call2,) = out.choices[0].message.tool_calls
+    assert call2.function.name in ("set_city", "get_time") and json.loads(call2.function.arguments)
+
     history = messages + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
         {"role": "tool", "tool_call_id": call.id, "content": "18 C, clear"}]
