@@ -167,6 +167,12 @@ class SamplingParams:
         return self.prompt_logprobs is not None or self.repetition_penalty != 1.0
 
     @property
+    def masked_greedy(self) -> bool:
+        """Greedy with its logits only masked (min_tokens, structured outputs): picked in one batch
+        with the others like it (sampler.masked_greedy)."""
+        return self.greedy and not self.logit_bias and not self.penalized
+
+    @property
     def batched_greedy(self) -> bool:
         """Picked by the runner's one argmax over the step's rows (no per-row logit changes)."""
         return (self.greedy and not self.logit_bias and not self.penalized and not self.min_tokens

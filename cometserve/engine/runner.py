@@ -30,7 +30,7 @@ from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutpu
 from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.piecewise import PiecewiseGraphs, capture_or_clear
 from cometserve.engine.prompt_logprobs import PromptLogprobs
-from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample_tensor
+from cometserve.engine.sampler import make_generator, mark_prompt, masked_greedy, new_counts, sample_tensor
 
 _ALIGN = 32  # elements: each field packed by _to_device starts 128-byte aligned, as its own tensor would
 
@@ -284,12 +284,11 @@ class ModelRunner:
     def finish(self, pending: PendingSample, allowed: dict) -> InFlight:
         """Sample a launched step's deferred rows (`allowed`: request id -> bool numpy [vocab]; a request
         without one, ended meanwhile, is sampled unconstrained and dropped) and start the copy."""
-        masks = _device_masks(allowed, pending.logits.device)
-        picked = [self._sample_row(pending.logits[i], pending.request_ids[i], pending.params, pending.suppress,
-                                   masks) for i in pending.deferred]
+        tokens, lps = self._pick(pending.logits, pending.request_ids, pending.deferred, pending.params,
+                                 pending.suppress, _device_masks(allowed, pending.logits.device))
         idx = torch.tensor(pending.deferred, device=pending.tokens.device)
-        pending.tokens = pending.tokens.index_copy(0, idx, torch.stack([t for t, _ in picked]))
-        pending.logprobs = pending.logprobs.index_copy(0, idx, torch.stack([lp for _, lp in picked]))
+        pending.tokens = pending.tokens.index_copy(0, idx, tokens)
+        pending.logprobs = pending.logprobs.index_copy(0, idx, lps)
         return self._sent(pending)
 
     def _sent(self, p: PendingSample) -> InFlight:
@@ -358,12 +357,39 @@ class ModelRunner:
             if not rows:
                 return greedy
         masks = _device_masks({rid: m for rid, m in (allowed or {}).items() if rid not in defer}, logits.device)
-        picked = [self._sample_row(logits[i], request_ids[i], params, suppress or {}, masks) for i in rows]
-        tokens, lps = torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])
+        tokens, lps = self._pick(logits, request_ids, rows, params, suppress or {}, masks)
         if len(rows) == len(request_ids):
             return tokens, lps
         idx = torch.tensor(rows, device=logits.device)
         return greedy[0].index_copy(0, idx, tokens), greedy[1].index_copy(0, idx, lps)
+
+    def _pick(self, logits: torch.Tensor, request_ids: list[str], rows: list[int], params: dict, suppress: dict,
+              masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples of `rows` (int64 / float32 [len(rows)]): greedy rows that are only masked (`suppress`,
+        `masks`: request id -> bool [vocab] on the device) in one batch, the others one by one with
+        their generators and token counts."""
+        batch = [j for j, i in enumerate(rows) if params[request_ids[i]].masked_greedy]
+        single = [j for j, i in enumerate(rows) if not params[request_ids[i]].masked_greedy]
+        parts = []
+        if batch:
+            ids = [request_ids[rows[j]] for j in batch]
+            idx = torch.tensor([rows[j] for j in batch], device=logits.device)
+            allowed = None
+            if any(rid in masks for rid in ids):
+                every = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+                allowed = torch.stack([masks.get(rid, every) for rid in ids])
+            parts.append((batch, *masked_greedy(logits.index_select(0, idx), [suppress.get(r, ()) for r in ids],
+                                                allowed)))
+        if single:
+            picked = [self._sample_row(logits[rows[j]], request_ids[rows[j]], params, suppress, masks) for j in single]
+            parts.append((single, torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])))
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        order = torch.tensor(batch + single, device=logits.device)  # positions in `rows` of the stacked picks
+        tokens = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
+        lps = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
+        return (tokens.index_copy(0, order, torch.cat([parts[0][1], parts[1][1]])),
+                lps.index_copy(0, order, torch.cat([parts[0][2], parts[1][2]])))
 
     def _sample_row(self, logits: torch.Tensor, rid: str, params: dict, suppress: dict, masks: dict
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,3 +81,19 @@ def _counted(token: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
     if counts is not None:
         counts[0].index_put_((token,), torch.ones((), dtype=counts.dtype, device=counts.device), accumulate=True)
     return token
+
+
+def masked_greedy(logits: torch.Tensor, banned: list[tuple[int, ...]], allowed: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy picks of rows whose logits are only masked, in one batch: logits float32 [R, vocab];
+    `banned[r]`: token ids row r must not pick (its stop tokens before min_tokens); `allowed`: bool
+    [R, vocab] or None (structured outputs). -> (tokens int64 [R], their log-probabilities under
+    the unmodified rows float32 [R]), as sample_tensor's greedy path gives them row by row."""
+    scores = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+    rows = [r for r, ids in enumerate(banned) for _ in ids]
+    if rows:
+        cols = [t for ids in banned for t in ids]
+        scores = scores.index_put((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
+                                  torch.tensor(float("-inf"), device=logits.device))
+    tokens = scores.argmax(dim=-1)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]

@@ -138,3 +138,22 @@ def test_engine_without_tokenizer_refuses_structured_requests(llm):
     with pytest.raises(ValueError, match="tokenizer"):
         engine.add_request("a", [1, 2], SamplingParams(structured_outputs=SPECS["choice"]))
     assert not engine.has_unfinished()
+
+
+def test_masked_greedy_batch_equals_row_by_row():
+    """The runner's one-batch pick of greedy rows that are only masked = sample_tensor row by row."""
+    import torch
+
+    from cometserve.engine.sampler import masked_greedy, sample_tensor
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=g) * 3
+    allowed = torch.rand(6, 500, generator=g) < 0.3
+    allowed[2] = True
+    banned = [(), (int(logits[1].argmax()),), (), (1, 2, int(logits[3].argmax())), (), ()]
+    tokens, lps = masked_greedy(logits, banned, allowed)
+    params = SamplingParams(max_tokens=4, min_tokens=1)
+    for r in range(6):
+        t, lp = sample_tensor(logits[r], params, None, suppress=banned[r] or None, allowed=allowed[r])
+        assert int(t) == int(tokens[r]) and float(lp) == pytest.approx(float(lps[r]), abs=1e-6)
+        assert allowed[r, int(t)] and int(t) not in banned[r]
