@@ -347,8 +347,8 @@ class ModelRunner:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits float32 [S, vocab] -> (tokens int64 [S], their logprobs float32 [S]) on the device,
         without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
-        computed them), the others (and greedy rows with a logit_bias, penalties or min_tokens) one by
-        one with their kept seeded generators and token counts; `suppress`: request id -> token ids
+        computed them), greedy rows that are only masked (min_tokens, structured outputs) in another,
+        the others one by one with their kept seeded generators and token counts (_pick); `suppress`: request id -> token ids
         its sample must not pick; `allowed`: request id -> bool numpy [vocab], the only tokens it may.
         Rows of `defer` are left to finish() (their values here are placeholders)."""
         rows = [i for i, rid in enumerate(request_ids) if not params[rid].batched_greedy and rid not in defer]
