@@ -167,10 +167,10 @@ class SamplingParams:
         return self.prompt_logprobs is not None or self.repetition_penalty != 1.0
 
     @property
-    def masked_greedy(self) -> bool:
-        """Greedy with its logits only masked (min_tokens, structured outputs): picked in one batch
-        with the others like it (sampler.masked_greedy)."""
-        return self.greedy and not self.logit_bias and not self.penalized
+    def batchable(self) -> bool:
+        """Picked in one batch with the step's other such rows (sampler.sample_rows): no state of its
+        own (a seed's generator, the penalties' counts) and no logit bias."""
+        return (self.greedy or self.seed is None) and not self.logit_bias and not self.penalized
 
     @property
     def batched_greedy(self) -> bool:

@@ -30,7 +30,7 @@ from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutpu
 from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.piecewise import PiecewiseGraphs, capture_or_clear
 from cometserve.engine.prompt_logprobs import PromptLogprobs
-from cometserve.engine.sampler import make_generator, mark_prompt, masked_greedy, new_counts, sample_tensor
+from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample_rows, sample_tensor
 
 _ALIGN = 32  # elements: each field packed by _to_device starts 128-byte aligned, as its own tensor would
 
@@ -150,6 +150,8 @@ class ModelRunner:
         cls = Int4Attention if storage.kv_bits == 4 else Bf16Attention
         self.attn = cls(storage, cfg.num_heads, self.dtype, self.device)
         self.generators: dict[str, torch.Generator | None] = {}
+        self.generator = torch.Generator(device=self.device)  # the unseeded rows' draws (sample_rows)
+        self.generator.seed()
         self.counts: dict[str, torch.Tensor | None] = {}  # per request: generated-token counts (penalties)
         self.prompt_logprobs = PromptLogprobs(model)
         self._prompt_out: list = []  # the last forward's PromptLogprobs.compute()
@@ -365,11 +367,13 @@ class ModelRunner:
 
     def _pick(self, logits: torch.Tensor, request_ids: list[str], rows: list[int], params: dict, suppress: dict,
               masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples of `rows` (int64 / float32 [len(rows)]): greedy rows that are only masked (`suppress`,
-        `masks`: request id -> bool [vocab] on the device) in one batch, the others one by one with
-        their generators and token counts."""
-        batch = [j for j, i in enumerate(rows) if params[request_ids[i]].masked_greedy]
-        single = [j for j, i in enumerate(rows) if not params[request_ids[i]].masked_greedy]
+        """Samples of `rows` (int64 / float32 [len(rows)]): rows with no state of their own (greedy, or
+        unseeded, without bias or penalties) in one batch, the others one by one with their generators
+        and token counts. `suppress` and `masks` (request id -> bool [vocab] on the device) apply to both.
+        A request at temperature 1 by default (OpenAI's) is one such row: row by row, a batch of
+        hundreds would cost hundreds of small launches per kernel of the sampler."""
+        batch = [j for j, i in enumerate(rows) if params[request_ids[i]].batchable]
+        single = [j for j, i in enumerate(rows) if not params[request_ids[i]].batchable]
         parts = []
         if batch:
             ids = [request_ids[rows[j]] for j in batch]
@@ -378,8 +382,8 @@ class ModelRunner:
             if any(rid in masks for rid in ids):
                 every = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
                 allowed = torch.stack([masks.get(rid, every) for rid in ids])
-            parts.append((batch, *masked_greedy(logits.index_select(0, idx), [suppress.get(r, ()) for r in ids],
-                                                allowed)))
+            parts.append((batch, *sample_rows(logits.index_select(0, idx), [params[r] for r in ids],
+                                              [suppress.get(r, ()) for r in ids], allowed, self.generator)))
         if single:
             picked = [self._sample_row(logits[rows[j]], request_ids[rows[j]], params, suppress, masks) for j in single]
             parts.append((single, torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])))

@@ -61,20 +61,34 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch
     if params.greedy:
         token = torch.argmax(logits)
         return _counted(token, counts), logprobs[token]
-    scores = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the token that crosses
-        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(scores, dim=-1)
-    if params.min_p:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    probs = sampling_probs(logits[None], [params])[0]
     token = torch.multinomial(probs, 1, generator=generator)[0]
     return _counted(token, counts), logprobs[token]
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Rows of logits float32 [R, vocab] (bias, penalties and masks applied) -> the probabilities
+    each row samples from: its temperature, then its top-k, top-p (the token that crosses p is
+    kept) and min-p, where set."""
+    dev, inf = logits.device, float("-inf")
+    scores = logits / torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
+    ks = [min(p.top_k, scores.shape[-1]) for p in params]
+    if any(ks):
+        top = torch.topk(scores, max(ks), dim=-1).values
+        kth = top.gather(1, torch.tensor([max(k - 1, 0) for k in ks], device=dev)[:, None])
+        kth = kth.masked_fill(torch.tensor([not k for k in ks], device=dev)[:, None], inf)
+        scores = scores.masked_fill(scores < kth, inf)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=dev)[:, None]
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_scores, dim=-1)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs >= top_p) & (top_p < 1.0)
+        scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, inf))
+    probs = torch.softmax(scores, dim=-1)
+    if any(p.min_p for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=dev)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
 
 
 def _counted(token: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
@@ -83,17 +97,25 @@ def _counted(token: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
     return token
 
 
-def masked_greedy(logits: torch.Tensor, banned: list[tuple[int, ...]], allowed: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy picks of rows whose logits are only masked, in one batch: logits float32 [R, vocab];
-    `banned[r]`: token ids row r must not pick (its stop tokens before min_tokens); `allowed`: bool
-    [R, vocab] or None (structured outputs). -> (tokens int64 [R], their log-probabilities under
-    the unmodified rows float32 [R]), as sample_tensor's greedy path gives them row by row."""
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], banned: list[tuple[int, ...]],
+                allowed: torch.Tensor | None, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of rows that need no state of their own (SamplingParams.batchable: greedy, or
+    sampled without a seed, and no bias or penalties): logits float32 [R, vocab]; `banned[r]`: token
+    ids row r must not pick (its stop tokens before min_tokens); `allowed`: bool [R, vocab] or None
+    (structured outputs); the sampled rows draw from `generator`. -> (tokens int64 [R], their
+    log-probabilities under the unmodified rows float32 [R]), as sample_tensor gives them row by row."""
+    dev = logits.device
     scores = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
     rows = [r for r, ids in enumerate(banned) for _ in ids]
     if rows:
         cols = [t for ids in banned for t in ids]
-        scores = scores.index_put((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
-                                  torch.tensor(float("-inf"), device=logits.device))
-    tokens = scores.argmax(dim=-1)
+        scores = scores.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                                  torch.tensor(float("-inf"), device=dev))
+    tokens = scores.argmax(dim=-1)  # the greedy rows' picks
+    sampled = [r for r, p in enumerate(params) if not p.greedy]
+    if sampled:
+        idx = torch.tensor(sampled, device=dev)
+        probs = sampling_probs(scores.index_select(0, idx), [params[r] for r in sampled])
+        tokens = tokens.index_copy(0, idx, torch.multinomial(probs, 1, generator=generator)[:, 0])
     return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
