@@ -1,5 +1,5 @@
 """End-to-end offline throughput of the engine: fixed input/output lengths, all requests queued at
-once, greedy with EOS ignored (every request runs to its output length).
+once, greedy (or `--temperature T`, unseeded) with EOS ignored (every request runs to its output length).
 
     PYTHONPATH=. python3 benchmarks/e2e/throughput.py --random-weights llama-3-8b \
         --modes bf16,w4axkv4,hf --cases 1024x512:512,1024x512:32,128x128:1024,mixed:512,b1:128x512
@@ -70,12 +70,12 @@ def lengths(input_len: int, output_len: int, num_requests: int, seed: int) -> li
 
 
 def run_case(engine: LLMEngine, input_len: int, output_len: int, num_requests: int, vocab: int, seed: int,
-             tag: str) -> dict:
+             tag: str, temperature: float = 0.0) -> dict:
     g = torch.Generator().manual_seed(seed)
     lens = lengths(input_len, output_len, num_requests, seed)
     for i, (n_in, n_out) in enumerate(lens):
         engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (n_in,), generator=g).tolist(),
-                           SamplingParams(max_tokens=n_out, ignore_eos=True))
+                           SamplingParams(max_tokens=n_out, ignore_eos=True, temperature=temperature))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
@@ -150,9 +150,10 @@ def bench_mode(args, mode: str, cases, rows: list[dict]) -> None:
     for _label, i, o, n in cases:  # warm-up: compiles and tunes every kernel at these step shapes
         run_case(engine, i or 1024, 4, min(8, n, args.max_num_seqs), vocab, 1, f"warm{i}-{n}")
     for label, i, o, n in cases:
-        r = run_case(engine, i, o, n, vocab, 0, f"{label}")
+        r = run_case(engine, i, o, n, vocab, 0, f"{label}", args.temperature)
+        case = case_label(label, args.gpu_memory_gib) + (f" T={args.temperature:g}" if args.temperature else "")
         r = {"model": Path(str(args.random_weights)).stem, "mode": mode, "lm_head": args.lm_head,
-             "case": case_label(label, args.gpu_memory_gib), "gpu_memory_gib": args.gpu_memory_gib,
+             "case": case, "gpu_memory_gib": args.gpu_memory_gib, "temperature": args.temperature,
              "rotation": loaded.scheme.a_rotation == "hadamard" and not args.no_rotation and mode != "bf16",
              "cuda_graphs": runner.graphs is not None, "piecewise_graphs": runner.pieces is not None,
              "tensor_parallel": args.tp.world_size if args.tp else 1, **r}
@@ -315,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-max-batch", type=int, default=64, help="hf mode runs cases of at most this many requests")
     p.add_argument("--cases", default="1024x512:128,128x128:256,b1:128x256")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature, unseeded (0: greedy, the default); the case label says T=")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--memory-fraction", type=float, default=0.9)
     p.add_argument("--lm-head", choices=LM_HEADS, default="16bit", help="EngineConfig.lm_head")
