@@ -168,9 +168,9 @@ class SamplingParams:
 
     @property
     def batchable(self) -> bool:
-        """Picked in one batch with the step's other such rows (sampler.sample_rows): no state of its
-        own (a seed's generator, the penalties' counts) and no logit bias."""
-        return (self.greedy or self.seed is None) and not self.logit_bias and not self.penalized
+        """Picked in one batch with the step's other such rows (sampler.sample_rows): no logit bias and
+        no penalties (whose token counts are per request)."""
+        return not self.logit_bias and not self.penalized
 
     @property
     def batched_greedy(self) -> bool:

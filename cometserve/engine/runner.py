@@ -150,8 +150,6 @@ class ModelRunner:
         cls = Int4Attention if storage.kv_bits == 4 else Bf16Attention
         self.attn = cls(storage, cfg.num_heads, self.dtype, self.device)
         self.generators: dict[str, torch.Generator | None] = {}
-        self.generator = torch.Generator(device=self.device)  # the unseeded rows' draws (sample_rows)
-        self.generator.seed()
         self.counts: dict[str, torch.Tensor | None] = {}  # per request: generated-token counts (penalties)
         self.prompt_logprobs = PromptLogprobs(model)
         self._prompt_out: list = []  # the last forward's PromptLogprobs.compute()
@@ -367,11 +365,11 @@ class ModelRunner:
 
     def _pick(self, logits: torch.Tensor, request_ids: list[str], rows: list[int], params: dict, suppress: dict,
               masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples of `rows` (int64 / float32 [len(rows)]): rows with no state of their own (greedy, or
-        unseeded, without bias or penalties) in one batch, the others one by one with their generators
-        and token counts. `suppress` and `masks` (request id -> bool [vocab] on the device) apply to both.
-        A request at temperature 1 by default (OpenAI's) is one such row: row by row, a batch of
-        hundreds would cost hundreds of small launches per kernel of the sampler."""
+        """Samples of `rows` (int64 / float32 [len(rows)]): rows without bias or penalties in one batch
+        (a seeded row draws its noise from its own generator: one launch), the others one by one with
+        their generators and token counts. `suppress` and `masks` (request id -> bool [vocab] on the
+        device) apply to both. Row by row, a batch of hundreds of sampled requests (OpenAI's default is
+        temperature 1) would cost hundreds of small launches for each of the sampler's kernels."""
         batch = [j for j, i in enumerate(rows) if params[request_ids[i]].batchable]
         single = [j for j, i in enumerate(rows) if not params[request_ids[i]].batchable]
         parts = []
@@ -382,8 +380,9 @@ class ModelRunner:
             if any(rid in masks for rid in ids):
                 every = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
                 allowed = torch.stack([masks.get(rid, every) for rid in ids])
+            gens = [self._sampler_state(r, params[r])[0] if params[r].seed is not None else None for r in ids]
             parts.append((batch, *sample_rows(logits.index_select(0, idx), [params[r] for r in ids],
-                                              [suppress.get(r, ()) for r in ids], allowed, self.generator)))
+                                              [suppress.get(r, ()) for r in ids], allowed, gens)))
         if single:
             picked = [self._sample_row(logits[rows[j]], request_ids[rows[j]], params, suppress, masks) for j in single]
             parts.append((single, torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])))

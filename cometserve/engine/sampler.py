@@ -61,9 +61,27 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch
     if params.greedy:
         token = torch.argmax(logits)
         return _counted(token, counts), logprobs[token]
-    probs = sampling_probs(logits[None], [params])[0]
-    token = torch.multinomial(probs, 1, generator=generator)[0]
+    token = draw(sampling_probs(logits[None], [params]), [generator])[0]
     return _counted(token, counts), logprobs[token]
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of probs [R, vocab]: argmax(p / q) with q ~ Exp(1) drawn from the row's
+    generator, an exact draw from p (the exponential race) that batches: a row's draw depends on its
+    generator only, so a seeded request gets the same tokens alone or in any batch. Rows sharing
+    one generator (None entries: torch's default) draw their noise in one call."""
+    noise = torch.empty_like(probs)
+    shared = [r for r, g in enumerate(generators) if g is None]
+    if len(shared) == len(generators):
+        noise.exponential_()
+    else:
+        for r, g in enumerate(generators):
+            if g is not None:
+                noise[r].exponential_(generator=g)
+        if shared:
+            idx = torch.tensor(shared, device=probs.device)
+            noise.index_copy_(0, idx, torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_())
+    return (probs / noise).argmax(dim=-1)
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -98,13 +116,13 @@ def _counted(token: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], banned: list[tuple[int, ...]],
-                allowed: torch.Tensor | None, generator: torch.Generator | None = None
+                allowed: torch.Tensor | None, generators: list[torch.Generator | None]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of rows that need no state of their own (SamplingParams.batchable: greedy, or
-    sampled without a seed, and no bias or penalties): logits float32 [R, vocab]; `banned[r]`: token
-    ids row r must not pick (its stop tokens before min_tokens); `allowed`: bool [R, vocab] or None
-    (structured outputs); the sampled rows draw from `generator`. -> (tokens int64 [R], their
-    log-probabilities under the unmodified rows float32 [R]), as sample_tensor gives them row by row."""
+    """One batch of rows without bias or penalties (SamplingParams.batchable): logits float32 [R, vocab];
+    `banned[r]`: token ids row r must not pick (its stop tokens before min_tokens); `allowed`: bool
+    [R, vocab] or None (structured outputs); `generators[r]`: a sampled row's (None: torch's default,
+    for unseeded rows). -> (tokens int64 [R], their log-probabilities under the unmodified rows
+    float32 [R]), the tokens sample_tensor gives row by row with the same generators."""
     dev = logits.device
     scores = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
     rows = [r for r, ids in enumerate(banned) for _ in ids]
@@ -117,5 +135,5 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], banned: list
     if sampled:
         idx = torch.tensor(sampled, device=dev)
         probs = sampling_probs(scores.index_select(0, idx), [params[r] for r in sampled])
-        tokens = tokens.index_copy(0, idx, torch.multinomial(probs, 1, generator=generator)[:, 0])
+        tokens = tokens.index_copy(0, idx, draw(probs, [generators[r] for r in sampled]))
     return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]

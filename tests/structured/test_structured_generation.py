@@ -141,9 +141,10 @@ def test_engine_without_tokenizer_refuses_structured_requests(llm):
 
 
 def test_batched_rows_equal_row_by_row():
-    """The runner's one-batch pick of rows without state of their own = sample_tensor row by row:
-    greedy rows exactly, sampled rows through the same filtered probabilities (each row's temperature,
-    top-k, top-p, min-p, masks), drawing only allowed tokens."""
+    """The runner's one-batch pick of rows without bias or penalties = sample_tensor row by row:
+    greedy rows exactly, seeded rows the same tokens from the same generator state, every sampled row
+    through the same filtered probabilities (its temperature, top-k, top-p, min-p, masks), drawing
+    only allowed tokens, at the probabilities' frequencies."""
     import torch
 
     from cometserve.engine.sampler import sample_rows, sample_tensor, sampling_probs
@@ -157,7 +158,13 @@ def test_batched_rows_equal_row_by_row():
     sampled = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.3, top_p=0.6),
                SamplingParams(temperature=1.0, min_p=0.2, top_k=700), SamplingParams(temperature=0.5)]
     params = [greedy, sampled[0], greedy, sampled[1], sampled[2], sampled[3]]
-    tokens, lps = sample_rows(logits, params, banned, allowed, torch.Generator().manual_seed(1))
+    gens = [None, torch.Generator().manual_seed(1), None, None, torch.Generator().manual_seed(2), None]
+    tokens, lps = sample_rows(logits, params, banned, allowed, gens)
+    # a seeded row draws what it draws alone, row by row, with a generator in the same state
+    for r, seed in ((1, 1), (4, 2)):
+        t, _ = sample_tensor(logits[r], params[r], torch.Generator().manual_seed(seed),
+                             suppress=banned[r] or None, allowed=allowed[r])
+        assert int(t) == int(tokens[r])
     full = torch.log_softmax(logits, dim=-1)
     masked = logits.masked_fill(~allowed, float("-inf"))
     for r in range(6):
@@ -173,6 +180,8 @@ def test_batched_rows_equal_row_by_row():
     for j in range(4):  # each row's probabilities as it alone gets them
         assert torch.equal(batch[j], sampling_probs(scores[j:j + 1], [params[rows[j]]])[0])
     assert (batch[0] > 0).sum() <= 5 and (batch[3] > 0).sum() == int(allowed[5].sum())
-    draws = torch.multinomial(batch[3], 20000, replacement=True, generator=g)
+    from cometserve.engine.sampler import draw
+
+    draws = draw(batch[3:4].expand(20000, -1).contiguous(), [None] * 20000)  # the exponential race
     freq = torch.bincount(draws, minlength=500).float() / 20000
     assert (freq - batch[3]).abs().max() < 0.02
