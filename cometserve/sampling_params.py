@@ -97,6 +97,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # vLLM's: the completion follows a JSON schema, a regex, a choice of strings or any JSON object
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's: only these token ids may be sampled (EOS only if listed); None = any
+    allowed_token_ids: tuple[int, ...] | None = None
+    skip_special_tokens: bool = True  # vLLM's: special tokens left out of the completion's text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -146,6 +149,13 @@ class SamplingParams:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {t}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        if self.allowed_token_ids is not None:
+            ids = tuple(self.allowed_token_ids)
+            if not ids or any(not isinstance(t, int) or t < 0 for t in ids):
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids (non-negative integers)")
+            if self.structured_outputs is not None:
+                raise ValueError("allowed_token_ids and structured_outputs: give one of them")
+            object.__setattr__(self, "allowed_token_ids", ids)
 
     def choice(self, i: int) -> SamplingParams:
         """The parameters of completion number i of n: n = 1, and a given seed becomes seed + i, so
@@ -176,7 +186,7 @@ class SamplingParams:
     def batched_greedy(self) -> bool:
         """Picked by the runner's one argmax over the step's rows (no per-row logit changes)."""
         return (self.greedy and not self.logit_bias and not self.penalized and not self.min_tokens
-                and self.structured_outputs is None)
+                and self.structured_outputs is None and self.allowed_token_ids is None)
 
 
 def find_stop(text: str, params: SamplingParams, checked: int = 0) -> int:

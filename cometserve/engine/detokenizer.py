@@ -22,27 +22,28 @@ def completion_text(tokenizer, token_ids: list[int], params: SamplingParams) -> 
     """(the text of a completion's tokens cut at its first stop string, whether one was found). A
     stop string that ends before the text of token number min_tokens does not count: no one looks for
     it while fewer tokens exist."""
-    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    skip = params.skip_special_tokens
+    text = tokenizer.decode(token_ids, skip_special_tokens=skip)
     checked = 0
     if params.min_tokens > 1:
-        checked = len(tokenizer.decode(token_ids[: params.min_tokens - 1], skip_special_tokens=True))
+        checked = len(tokenizer.decode(token_ids[: params.min_tokens - 1], skip_special_tokens=skip))
     i = find_stop(text, params, checked)
     return (text[:i], True) if i >= 0 else (text, False)
 
 
 class IncrementalDetokenizer:
     """`text` of `token_ids` so far; `update(token_ids)` extends it with the tokens added since the
-    last call (the list only grows). Special tokens are skipped, as in `tokenizer.decode(...,
-    skip_special_tokens=True)`, whose result the concatenated text equals."""
+    last call (the list only grows). Special tokens are skipped unless asked for, as in
+    `tokenizer.decode(..., skip_special_tokens=...)`, whose result the concatenated text equals."""
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
         self.text = ""
         self.prefix_offset = 0  # tokens [prefix_offset, read_offset): the last window's new tokens,
         self.read_offset = 0    # decoded again as the context of the next window
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def update(self, token_ids: list[int], final: bool = False) -> str:
         """Append the text of token_ids[read_offset:]; return what was appended. `final`: the list

@@ -34,7 +34,7 @@ from cometserve.engine.scheduler import Scheduler
 from cometserve.model.layers.linear import tune_gemms
 from cometserve.model.layers.lm_head import LM_HEADS, use_lm_head
 from cometserve.sampling_params import SamplingParams, find_stop
-from cometserve.structured.grammar import GrammarCompiler, GrammarMatcher
+from cometserve.structured.grammar import FixedMask, GrammarCompiler, GrammarMatcher, constraint
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class _Tracked:
     text_sent: int = 0
     stop_hit: bool = False
     prompt_sent: bool = False  # its prompt_logprobs went out
-    grammar: GrammarMatcher | None = None  # structured outputs: where its text is in the grammar
+    grammar: GrammarMatcher | FixedMask | None = None  # structured outputs / allowed_token_ids
 
 
 def _reserve_bytes(model, cfg: EngineConfig) -> int:
@@ -194,17 +194,14 @@ class LLMEngine:
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise ValueError(f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary [0, {vocab})")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_id)
-        grammar = self._grammar(request) if params.structured_outputs is not None else None
+        eos = () if params.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
+        grammar = constraint(params, self.grammars, params.stop_token_ids + eos)
         self.scheduler.add(request)
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer is not None
+                 else None)
         self._tracked[request_id] = _Tracked(request, detok, grammar=grammar)
         self._num_structured += grammar is not None
         return request
-
-    def _grammar(self, request: Request) -> GrammarMatcher:
-        params = request.sampling_params
-        eos = () if params.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
-        return self.grammars.matcher(params.structured_outputs, params.stop_token_ids + eos)
 
     def abort(self, request_id: str) -> bool:
         """End a live request; its final delta (finish_reason "abort") comes with the next step."""

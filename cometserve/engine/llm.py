@@ -20,7 +20,7 @@ from cometserve.engine.kv_manager import cdiv
 from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
-from cometserve.structured.grammar import GrammarCompiler
+from cometserve.structured.grammar import GrammarCompiler, constraint
 
 
 @dataclass
@@ -215,10 +215,7 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     if not params.ignore_eos and eos is not None:
         stop_ids.add(eos)
-    grammar = None
-    if params.structured_outputs is not None:
-        grammar = GrammarCompiler(tokenizer, model.config.vocab_size).matcher(params.structured_outputs,
-                                                                              tuple(stop_ids))
+    grammar = constraint(params, GrammarCompiler(tokenizer, model.config.vocab_size), tuple(stop_ids))
     tokens, logprobs, tops = [], [], []
     step_ids = torch.tensor(prompt_ids, device=device)
     pos = 0

@@ -39,11 +39,13 @@ from cometserve.server.protocol import (
     TokenizeRequest,
     chat_messages,
     check_prompt,
+    check_token_ids,
     check_unsupported,
     logit_bias,
     parse_body,
     sampling_params,
     structured_outputs,
+    template_options,
 )
 from cometserve.server.responses import ChatFormat, Choice, CompletionFormat
 from cometserve.server.tool_parsers import PARSERS
@@ -159,7 +161,7 @@ class OpenAIRoutes:
         check_unsupported(req)
         structured = structured_outputs(req)
         plan = tool_plan(req, structured, self.tool_parser)
-        ids = await self._chat_ids(req, True)
+        ids = await self._chat_ids(req, req.add_generation_prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         fmt = ChatFormat(self.model_name, self.tokenizer, req.logprobs, req.n, req.top_logprobs or 0, tools=plan)
         return await self._generate(request, req, [ids], max_tokens, fmt, arrival, "messages",
@@ -170,8 +172,8 @@ class OpenAIRoutes:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"model '{self.model_name}' has no chat template: use /v1/completions")
         try:
-            tools = template_tools(req) if isinstance(req, ChatRequest) else None
-            text = await asyncio.to_thread(self.tokenizer.apply_chat_template, chat_messages(req), tools=tools,
+            extra = {"tools": template_tools(req), **template_options(req)} if isinstance(req, ChatRequest) else {}
+            text = await asyncio.to_thread(self.tokenizer.apply_chat_template, chat_messages(req), **extra,
                                            tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - jinja raises what the template chose (role order, ...)
             raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
@@ -231,6 +233,9 @@ class OpenAIRoutes:
                         structured: StructuredOutputsParams | None):
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} prompts times n per request", param)
+        if req.truncate_prompt_tokens is not None:  # vLLM's: the last N tokens of each prompt
+            prompts = [ids[-req.truncate_prompt_tokens:] for ids in prompts]
+        check_token_ids(req.allowed_token_ids, self.engine.vocab_size, "allowed_token_ids")
         for ids in prompts:
             check_prompt(ids, self.engine.vocab_size, self.engine.max_model_len, max_tokens, param)
         subs = [ids for ids in prompts for _ in range(req.n)]

@@ -90,6 +90,9 @@ class _Common(_Strict):
     guided_json: dict | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's extensions: only these tokens may be sampled,
+    skip_special_tokens: bool = True  # special tokens in the text or not, keep the prompt's last N tokens
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
 
 
 class CompletionRequest(_Common):
@@ -154,6 +157,11 @@ class ChatRequest(_Common):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # vLLM's chat template controls: continue the last (assistant) message instead of opening a new
+    # one, and extra variables for the template (e.g. Qwen3's enable_thinking)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
 
 
 class TokenizeRequest(_Strict):  # vLLM's /tokenize: a prompt, or messages through the chat template
@@ -247,6 +255,29 @@ def check_prompt(ids: list[int], vocab_size: int, max_model_len: int, max_tokens
                        f"context of {max_model_len} tokens", "max_tokens", "context_length_exceeded")
 
 
+def check_token_ids(ids: list[int] | None, vocab_size: int, param: str) -> None:
+    bad = next((t for t in ids or () if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"'{param}' names token id {bad}, outside the vocabulary [0, {vocab_size})", param)
+
+
+def template_options(req: ChatRequest) -> dict:
+    """apply_chat_template's keyword arguments beyond the messages and tools, checked."""
+    if req.add_generation_prompt and req.continue_final_message:
+        raise APIError(400, "'add_generation_prompt' and 'continue_final_message' cannot both be true: "
+                       "set add_generation_prompt to false to continue the last message", "continue_final_message")
+    extra = req.chat_template_kwargs or {}
+    taken = sorted(set(extra) & _TEMPLATE_ARGS)
+    if taken:
+        raise APIError(400, f"'chat_template_kwargs' cannot set {taken}: they are request fields or the "
+                       "template's own inputs", "chat_template_kwargs")
+    return {**extra, "continue_final_message": req.continue_final_message}
+
+
+_TEMPLATE_ARGS = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                  "tokenize", "return_dict", "chat_template"}
+
+
 def logit_bias(req: _Common, vocab_size: int) -> dict[int, float]:
     """OpenAI's logit_bias ({"token id": bias}) with integer keys inside the vocabulary, or APIError."""
     out = {}
@@ -306,7 +337,8 @@ def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, 
             ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             prompt_logprobs=prompt_logprobs, repetition_penalty=req.repetition_penalty,
-            structured_outputs=structured,
+            structured_outputs=structured, skip_special_tokens=req.skip_special_tokens,
+            allowed_token_ids=None if req.allowed_token_ids is None else tuple(req.allowed_token_ids),
         ).choice(choice)
     except ValueError as e:  # SamplingParams' messages start with the field's name
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None

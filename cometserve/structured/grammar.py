@@ -118,3 +118,31 @@ class GrammarCompiler:
 
     def matcher(self, spec: StructuredOutputsParams, stop_ids: tuple[int, ...]) -> GrammarMatcher:
         return GrammarMatcher(self.grammar(spec), stop_ids)
+
+
+class FixedMask:
+    """vLLM's allowed_token_ids: the same tokens at every step (EOS only if listed, as vLLM), the
+    matcher interface of a grammar that never ends the request."""
+
+    is_terminated = False
+
+    def __init__(self, vocab_size: int, token_ids: tuple[int, ...]) -> None:
+        if max(token_ids) >= vocab_size:
+            raise ValueError(f"allowed_token_ids names token {max(token_ids)}, outside the vocabulary [0, {vocab_size})")
+        self.mask = np.zeros(vocab_size, dtype=bool)
+        self.mask[list(token_ids)] = True
+
+    def allowed(self) -> np.ndarray:
+        return self.mask
+
+    def accept(self, token_id: int) -> None:
+        """Nothing to follow."""
+
+
+def constraint(params, compiler: GrammarCompiler, stop_ids: tuple[int, ...]) -> GrammarMatcher | FixedMask | None:
+    """A request's constraint on its tokens (SamplingParams.structured_outputs or allowed_token_ids)."""
+    if params.structured_outputs is not None:
+        return compiler.matcher(params.structured_outputs, stop_ids)
+    if params.allowed_token_ids is not None:
+        return FixedMask(compiler.vocab_size, params.allowed_token_ids)
+    return None

@@ -451,3 +451,29 @@ def test_auto_tool_choice_with_a_parser_passes_plain_answers_through(tiny_checkp
     assert "<tool_call>" not in want.outputs[0].text
     assert out.choices[0].message.content == want.outputs[0].text == streamed
     assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason == "length"
+
+
+def test_vllm_request_extensions(server, llm):
+    """truncate_prompt_tokens, allowed_token_ids + skip_special_tokens, and the chat template's
+    continue_final_message / add_generation_prompt / chat_template_kwargs, as vLLM's server takes them."""
+    client = server.client()
+    long = "word " * 600  # past the 512-token context
+    out = client.completions.create(model=MODEL, prompt=long, max_tokens=4, temperature=0,
+                                    extra_body={"truncate_prompt_tokens": 100})
+    assert out.usage.prompt_tokens == 100
+
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                    extra_body={"allowed_token_ids": [1], "skip_special_tokens": False,
+                                                "ignore_eos": True})
+    assert out.choices[0].text == "<|im_start|>" * 5
+
+    tok = llm.tokenizer
+    messages = [{"role": "user", "content": CHAT}, {"role": "assistant", "content": "The tallest mountain is"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    assert text.endswith("The tallest mountain is")
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True, "chat_template_kwargs": {"custom_flag": True}})
+    assert out.usage.prompt_tokens == len(tok(text, add_special_tokens=False)["input_ids"])
+    want = llm.generate({"prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]},
+                        SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0].outputs[0]
+    assert out.choices[0].message.content == want.text

@@ -115,6 +115,12 @@ HOSTILE = [
     ("chat: tool call arguments not JSON", "POST", CHAT, chat(messages=[
         {"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]), 400),
+    ("allowed_token_ids past the vocabulary", "POST", CMPL, cmpl(allowed_token_ids=[5, 10**6]), 400),
+    ("allowed_token_ids empty", "POST", CMPL, cmpl(allowed_token_ids=[]), 400),
+    ("allowed_token_ids with a grammar", "POST", CMPL, cmpl(allowed_token_ids=[5], guided_regex="a"), 400),
+    ("truncate_prompt_tokens zero", "POST", CMPL, cmpl(truncate_prompt_tokens=0), 400),
+    ("chat: continue and add_generation_prompt", "POST", CHAT, chat(continue_final_message=True), 400),
+    ("chat: chat_template_kwargs sets messages", "POST", CHAT, chat(chat_template_kwargs={"messages": []}), 400),
     ("GET on completions", "GET", CMPL, None, 405),
     ("unknown route", "POST", "/v1/embeddings", cmpl(), 404),
     ("unknown model card", "GET", "/v1/models/gpt-4", None, 404),

@@ -4,6 +4,7 @@ scheduling) equals the one-sequence reference; bad specs are refused with the re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -185,3 +186,24 @@ def test_batched_rows_equal_row_by_row():
     draws = draw(batch[3:4].expand(20000, -1).contiguous(), [None] * 20000)  # the exponential race
     freq = torch.bincount(draws, minlength=500).float() / 20000
     assert (freq - batch[3]).abs().max() < 0.02
+
+
+def test_allowed_token_ids_and_special_tokens_in_text(llm):
+    """vLLM's allowed_token_ids: every token from the list (EOS only if listed), engine = reference,
+    greedy and seeded; skip_special_tokens=False keeps the chat markers in the text."""
+    tok = llm.tokenizer
+    ids = tuple(tok.encode(" yes no maybe")) + (1, 2)  # 1, 2: <|im_start|>, <|im_end|> (2 is also EOS)
+    for extra in ({}, {"temperature": 1.0, "seed": 7}):
+        params = SamplingParams(max_tokens=12, allowed_token_ids=ids, **extra)
+        got = [o.outputs[0] for o in llm.generate(["Hello", "Pick one:"], params, use_tqdm=False)]
+        want = [o.outputs[0] for o in llm.generate_reference(["Hello", "Pick one:"], params)]
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert all(t in ids for g in got for t in g.token_ids)
+    marks = SamplingParams(max_tokens=6, allowed_token_ids=(1,), ignore_eos=True)
+    shown = llm.generate("Hi", dataclasses.replace(marks, skip_special_tokens=False), use_tqdm=False)[0].outputs[0]
+    hidden = llm.generate("Hi", marks, use_tqdm=False)[0].outputs[0]
+    assert shown.text == "<|im_start|>" * 6 and hidden.text == "" and shown.token_ids == hidden.token_ids == [1] * 6
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate("Hi", SamplingParams(allowed_token_ids=(49152 + 5,)), use_tqdm=False)
+    with pytest.raises(ValueError, match="give one of them"):
+        SamplingParams(allowed_token_ids=(1,), structured_outputs=SPECS["choice"])
