@@ -177,12 +177,6 @@ class SamplingParams:
         return self.prompt_logprobs is not None or self.repetition_penalty != 1.0
 
     @property
-    def batchable(self) -> bool:
-        """Picked in one batch with the step's other such rows (sampler.sample_rows): no logit bias and
-        no penalties (whose token counts are per request)."""
-        return not self.logit_bias and not self.penalized
-
-    @property
     def batched_greedy(self) -> bool:
         """Picked by the runner's one argmax over the step's rows (no per-row logit changes)."""
         return (self.greedy and not self.logit_bias and not self.penalized and not self.min_tokens

@@ -30,7 +30,7 @@ from cometserve.engine.interfaces import PLACEHOLDER, SchedulerOutput, StepOutpu
 from cometserve.engine.kv_storage import KVStorage
 from cometserve.engine.piecewise import PiecewiseGraphs, capture_or_clear
 from cometserve.engine.prompt_logprobs import PromptLogprobs
-from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample_rows, sample_tensor
+from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample_rows
 
 _ALIGN = 32  # elements: each field packed by _to_device starts 128-byte aligned, as its own tensor would
 
@@ -347,8 +347,8 @@ class ModelRunner:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits float32 [S, vocab] -> (tokens int64 [S], their logprobs float32 [S]) on the device,
         without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
-        computed them), greedy rows that are only masked (min_tokens, structured outputs) in another,
-        the others one by one with their kept seeded generators and token counts (_pick); `suppress`: request id -> token ids
+        computed them), the others (sampled, or greedy with a bias, penalties or masks) in another,
+        with their kept seeded generators and token counts (_pick); `suppress`: request id -> token ids
         its sample must not pick; `allowed`: request id -> bool numpy [vocab], the only tokens it may.
         Rows of `defer` are left to finish() (their values here are placeholders)."""
         rows = [i for i, rid in enumerate(request_ids) if not params[rid].batched_greedy and rid not in defer]
@@ -365,47 +365,22 @@ class ModelRunner:
 
     def _pick(self, logits: torch.Tensor, request_ids: list[str], rows: list[int], params: dict, suppress: dict,
               masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples of `rows` (int64 / float32 [len(rows)]): rows without bias or penalties in one batch
-        (a seeded row draws its noise from its own generator: one launch), the others one by one with
-        their generators and token counts. `suppress` and `masks` (request id -> bool [vocab] on the
-        device) apply to both. Row by row, a batch of hundreds of sampled requests (OpenAI's default is
-        temperature 1) would cost hundreds of small launches for each of the sampler's kernels."""
-        batch = [j for j, i in enumerate(rows) if params[request_ids[i]].batchable]
-        single = [j for j, i in enumerate(rows) if not params[request_ids[i]].batchable]
-        parts = []
-        if batch:
-            ids = [request_ids[rows[j]] for j in batch]
-            idx = torch.tensor([rows[j] for j in batch], device=logits.device)
-            allowed = None
-            if any(rid in masks for rid in ids):
-                every = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
-                allowed = torch.stack([masks.get(rid, every) for rid in ids])
-            gens = [self._sampler_state(r, params[r])[0] if params[r].seed is not None else None for r in ids]
-            parts.append((batch, *sample_rows(logits.index_select(0, idx), [params[r] for r in ids],
-                                              [suppress.get(r, ()) for r in ids], allowed, gens)))
-        if single:
-            picked = [self._sample_row(logits[rows[j]], request_ids[rows[j]], params, suppress, masks) for j in single]
-            parts.append((single, torch.stack([t for t, _ in picked]), torch.stack([lp for _, lp in picked])))
-        if len(parts) == 1:
-            return parts[0][1], parts[0][2]
-        order = torch.tensor(batch + single, device=logits.device)  # positions in `rows` of the stacked picks
-        tokens = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
-        lps = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
-        return (tokens.index_copy(0, order, torch.cat([parts[0][1], parts[1][1]])),
-                lps.index_copy(0, order, torch.cat([parts[0][2], parts[1][2]])))
-
-    def _sample_row(self, logits: torch.Tensor, rid: str, params: dict, suppress: dict, masks: dict
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One request's sample from its logits float32 [vocab], with its generator, counts and masks
-        (`masks`: request id -> bool [vocab] on the device)."""
-        p = params[rid]
-        return sample_tensor(logits, p, *self._sampler_state(rid, p), suppress=suppress.get(rid),
-                             allowed=masks.get(rid))
+        """Samples of `rows` (int64 / float32 [len(rows)]) in one sample_rows batch, each with its
+        generator (a seeded row's own; unseeded rows share torch's) and token counts; `suppress`
+        and `masks` (request id -> bool [vocab] on the device) as sample_device takes them."""
+        ids = [request_ids[i] for i in rows]
+        states = [self._sampler_state(rid, params[rid]) for rid in ids]
+        allowed = None
+        if any(rid in masks for rid in ids):
+            every = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+            allowed = torch.stack([masks.get(rid, every) for rid in ids])
+        return sample_rows(logits.index_select(0, torch.tensor(rows, device=logits.device)), [params[r] for r in ids],
+                           [g for g, _ in states], [c for _, c in states], [suppress.get(r, ()) for r in ids], allowed)
 
     def _sampler_state(self, rid: str, params) -> tuple[torch.Generator | None, torch.Tensor | None]:
         """The request's seeded generator and penalty counts, made at its first use."""
-        if rid not in self.generators:
-            self.generators[rid] = make_generator(params, self.device)
+        if rid not in self.generators:  # unseeded rows draw from torch's generator, in one call
+            self.generators[rid] = make_generator(params, self.device) if params.seed is not None else None
             self.counts[rid] = new_counts(params, self.model.config.vocab_size, self.device)
         return self.generators[rid], self.counts[rid]
 

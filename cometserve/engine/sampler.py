@@ -38,31 +38,77 @@ def mark_prompt(counts: torch.Tensor, token_ids) -> None:
 def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                   counts: torch.Tensor | None = None, suppress: tuple[int, ...] | None = None,
                   allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sample` without leaving the device: (token int64 [], its log-probability float32 []).
-    logit_bias, the penalties, `suppress` (token ids that must not be picked: a request's stop
-    tokens before min_tokens) and `allowed` (bool [vocab]: the only tokens that may be, a structured
-    output's grammar) move the logits the token is picked from, not the reported log-probability. `counts` (new_counts(); required when penalized) is read for the penalties and
-    then counts the picked token, on the device."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    if params.penalized:
-        out = counts[0]
-        if params.repetition_penalty != 1.0:
-            p, seen = params.repetition_penalty, (counts > 0).any(dim=0)
-            logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
-        logits = logits - params.frequency_penalty * out - params.presence_penalty * (out > 0).float()
-    if params.logit_bias:
-        ids, bias = zip(*params.logit_bias)
-        logits = logits.index_add(0, torch.tensor(ids, device=logits.device),
-                                  torch.tensor(bias, dtype=logits.dtype, device=logits.device))
-    if suppress:
-        logits = logits.index_fill(0, torch.tensor(suppress, device=logits.device), float("-inf"))
+    """`sample` without leaving the device: (token int64 [], its log-probability float32 []); one row
+    of sample_rows."""
+    tokens, lps = sample_rows(logits[None], [params], [generator], [counts], [suppress or ()],
+                              None if allowed is None else allowed[None])
+    return tokens[0], lps[0]
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                counts: list[torch.Tensor | None], banned: list[tuple[int, ...]], allowed: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's rows in one batch: logits float32 [R, vocab] -> (tokens int64 [R], their log-probabilities
+    under the unmodified rows float32 [R]). Each row's penalties (`counts[r]`: new_counts(), read, then
+    counting the picked token), logit bias, `banned[r]` (token ids it must not pick: its stop tokens
+    before min_tokens) and `allowed` (bool [R, vocab] or None: structured outputs) move the logits its
+    token is picked from, greedily or at its temperature / top-k / top-p / min-p with noise from
+    `generators[r]` (None: torch's default, one draw for all such rows). Row by row, a batch of
+    hundreds of sampled requests (OpenAI's default is temperature 1) would cost hundreds of small
+    launches for each of these steps."""
+    dev, inf = logits.device, float("-inf")
+    scores = _penalized(logits, params, counts)
+    bias = [(r, t, b) for r, p in enumerate(params) for t, b in p.logit_bias]
+    if bias:
+        rows, cols, vals = zip(*bias)
+        scores = scores.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                                  torch.tensor(vals, dtype=scores.dtype, device=dev), accumulate=True)
     if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    if params.greedy:
-        token = torch.argmax(logits)
-        return _counted(token, counts), logprobs[token]
-    token = draw(sampling_probs(logits[None], [params]), [generator])[0]
-    return _counted(token, counts), logprobs[token]
+        scores = scores.masked_fill(~allowed, inf)
+    pairs = [(r, t) for r, ids in enumerate(banned) for t in ids]
+    if pairs:
+        rows, cols = zip(*pairs)
+        scores = scores.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                                  torch.tensor(inf, device=dev))
+    tokens = scores.argmax(dim=-1)  # the greedy rows' picks
+    sampled = [r for r, p in enumerate(params) if not p.greedy]
+    if sampled:
+        idx = torch.tensor(sampled, device=dev)
+        probs = sampling_probs(scores.index_select(0, idx), [params[r] for r in sampled])
+        tokens = tokens.index_copy(0, idx, draw(probs, [generators[r] for r in sampled]))
+    _count(tokens, counts)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+
+
+def _penalized(logits: torch.Tensor, params: list[SamplingParams], counts: list[torch.Tensor | None]) -> torch.Tensor:
+    """The rows with penalties, penalized as vLLM does: the repetition penalty divides (multiplies,
+    where negative) the logits of tokens in the prompt or generated so far; frequency and presence
+    penalties subtract from those generated."""
+    rows = [r for r, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    dev, idx = logits.device, torch.tensor(rows, device=logits.device)
+
+    def per_row(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(params[r], name) for r in rows], dtype=logits.dtype, device=dev)[:, None]
+
+    c = torch.stack([counts[r] for r in rows])  # [P, 2, vocab]
+    sub, rep, out = logits.index_select(0, idx), per_row("repetition_penalty"), c[:, 0]
+    sub = torch.where((c > 0).any(dim=1), torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - per_row("frequency_penalty") * out - per_row("presence_penalty") * (out > 0).float()
+    return logits.index_copy(0, idx, sub)
+
+
+def _count(tokens: torch.Tensor, counts: list[torch.Tensor | None]) -> None:
+    """Each penalized row's picked token counted in its counts (row 0), on the device."""
+    rows = [r for r, c in enumerate(counts) if c is not None]
+    if not rows:
+        return
+    mine = [counts[r] for r in rows]
+    stacked = torch.stack(mine)  # [P, 2, vocab]; one scatter and one foreach copy for all rows
+    idx = torch.tensor(rows, device=tokens.device)
+    stacked[torch.arange(len(rows), device=tokens.device), 0, tokens.index_select(0, idx)] += 1
+    torch._foreach_copy_(mine, list(stacked.unbind(0)))
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -107,33 +153,3 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=dev)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs
-
-
-def _counted(token: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
-    if counts is not None:
-        counts[0].index_put_((token,), torch.ones((), dtype=counts.dtype, device=counts.device), accumulate=True)
-    return token
-
-
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], banned: list[tuple[int, ...]],
-                allowed: torch.Tensor | None, generators: list[torch.Generator | None]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of rows without bias or penalties (SamplingParams.batchable): logits float32 [R, vocab];
-    `banned[r]`: token ids row r must not pick (its stop tokens before min_tokens); `allowed`: bool
-    [R, vocab] or None (structured outputs); `generators[r]`: a sampled row's (None: torch's default,
-    for unseeded rows). -> (tokens int64 [R], their log-probabilities under the unmodified rows
-    float32 [R]), the tokens sample_tensor gives row by row with the same generators."""
-    dev = logits.device
-    scores = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
-    rows = [r for r, ids in enumerate(banned) for _ in ids]
-    if rows:
-        cols = [t for ids in banned for t in ids]
-        scores = scores.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
-                                  torch.tensor(float("-inf"), device=dev))
-    tokens = scores.argmax(dim=-1)  # the greedy rows' picks
-    sampled = [r for r, p in enumerate(params) if not p.greedy]
-    if sampled:
-        idx = torch.tensor(sampled, device=dev)
-        probs = sampling_probs(scores.index_select(0, idx), [params[r] for r in sampled])
-        tokens = tokens.index_copy(0, idx, draw(probs, [generators[r] for r in sampled]))
-    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]

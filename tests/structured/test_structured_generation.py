@@ -141,53 +141,6 @@ def test_engine_without_tokenizer_refuses_structured_requests(llm):
     assert not engine.has_unfinished()
 
 
-def test_batched_rows_equal_row_by_row():
-    """The runner's one-batch pick of rows without bias or penalties = sample_tensor row by row:
-    greedy rows exactly, seeded rows the same tokens from the same generator state, every sampled row
-    through the same filtered probabilities (its temperature, top-k, top-p, min-p, masks), drawing
-    only allowed tokens, at the probabilities' frequencies."""
-    import torch
-
-    from cometserve.engine.sampler import sample_rows, sample_tensor, sampling_probs
-
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 500, generator=g) * 3
-    allowed = torch.rand(6, 500, generator=g) < 0.3
-    allowed[2] = True
-    banned = [(), (int(logits[1].argmax()),), (), (1, 2, int(logits[3].argmax())), (), ()]
-    greedy = SamplingParams(max_tokens=4, min_tokens=1)
-    sampled = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.3, top_p=0.6),
-               SamplingParams(temperature=1.0, min_p=0.2, top_k=700), SamplingParams(temperature=0.5)]
-    params = [greedy, sampled[0], greedy, sampled[1], sampled[2], sampled[3]]
-    gens = [None, torch.Generator().manual_seed(1), None, None, torch.Generator().manual_seed(2), None]
-    tokens, lps = sample_rows(logits, params, banned, allowed, gens)
-    # a seeded row draws what it draws alone, row by row, with a generator in the same state
-    for r, seed in ((1, 1), (4, 2)):
-        t, _ = sample_tensor(logits[r], params[r], torch.Generator().manual_seed(seed),
-                             suppress=banned[r] or None, allowed=allowed[r])
-        assert int(t) == int(tokens[r])
-    full = torch.log_softmax(logits, dim=-1)
-    masked = logits.masked_fill(~allowed, float("-inf"))
-    for r in range(6):
-        assert allowed[r, int(tokens[r])] and int(tokens[r]) not in banned[r]
-        assert float(lps[r]) == pytest.approx(float(full[r, tokens[r]]), abs=1e-6)
-        if params[r].greedy:
-            t, _ = sample_tensor(logits[r], params[r], None, suppress=banned[r] or None, allowed=allowed[r])
-            assert int(t) == int(tokens[r])
-    rows = [1, 3, 4, 5]
-    scores = masked[rows].clone()
-    scores[1, list(banned[3])] = float("-inf")
-    batch = sampling_probs(scores, [params[r] for r in rows])
-    for j in range(4):  # each row's probabilities as it alone gets them
-        assert torch.equal(batch[j], sampling_probs(scores[j:j + 1], [params[rows[j]]])[0])
-    assert (batch[0] > 0).sum() <= 5 and (batch[3] > 0).sum() == int(allowed[5].sum())
-    from cometserve.engine.sampler import draw
-
-    draws = draw(batch[3:4].expand(20000, -1).contiguous(), [None] * 20000)  # the exponential race
-    freq = torch.bincount(draws, minlength=500).float() / 20000
-    assert (freq - batch[3]).abs().max() < 0.02
-
-
 def test_allowed_token_ids_and_special_tokens_in_text(llm):
     """vLLM's allowed_token_ids: every token from the list (EOS only if listed), engine = reference,
     greedy and seeded; skip_special_tokens=False keeps the chat markers in the text."""
