@@ -16,6 +16,7 @@ from cometserve.engine.llm import LLM
 from cometserve.sampling_params import SamplingParams, StructuredOutputsParams
 from cometserve.structured.grammar import GrammarCompiler
 from cometserve.structured.vocab import token_bytes
+from tests.engine.test_engine import count_preemptions
 from tests.tiny_models import tiny_with_smollm2_tokenizer
 
 PERSON = {  # what pydantic writes for a small model: $defs, enum, optional field, bounded integer
@@ -160,3 +161,22 @@ def test_allowed_token_ids_and_special_tokens_in_text(llm):
         llm.generate("Hi", SamplingParams(allowed_token_ids=(49152 + 5,)), use_tqdm=False)
     with pytest.raises(ValueError, match="give one of them"):
         SamplingParams(allowed_token_ids=(1,), structured_outputs=SPECS["choice"])
+
+
+def test_structured_requests_survive_preemption(llm):
+    """A cache too small for the batch: requests are preempted and recomputed; their grammars keep
+    their place (the outputs so far stay), so every output still equals the one-sequence reference."""
+    small = LLM.__new__(LLM)
+    small.__dict__.update(llm.__dict__)
+    small.engine_config = EngineConfig(max_num_seqs=8, num_pages=5, page_size=16, use_cuda_graphs=False)
+    small._engine = None
+    prompts = ["Hello", "Once upon a time", "The answer is", "Write JSON:"]
+    params = [SamplingParams(max_tokens=40, structured_outputs=SPECS["json"]),
+              SamplingParams(max_tokens=40, temperature=1.0, seed=9, structured_outputs=SPECS["json"]),
+              SamplingParams(max_tokens=40, structured_outputs=SPECS["regex"]), SamplingParams(max_tokens=40)]
+    engine = small.engine([[1]] * 4, params)
+    preempted = count_preemptions(engine)
+    got = [o.outputs[0] for o in small.generate(prompts, params, use_tqdm=False)]
+    assert small._engine is engine and preempted, "the cache is sized to force preemption"
+    want = [o.outputs[0] for o in llm.generate_reference(prompts, params)]
+    assert [(g.token_ids, g.finish_reason) for g in got] == [(w.token_ids, w.finish_reason) for w in want]
