@@ -96,8 +96,9 @@ class SchedulerOutput:
       state (seeded generators): they are not finished.
     - `finished_ids`: requests that ended (stop, length, abort) since the previous step; drop any
       per-request state kept for them. May name requests the runner never saw.
-    - `allowed_tokens`: request id -> bool numpy array [vocab]: the only tokens its sample may pick
-      (structured outputs; filled by the engine after scheduling, as the grammar is the engine's).
+    - `allowed_tokens`: request id -> the only tokens its sample may pick, as packed bits of bool
+      [vocab] (np.packbits; structured outputs: filled by the engine after scheduling, as the grammar
+      is the engine's).
     """
 
     chunks: tuple[ScheduledChunk, ...]

@@ -20,7 +20,7 @@ from cometserve.engine.kv_manager import cdiv
 from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
-from cometserve.structured.grammar import GrammarCompiler, constraint
+from cometserve.structured.grammar import GrammarCompiler, constraint, unpack
 
 
 @dataclass
@@ -235,7 +235,7 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
             lps = rows.gather(1, step_ids[1:, None])[:, 0]
             prompt_lps = [None] + [(lp, tuple(zip(ii, vv))) for lp, ii, vv in zip(lps.tolist(), i.tolist(), v.tolist())]
         logits = model.compute_logits(hidden[-1:])[0]
-        allowed = None if grammar is None else torch.from_numpy(grammar.allowed()).to(device)
+        allowed = None if grammar is None else torch.from_numpy(unpack(grammar.allowed(), logits.numel())).to(device)
         token, lp = sample(logits, params, gen, counts, tuple(stop_ids) if len(tokens) < params.min_tokens else None,
                            allowed)
         pos += step_ids.numel()

@@ -282,10 +282,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def finish(self, pending: PendingSample, allowed: dict) -> InFlight:
-        """Sample a launched step's deferred rows (`allowed`: request id -> bool numpy [vocab]; a request
+        """Sample a launched step's deferred rows (`allowed`: request id -> packed mask bits; a request
         without one, ended meanwhile, is sampled unconstrained and dropped) and start the copy."""
+        masks = _device_masks(allowed, pending.logits.device, pending.logits.shape[1])
         tokens, lps = self._pick(pending.logits, pending.request_ids, pending.deferred, pending.params,
-                                 pending.suppress, _device_masks(allowed, pending.logits.device))
+                                 pending.suppress, masks)
         idx = torch.tensor(pending.deferred, device=pending.tokens.device)
         pending.tokens = pending.tokens.index_copy(0, idx, tokens)
         pending.logprobs = pending.logprobs.index_copy(0, idx, lps)
@@ -349,14 +350,15 @@ class ModelRunner:
         without waiting for it. Greedy rows in one batch (taken from `greedy_out` when the decode graph
         computed them), the others (sampled, or greedy with a bias, penalties or masks) in another,
         with their kept seeded generators and token counts (_pick); `suppress`: request id -> token ids
-        its sample must not pick; `allowed`: request id -> bool numpy [vocab], the only tokens it may.
+        its sample must not pick; `allowed`: request id -> packed bits (np.packbits) of bool [vocab], the only tokens it may.
         Rows of `defer` are left to finish() (their values here are placeholders)."""
         rows = [i for i, rid in enumerate(request_ids) if not params[rid].batched_greedy and rid not in defer]
         if len(rows) < len(request_ids):  # greedy rows: one batched pick
             greedy = greedy_out if greedy_out is not None else greedy_logprobs(logits)
             if not rows:
                 return greedy
-        masks = _device_masks({rid: m for rid, m in (allowed or {}).items() if rid not in defer}, logits.device)
+        masks = _device_masks({rid: m for rid, m in (allowed or {}).items() if rid not in defer}, logits.device,
+                              logits.shape[1])
         tokens, lps = self._pick(logits, request_ids, rows, params, suppress or {}, masks)
         if len(rows) == len(request_ids):
             return tokens, lps
@@ -385,16 +387,18 @@ class ModelRunner:
         return self.generators[rid], self.counts[rid]
 
 
-def _device_masks(allowed: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """Structured outputs' masks (request id -> bool numpy [vocab]) on the device, in one copy: from
-    pinned memory, so the host does not wait for the work already queued (a pageable copy would
-    block it until the step's forward is done)."""
+def _device_masks(allowed: dict, device: torch.device, vocab: int) -> dict[str, torch.Tensor]:
+    """Structured outputs' masks (request id -> packed bits of bool [vocab], np.packbits) as bool
+    [vocab] on the device: one copy of the bits, from pinned memory (a pageable copy would block the
+    host until the step's forward is done), unpacked there."""
     if not allowed:
         return {}
-    stacked = torch.from_numpy(np.stack(list(allowed.values())))
+    packed = torch.from_numpy(np.stack(list(allowed.values())))  # uint8 [R, ceil(vocab / 8)]
     if device.type == "cuda":
-        stacked = stacked.pin_memory().to(device, non_blocking=True)
-    return dict(zip(allowed, stacked))
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
+    bits = (packed[:, :, None] >> shifts) & 1  # [R, ceil(vocab / 8), 8], the high bit first
+    return dict(zip(allowed, bits.reshape(len(allowed), -1)[:, :vocab].bool()))
 
 
 def _top_logprobs(logits: torch.Tensor, request_ids: list[str], params: dict):

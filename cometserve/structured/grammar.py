@@ -4,15 +4,16 @@ tokens may come next and follows the tokens sampled.
 ```
 compiler = GrammarCompiler(tokenizer, vocab_size)      # one per engine: the vocabulary's index
 matcher = compiler.matcher(params.structured_outputs, stop_ids=(eos,))
-mask = matcher.allowed()       # bool [vocab_size]: the sampler picks among these only
+mask = matcher.allowed()       # bits of bool [vocab_size] (np.packbits): the sampler picks among these only
 matcher.accept(token)          # after the sample; matcher.is_terminated: nothing may follow
 ```
 
 Every spec compiles to a regex (JSON schemas through structured/json_schema.py), the regex to a
 minimal byte DFA (structured/regex.py); a state's mask is one vectorized walk of the vocabulary
-(structured/vocab.py), cached per state, and compiled grammars are cached per spec, so a request
-that repeats a schema pays neither again. The request's stop tokens are allowed exactly where the
-text so far is a whole match.
+(structured/vocab.py), cached per state as packed bits (a step moves 16 KB a row for a 128k-token
+vocabulary, not 128 KB), and compiled grammars are cached per spec, so a request that repeats a
+schema pays neither again. The request's stop tokens are allowed exactly where the text so far is a
+whole match.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cometserve.sampling_params import StructuredOutputsParams
 from cometserve.structured.regex import DFA, compile_regex
 from cometserve.structured.vocab import TokenIndex, token_bytes
 
-MAX_CACHED_MASKS = 4096  # per grammar: 4096 x vocab bytes (~0.5 GB at 128k tokens) at most
+MAX_CACHED_MASKS = 4096  # per grammar: 4096 x vocab / 8 bytes (64 MB at 128k tokens) at most
 MAX_CACHED_GRAMMARS = 32
 
 
@@ -38,11 +39,12 @@ class Grammar:
         self._masks: dict[int, np.ndarray] = {}
 
     def mask(self, state: int) -> np.ndarray:
+        """The state's allowed tokens as packed bits: uint8 [ceil(vocab / 8)] (np.packbits)."""
         m = self._masks.get(state)
         if m is None:
             if len(self._masks) >= MAX_CACHED_MASKS:
                 self._masks.clear()
-            m = self._masks[state] = self.index.allowed(self.dfa.trans, state)
+            m = self._masks[state] = np.packbits(self.index.allowed(self.dfa.trans, state))
         return m
 
 
@@ -54,12 +56,11 @@ class GrammarMatcher:
         self.state = grammar.dfa.start
 
     def allowed(self) -> np.ndarray:
-        """bool [vocab_size]: the tokens the next sample may be; stop tokens where the text so far
-        is a whole match."""
+        """The tokens the next sample may be, as packed bits (unpack() for bool [vocab_size]); stop
+        tokens where the text so far is a whole match."""
         mask = self.grammar.mask(self.state)
         if self.stop_ids and self.grammar.dfa.accepting[self.state]:
-            mask = mask.copy()
-            mask[list(self.stop_ids)] = True
+            mask = _with_bits(mask, self.stop_ids)
         return mask
 
     def accept(self, token_id: int) -> None:
@@ -129,8 +130,7 @@ class FixedMask:
     def __init__(self, vocab_size: int, token_ids: tuple[int, ...]) -> None:
         if max(token_ids) >= vocab_size:
             raise ValueError(f"allowed_token_ids names token {max(token_ids)}, outside the vocabulary [0, {vocab_size})")
-        self.mask = np.zeros(vocab_size, dtype=bool)
-        self.mask[list(token_ids)] = True
+        self.mask = _with_bits(np.zeros((vocab_size + 7) // 8, dtype=np.uint8), token_ids)
 
     def allowed(self) -> np.ndarray:
         return self.mask
@@ -146,3 +146,17 @@ def constraint(params, compiler: GrammarCompiler, stop_ids: tuple[int, ...]) -> 
     if params.allowed_token_ids is not None:
         return FixedMask(compiler.vocab_size, params.allowed_token_ids)
     return None
+
+
+def _with_bits(packed: np.ndarray, token_ids) -> np.ndarray:
+    """A copy of packed mask bits with these tokens' bits set (np.packbits' order: token 0 is the
+    high bit of byte 0)."""
+    out = packed.copy()
+    ids = np.asarray(token_ids, dtype=np.int64)
+    np.bitwise_or.at(out, ids >> 3, (0x80 >> (ids & 7)).astype(np.uint8))
+    return out
+
+
+def unpack(packed: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Packed mask bits -> bool [vocab_size]."""
+    return np.unpackbits(packed, count=vocab_size).astype(bool)
