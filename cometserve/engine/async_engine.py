@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from cometserve.engine.engine import EngineConfig, LLMEngine, RequestDelta
 from cometserve.engine.scheduler import RequestRejected
-from cometserve.sampling_params import SamplingParams
+from cometserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = ["AsyncEngine", "EngineDead", "EngineOverloaded", "EngineShutdown", "EngineStats",
            "RequestRejected", "RequestStream"]
@@ -108,6 +108,8 @@ class AsyncEngine:
         t0 = time.perf_counter()
         if engine.runner.device.type == "cuda":
             engine.warm_up()  # kernel compilation and tuning before the first request, not in it
+            if engine.tokenizer is not None:  # the vocabulary's index and json_object's grammar (~2 s)
+                engine.grammars.grammar(StructuredOutputsParams(json_object=True))
         self.warm_up_s = time.perf_counter() - t0
         self.engine = engine
         self.max_queue = max_queue
