@@ -153,3 +153,9 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=dev)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs
+
+
+def greedy_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [S, vocab] -> (argmax tokens int64 [S], their log-probabilities float32 [S])."""
+    tokens = logits.argmax(dim=-1)
+    return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)

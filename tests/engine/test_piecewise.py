@@ -1,7 +1,7 @@
 """Piecewise CUDA graphs (engine/piecewise.py): the padded sizes on CPU; on CUDA, the graphed
 forward against the eager one on the same step inputs (a prefill step, then a mixed prefill + decode
 step) and generation through an engine with and without them. Also the decode graphs' short-context
-variant (runner.DecodeGraphs) against the eager forward."""
+variant (decode_graphs.DecodeGraphs) against the eager forward."""
 
 from __future__ import annotations
 
