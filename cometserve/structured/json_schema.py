@@ -7,8 +7,10 @@ backreferences or lazy quantifiers).
 Supported: `true`/`{}` (any value, containers nested at most `any_depth` deep), `type` (a name or a list),
 `enum`, `const`, `nullable`, `anyOf`, `oneOf` (as anyOf), one-subschema `allOf`, local `$ref` (recursion is
 cut after `any_depth` nested expansions where an alternative, optional property or empty array allows);
-strings (`minLength`, `maxLength`, `pattern`, `format` date / time / date-time / uuid), exact integer ranges
-(`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`), objects (`properties`, `required`,
+strings (`minLength`, `maxLength`, `pattern`, `format` date / time / date-time / uuid / email / ipv4;
+other formats are annotations, as JSON Schema 2019-09 on reads them: any string), exact integer ranges
+(`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`), numbers between whole-number `minimum` /
+`maximum` (pydantic's ge / le; written without an exponent there), objects (`properties`, `required`,
 `additionalProperties`, `min/maxProperties`), arrays (`items`, `prefixItems`, `minItems`, `maxItems`).
 Annotations are ignored; any other keyword or combination raises SchemaError.
 
@@ -42,6 +44,8 @@ _HOURS, _HEX = "(?:[01][0-9]|2[0-3])", "[0-9a-fA-F]"
 _DATE = r"[0-9]{4}\-(?:0[1-9]|1[0-2])\-(?:0[1-9]|[12][0-9]|3[01])"
 _TIME = rf"{_HOURS}:[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]{{1,9}})?(?:[Zz]|[+\-]{_HOURS}:[0-5][0-9])"
 FORMATS = {"date": _DATE, "time": _TIME, "date-time": f"{_DATE}[Tt]{_TIME}",
+           "email": r"[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9\-]{1,63}(?:\.[A-Za-z0-9\-]{1,63}){0,4}\.[A-Za-z]{2,24}",
+           "ipv4": r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
            "uuid": rf"{_HEX}{{8}}\-{_HEX}{{4}}\-{_HEX}{{4}}\-{_HEX}{{4}}\-{_HEX}{{12}}"}
 TYPES = ("string", "integer", "number", "boolean", "null", "object", "array")
 IGNORED = frozenset((  # annotations (discriminator: oneOf branches already pin their tags with const)
@@ -208,11 +212,32 @@ class _Compiler:
         return list(dict.fromkeys(types))
 
     def _typed(self, schema: dict, at: str, t: str) -> str:
+        simple = {"boolean": "(?:true|false)", "null": "null"}
+        return simple[t] if t in simple else getattr(self, "_" + t)(schema, at)  # _string, _number, ...
+
+    def _number(self, schema: dict, at: str) -> str:
+        """Any JSON number; between whole-number `minimum` / `maximum` (pydantic's ge / le), decimals
+        without an exponent: a whole part in range, with a fraction where one stays in range."""
         bounds = [k for k in schema if _FAMILY.get(k) == "number"]
-        if t == "number" and bounds:
-            raise _fail(at, f"{bounds[0]!r} is not supported for type 'number' (only for 'integer')")
-        simple = {"number": NUMBER, "boolean": "(?:true|false)", "null": "null"}
-        return simple[t] if t in simple else getattr(self, "_" + t)(schema, at)  # _string, _object, ...
+        if not bounds:
+            return NUMBER
+        odd = [k for k in bounds if k not in ("minimum", "maximum") or isinstance(schema[k], bool)
+               or not isinstance(schema[k], (int, float)) or not math.isfinite(schema[k])
+               or not float(schema[k]).is_integer()]
+        if odd:
+            raise _fail(at, f"{odd[0]!r} is not supported for type 'number' (whole-number 'minimum' and "
+                        "'maximum' are; exclusive bounds, fractional bounds and 'multipleOf' are not)")
+        cap = 10**MAX_DIGITS - 1
+        lo, hi = int(schema.get("minimum", -cap)), int(schema.get("maximum", cap))
+        if lo > hi:
+            raise _fail(at, "'minimum' exceeds 'maximum'", _Unsatisfiable)
+        frac = f"\\.[0-9]{{1,{MAX_DIGITS}}}"
+        alts = [int_range_regex(lo, hi) + f"(?:\\.0{{1,{MAX_DIGITS}}})?"]  # whole values
+        if max(lo, 0) <= hi - 1:  # k.f with 0 <= k: in [k, k + 1), inside [lo, hi] for k in [lo, hi - 1]
+            alts.append(int_range_regex(max(lo, 0), hi - 1) + frac)
+        if max(0, -hi) <= -lo - 1:  # -m.f: in (-(m + 1), -m], inside for m in [-hi, -lo - 1]
+            alts.append("-" + int_range_regex(max(0, -hi), -lo - 1) + frac)
+        return _group("|".join(alts))
 
     def _ref(self, ref, at: str) -> str:
         if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
@@ -272,8 +297,10 @@ class _Compiler:
             raise _fail(at, f"{given[0]!r} cannot be combined with {given[1]!r}")
         value = schema[given[0]]
         if given[0] == "format":
-            if not isinstance(value, str) or value not in FORMATS:
-                raise _fail(at, f"'format' {value!r} is not supported (only {', '.join(FORMATS)})")
+            if not isinstance(value, str):
+                raise _fail(at, "'format' must be a string")
+            if value not in FORMATS:  # an annotation by default (JSON Schema 2019-09 on): any string
+                return f'"{_CHAR}*"'
             return f'"{FORMATS[value]}"'
         pattern = value.removeprefix("^") if isinstance(value, str) else None
         if pattern is not None and pattern.endswith("$") and not pattern.endswith("\\$"):
