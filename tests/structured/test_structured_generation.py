@@ -125,7 +125,7 @@ def test_masks_equal_running_each_token(llm):
     ({"regex": "a", "choice": ["a"]}, "exactly one"),
     ({}, "exactly one"),
     ({"json": "{not json"}, "not valid JSON"),
-    ({"json": {"type": "number", "minimum": 0}}, "minimum"),
+    ({"json": {"type": "number", "multipleOf": 3}}, "multipleOf"),
     ({"choice": []}, "non-empty"),
 ])
 def test_bad_specs_are_refused_with_the_reason(kw, msg):
