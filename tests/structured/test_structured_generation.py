@@ -180,3 +180,32 @@ def test_structured_requests_survive_preemption(llm):
     assert small._engine is engine and preempted, "the cache is sized to force preemption"
     want = [o.outputs[0] for o in llm.generate_reference(prompts, params)]
     assert [(g.token_ids, g.finish_reason) for g in got] == [(w.token_ids, w.finish_reason) for w in want]
+
+
+def test_a_cached_grammar_never_waits_for_another_compilation(llm, monkeypatch):
+    """While one thread compiles a grammar (held here at a gate), another gets its cached one."""
+    import threading
+
+    from cometserve.structured import grammar as grammar_module
+
+    compiler = GrammarCompiler(llm.tokenizer, 49152)
+    cached = compiler.grammar(SPECS["choice"])
+    gate, started, real = threading.Event(), threading.Event(), grammar_module.compile_regex
+
+    def held(pattern):
+        started.set()
+        gate.wait(30)
+        return real(pattern)
+
+    monkeypatch.setattr(grammar_module, "compile_regex", held)
+    slow = threading.Thread(target=compiler.grammar, args=(SPECS["regex"],))
+    slow.start()
+    assert started.wait(30)
+    got = []
+    fast = threading.Thread(target=lambda: got.append(compiler.grammar(SPECS["choice"])))
+    fast.start()
+    fast.join(10)
+    done = not fast.is_alive()
+    gate.set()
+    slow.join(30)
+    assert done and got == [cached]
