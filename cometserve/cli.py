@@ -170,7 +170,13 @@ def cmd_serve(args) -> None:
             tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(args.model)))
         spec = ModelSpec(path=args.model, random_weights=args.random_weights, mode=args.mode)
         llm_engine, workers = launch_engine(spec, args.tensor_parallel, cfg, tokenizer, args.device)
+        defaults = {}
+        if args.model is not None:
+            from cometserve.engine.llm import generation_defaults
+
+            llm_engine.eos_token_id, defaults = generation_defaults(resolve_model_path(args.model), tokenizer)
         engine = AsyncEngine(llm_engine, args.max_queue)
+        engine.sampling_defaults = defaults
     elif args.model is not None:
         engine = AsyncEngine.from_checkpoint(args.model, cfg, args.device, args.max_queue)
     else:
@@ -178,7 +184,7 @@ def cmd_serve(args) -> None:
     try:
         serve(engine, name, host=args.host, port=args.port, api_key=args.api_key,
               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
-              tool_call_parser=args.tool_call_parser)
+              tool_call_parser=args.tool_call_parser, generation_config=args.generation_config)
     finally:
         if workers is not None:
             workers.close()
@@ -198,6 +204,9 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json"),
                    help="the model's own tool-call format, for tool_choice 'auto' (hermes: Qwen2; llama3_json: "
                    "Llama 3.1/3.2)")
+    s.add_argument("--generation-config", default="auto", choices=("auto", "vllm"),
+                   help="auto: the model's generation_config.json sampling values are the defaults of requests "
+                   "that leave them unset (vLLM's default); vllm: OpenAI's defaults")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM's command lines: 'auto' is on whenever --tool-call-parser is given")
     s.add_argument("--max-num-seqs", type=int, default=256, help="largest running batch")

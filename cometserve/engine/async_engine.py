@@ -116,6 +116,8 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model.config.vocab_size
+        # the model's recommended sampling for fields a request leaves unset (generation_config.json)
+        self.sampling_defaults: dict = {}
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}  # live sub-request id -> stream (event loop only)
         self._ids = itertools.count()
@@ -140,7 +142,9 @@ class AsyncEngine:
         llm = LLM(path, device=device, engine_config=config)
         if llm.device.type != "cuda":
             llm.engine_config = dataclasses.replace(config, use_cuda_graphs=False)
-        return cls(llm.engine(), max_queue)
+        engine = cls(llm.engine(), max_queue)
+        engine.sampling_defaults = llm.default_sampling
+        return engine
 
     @classmethod
     def from_random_weights(cls, name: str, mode: str, config: EngineConfig, device: str | None = None,

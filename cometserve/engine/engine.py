@@ -114,7 +114,7 @@ def _piecewise_tokens(cfg: EngineConfig) -> int:
 
 class LLMEngine:
     def __init__(self, model, scheme, config: EngineConfig | None = None, tokenizer=None,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | tuple[int, ...] | None = None) -> None:
         self.model, self.scheme = model, scheme
         self.config = cfg = config or EngineConfig()
         self.tokenizer = tokenizer
@@ -194,8 +194,7 @@ class LLMEngine:
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise ValueError(f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary [0, {vocab})")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_id)
-        eos = () if params.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
-        grammar = constraint(params, self.grammars, params.stop_token_ids + eos)
+        grammar = constraint(params, self.grammars, request.stop_ids)
         self.scheduler.add(request)
         detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer is not None
                  else None)

@@ -7,6 +7,7 @@ per-sequence cache: the behavioural reference the batched engine is tested again
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from cometserve.engine.detokenizer import completion_text
 from cometserve.engine.engine import EngineConfig, LLMEngine
 from cometserve.engine.kv_manager import cdiv
+from cometserve.engine.request import Request
 from cometserve.engine.sampler import make_generator, mark_prompt, new_counts, sample
 from cometserve.model.loader import load_model
 from cometserve.sampling_params import SamplingParams
@@ -42,6 +44,36 @@ class RequestOutput:
     seconds: float = 0.0
 
 
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_config(path: Path) -> dict:
+    """The model directory's generation_config.json ({} without one); a file that is not a JSON
+    object is an error naming it."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        doc = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{f} must hold a JSON object")  # noqa: TRY004 - a bad file, not a bad argument
+    return doc
+
+
+def generation_defaults(path: Path, tokenizer) -> tuple[tuple[int, ...], dict]:
+    """(EOS ids, default sampling) as vLLM reads a model's generation config: EOS is the tokenizer's
+    and those the config adds (Llama 3 Instruct ends its turns with <|eot_id|>, which older tokenizer
+    files do not call EOS); the sampling values it recommends are the server's defaults (vLLM's
+    `--generation-config auto`)."""
+    generation = generation_config(path)
+    extra = generation.get("eos_token_id")
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    eos = tuple(dict.fromkeys(t for t in [getattr(tokenizer, "eos_token_id", None), *extra] if isinstance(t, int)))
+    return eos, {k: generation[k] for k in SAMPLING_DEFAULT_KEYS if k in generation}
+
+
 class LLM:
     """A loaded model (16-bit directory, GGUF file or cometserve checkpoint) with its tokenizer."""
 
@@ -53,6 +85,7 @@ class LLM:
         self.model = self.loaded.model
         self.scheme = self.loaded.scheme
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.loaded.path))
+        self.eos_token_ids, self.default_sampling = generation_defaults(self.loaded.path, self.tokenizer)
         self.device = self.model.model.embed_tokens.weight.device
         self.max_model_len = self.model.config.max_model_len
         self.engine_config = engine_config
@@ -165,7 +198,7 @@ class LLM:
         sized (and the engine rebuilt) to hold this batch's requests whole (one SamplingParams each)."""
         if self.device.type == "cuda":
             if self._engine is None:
-                self._engine = LLMEngine(self.model, self.scheme, self.engine_config, self.tokenizer)
+                self._engine = LLMEngine(self.model, self.scheme, self.engine_config, self.tokenizer, self.eos_token_ids)
                 self._engine.warm_up()
             return self._engine
         cfg = self.engine_config or EngineConfig(max_num_seqs=64, use_cuda_graphs=False)
@@ -175,7 +208,7 @@ class LLM:
             cfg = dataclasses.replace(cfg, num_pages=max(need, cdiv(self.max_model_len, page)))
         if self._engine is None or self._engine.storage.num_pages < cfg.num_pages:
             self._engine = None
-            self._engine = LLMEngine(self.model, self.scheme, cfg, self.tokenizer)
+            self._engine = LLMEngine(self.model, self.scheme, cfg, self.tokenizer, self.eos_token_ids)
         return self._engine
 
     def generate_reference(self, prompts: str | list[str], sampling_params: SamplingParams | None = None,
@@ -185,7 +218,8 @@ class LLM:
         outputs = []
         for text, ids, p in zip(texts, encoded, params):
             t0 = time.perf_counter()
-            completions = [generate_reference(self.model, self.scheme, ids, p.choice(i), self.tokenizer)
+            completions = [generate_reference(self.model, self.scheme, ids, p.choice(i), self.tokenizer,
+                                              self.eos_token_ids)
                            for i in range(p.n)]
             outputs.append(RequestOutput(text, ids, completions, time.perf_counter() - t0))
         return outputs
@@ -202,7 +236,7 @@ class LLM:
 
 @torch.no_grad()
 def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingParams, tokenizer=None,
-                       eos_token_id: int | None = None) -> CompletionOutput:
+                       eos_token_id: int | tuple[int, ...] | None = None) -> CompletionOutput:
     """One sequence over the plain cache: prefill the prompt in one forward, then one token per
     forward. `tokenizer` (optional) gives the EOS id, the text and the stop strings."""
     device = model.model.embed_tokens.weight.device
@@ -211,11 +245,9 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
     counts = new_counts(params, model.config.vocab_size, device)
     if counts is not None:
         mark_prompt(counts, prompt_ids)
-    stop_ids = set(params.stop_token_ids)
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-    if not params.ignore_eos and eos is not None:
-        stop_ids.add(eos)
-    grammar = constraint(params, GrammarCompiler(tokenizer, model.config.vocab_size), tuple(stop_ids))
+    stop_ids = Request("reference", [0], params, eos).stop_ids
+    grammar = constraint(params, GrammarCompiler(tokenizer, model.config.vocab_size), stop_ids)
     tokens, logprobs, tops = [], [], []
     step_ids = torch.tensor(prompt_ids, device=device)
     pos = 0
@@ -236,7 +268,7 @@ def generate_reference(model, scheme, prompt_ids: list[int], params: SamplingPar
             prompt_lps = [None] + [(lp, tuple(zip(ii, vv))) for lp, ii, vv in zip(lps.tolist(), i.tolist(), v.tolist())]
         logits = model.compute_logits(hidden[-1:])[0]
         allowed = None if grammar is None else torch.from_numpy(unpack(grammar.allowed(), logits.numel())).to(device)
-        token, lp = sample(logits, params, gen, counts, tuple(stop_ids) if len(tokens) < params.min_tokens else None,
+        token, lp = sample(logits, params, gen, counts, stop_ids if len(tokens) < params.min_tokens else None,
                            allowed)
         pos += step_ids.numel()
         if token in stop_ids:

@@ -95,7 +95,7 @@ class Request:
         request_id: str,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
-        eos_token_id: int | None = None,
+        eos_token_id: int | tuple[int, ...] | None = None,
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -104,7 +104,9 @@ class Request:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
-        self.eos_token_id = eos_token_id
+        # EOS: the tokenizer's, and any more a model's generation_config names (Llama 3's <|eot_id|>)
+        self.eos_token_ids: tuple[int, ...] = (
+            () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
         self.arrival = -1  # stamped by Scheduler.add: the FIFO order, unique and increasing
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float] = []
@@ -200,15 +202,19 @@ class Request:
     def suppressed_ids(self, end: int) -> tuple[int, ...]:
         """The stop tokens masked from the sample after tokens [0, end): every token that would stop
         the request while that sample would be output number < min_tokens, else none."""
-        params = self.sampling_params
-        if end - len(self.prompt_token_ids) >= params.min_tokens:
+        if end - len(self.prompt_token_ids) >= self.sampling_params.min_tokens:
             return ()
-        eos = () if params.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
-        return params.stop_token_ids + eos
+        return self.stop_ids
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every token that ends the request: its stop_token_ids, and EOS unless it ignores EOS."""
+        params = self.sampling_params
+        return params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
 
     def is_stop_token(self, token_id: int) -> bool:
         """A stop_token_id always stops; EOS stops unless the request asked to ignore it."""
         params = self.sampling_params
         if token_id in params.stop_token_ids:
             return True
-        return not params.ignore_eos and self.eos_token_id is not None and token_id == self.eos_token_id
+        return not params.ignore_eos and token_id in self.eos_token_ids

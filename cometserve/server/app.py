@@ -28,7 +28,7 @@ from cometserve.engine.async_engine import (
     RequestRejected,
     RequestStream,
 )
-from cometserve.sampling_params import StructuredOutputsParams
+from cometserve.sampling_params import SamplingParams, StructuredOutputsParams
 from cometserve.server.metrics import LatencyTracker, Metrics
 from cometserve.server.protocol import (
     MAX_CHOICES,
@@ -55,9 +55,10 @@ MAX_BODY_BYTES = 8 << 20
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              tool_call_parser: str | None = None) -> FastAPI:
+              tool_call_parser: str | None = None, generation_config: str = "auto") -> FastAPI:
     """The app; its lifespan starts the engine thread and shuts it down. `tool_call_parser`: a name
-    of server/tool_parsers.PARSERS, for tool_choice "auto"."""
+    of server/tool_parsers.PARSERS, for tool_choice "auto"; `generation_config`: "auto" takes the
+    model's recommended sampling as the defaults of requests, "vllm" OpenAI's own defaults."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -66,7 +67,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         await engine.shutdown()
 
     app = FastAPI(title="cometserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    routes = OpenAIRoutes(engine, model_name, api_key, tool_call_parser)
+    routes = OpenAIRoutes(engine, model_name, api_key, tool_call_parser, generation_config)
     app.state.routes = routes
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -98,9 +99,16 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
 
 class OpenAIRoutes:
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
-                 tool_call_parser: str | None = None) -> None:
+                 tool_call_parser: str | None = None, generation_config: str = "auto") -> None:
         if tool_call_parser is not None and tool_call_parser not in PARSERS:
             raise ValueError(f"unknown tool-call parser {tool_call_parser!r}: one of {sorted(PARSERS)}")
+        if generation_config not in ("auto", "vllm"):
+            raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
+        self.defaults = dict(engine.sampling_defaults) if generation_config == "auto" else {}
+        try:
+            SamplingParams(**self.defaults)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the model's generation_config.json has a default the server cannot use: {e}") from None
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.tool_parser = PARSERS.get(tool_call_parser)
         self.tokenizer = engine.tokenizer
@@ -243,7 +251,7 @@ class OpenAIRoutes:
         bias = logit_bias(req, self.engine.vocab_size)
         prompt_k = fmt.top if fmt.echo is not None and fmt.want_logprobs else None
         params = [sampling_params(req, limit - len(ids) if max_tokens is None else max_tokens, i % req.n,
-                                  fmt.want_logprobs, fmt.top, bias, prompt_k, structured)
+                                  fmt.want_logprobs, fmt.top, bias, prompt_k, structured, self.defaults)
                   for i, ids in enumerate(subs)]
         stream = await self._submit(subs, params)
         tracker = self.metrics.tracker(len(subs), arrival)

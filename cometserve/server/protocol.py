@@ -325,18 +325,22 @@ def structured_outputs(req: _Common) -> StructuredOutputsParams | None:
 
 def sampling_params(req: _Common, max_tokens: int, choice: int, logprobs: bool, top: int = 0,
                     bias: dict[int, float] | None = None, prompt_logprobs: int | None = None,
-                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
+                    structured: StructuredOutputsParams | None = None, defaults: dict | None = None
+                    ) -> SamplingParams:
     """The SamplingParams of choice number `choice`; seeded choices get seed + choice so that n > 1
-    samples n different completions, reproducibly."""
+    samples n different completions, reproducibly. `defaults`: the model's recommended values of
+    temperature, top_p, top_k, min_p and repetition_penalty, for those the request leaves unset."""
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    defaults = defaults or {}
+    knobs = {k: defaults[k] if k in defaults and k not in req.model_fields_set else getattr(req, k)
+             for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
     try:
         return SamplingParams(
-            max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p,
-            top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=tuple(stop),
+            max_tokens=max_tokens, min_tokens=req.min_tokens, **knobs, seed=req.seed, stop=tuple(stop),
             include_stop_str_in_output=req.include_stop_str_in_output,
             ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, logit_bias=bias or {},
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            prompt_logprobs=prompt_logprobs, repetition_penalty=req.repetition_penalty,
+            prompt_logprobs=prompt_logprobs,
             structured_outputs=structured, skip_special_tokens=req.skip_special_tokens,
             allowed_token_ids=None if req.allowed_token_ids is None else tuple(req.allowed_token_ids),
         ).choice(choice)

@@ -477,3 +477,32 @@ def test_vllm_request_extensions(server, llm):
     want = llm.generate({"prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]},
                         SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0].outputs[0]
     assert out.choices[0].message.content == want.text
+
+
+def test_generation_config_defaults(tiny_checkpoint, llm, tmp_path):
+    """serve's --generation-config auto (vLLM's default): the model's recommended sampling fills the
+    fields a request leaves unset (or sends as null); `vllm` keeps OpenAI's defaults."""
+    import shutil
+
+    from tests.server.conftest import LiveServer
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    (path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "eos_token_id": 2}))
+    want = reference(llm, PROMPTS[0]).outputs[0].text  # greedy
+    with LiveServer(path) as s:
+        client = s.client()
+        unset = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, seed=5)
+        null = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, seed=5,
+                                         extra_body={"temperature": None})
+        hot = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, seed=5, temperature=1.0)
+    assert unset.choices[0].text == null.choices[0].text == want != hot.choices[0].text
+    from cometserve.engine.async_engine import AsyncEngine
+    from cometserve.server.app import OpenAIRoutes
+
+    engine = AsyncEngine.__new__(AsyncEngine)
+    engine.sampling_defaults, engine.tokenizer = {"temperature": 0.0}, None
+    assert OpenAIRoutes(engine, MODEL, None, generation_config="vllm").defaults == {}
+    engine.sampling_defaults = {"temperature": 7.0}
+    with pytest.raises(ValueError, match="generation_config.json has a default"):
+        OpenAIRoutes(engine, MODEL, None)

@@ -209,3 +209,25 @@ def test_a_cached_grammar_never_waits_for_another_compilation(llm, monkeypatch):
     gate.set()
     slow.join(30)
     assert done and got == [cached]
+
+
+def test_generation_config_adds_eos_ids(tmp_path):
+    """A generation_config.json's eos_token_id list (Llama 3 Instruct's <|end_of_text|>, <|eot_id|>):
+    each ends a request as the tokenizer's EOS does (unless ignore_eos), in the engine and the reference."""
+    src = tiny_with_smollm2_tokenizer(tmp_path / "m")
+    cfg = EngineConfig(max_num_seqs=4, num_pages=16, use_cuda_graphs=False)
+    free = LLM(src, device="cpu", engine_config=cfg).generate("Hello", SamplingParams(max_tokens=10, ignore_eos=True),
+                                                               use_tqdm=False)[0].outputs[0].token_ids
+    stop = free[3]
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop], "temperature": 0.7}))
+    llm = LLM(src, device="cpu", engine_config=cfg)
+    assert llm.eos_token_ids == (2, stop) and llm.default_sampling == {"temperature": 0.7}
+    params = SamplingParams(max_tokens=10)
+    got = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == free[: free.index(stop)] and got.finish_reason == "stop"
+    assert llm.generate_reference("Hello", params)[0].outputs[0].token_ids == got.token_ids
+    past = llm.generate("Hello", SamplingParams(max_tokens=10, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert past.token_ids == free
+    (src / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+        LLM(src, device="cpu")
