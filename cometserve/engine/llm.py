@@ -92,6 +92,11 @@ class LLM:
         self._engine: LLMEngine | None = None
         self._batches = 0
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams with the model's recommended sampling (generation_config.json), else
+        SamplingParams()'s (greedy, not vLLM's temperature 1)."""
+        return SamplingParams(**self.default_sampling)
+
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         return self.encode_chat([{"role": "user", "content": prompt}]) if chat else self.tokenizer(prompt)["input_ids"]
 

@@ -221,7 +221,7 @@ def test_generation_config_adds_eos_ids(tmp_path):
     stop = free[3]
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop], "temperature": 0.7}))
     llm = LLM(src, device="cpu", engine_config=cfg)
-    assert llm.eos_token_ids == (2, stop) and llm.default_sampling == {"temperature": 0.7}
+    assert llm.eos_token_ids == (2, stop) and llm.get_default_sampling_params().temperature == 0.7
     params = SamplingParams(max_tokens=10)
     got = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0]
     assert got.token_ids == free[: free.index(stop)] and got.finish_reason == "stop"
