@@ -29,6 +29,13 @@ def _sampling(args):
     )
 
 
+def _text_or_file(value: str | None) -> str | None:
+    """A flag's value, or the text of the file it names."""
+    if value is not None and "{" not in value and Path(value).is_file():
+        return Path(value).read_text()
+    return value
+
+
 def cmd_quantize(args) -> None:
     from cometserve.quant.calib_data import CalibSpec
     from cometserve.quant.quantize import quantize
@@ -184,7 +191,8 @@ def cmd_serve(args) -> None:
     try:
         serve(engine, name, host=args.host, port=args.port, api_key=args.api_key,
               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
-              tool_call_parser=args.tool_call_parser, generation_config=args.generation_config)
+              tool_call_parser=args.tool_call_parser, generation_config=args.generation_config,
+              chat_template=_text_or_file(args.chat_template))
     finally:
         if workers is not None:
             workers.close()
@@ -204,6 +212,8 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json"),
                    help="the model's own tool-call format, for tool_choice 'auto' (hermes: Qwen2; llama3_json: "
                    "Llama 3.1/3.2)")
+    s.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (a file, or the template itself) replacing the model's")
     s.add_argument("--generation-config", default="auto", choices=("auto", "vllm"),
                    help="auto: the model's generation_config.json sampling values are the defaults of requests "
                    "that leave them unset (vLLM's default); vllm: OpenAI's defaults")

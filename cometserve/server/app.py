@@ -55,10 +55,12 @@ MAX_BODY_BYTES = 8 << 20
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              tool_call_parser: str | None = None, generation_config: str = "auto") -> FastAPI:
+              tool_call_parser: str | None = None, generation_config: str = "auto",
+              chat_template: str | None = None) -> FastAPI:
     """The app; its lifespan starts the engine thread and shuts it down. `tool_call_parser`: a name
     of server/tool_parsers.PARSERS, for tool_choice "auto"; `generation_config`: "auto" takes the
-    model's recommended sampling as the defaults of requests, "vllm" OpenAI's own defaults."""
+    model's recommended sampling as the defaults of requests, "vllm" OpenAI's own defaults;
+    `chat_template`: a Jinja template that replaces the tokenizer's."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,6 +69,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         await engine.shutdown()
 
     app = FastAPI(title="cometserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if chat_template is not None:
+        if engine.tokenizer is None:
+            raise ValueError("a chat template needs the model's tokenizer (none was loaded)")
+        engine.tokenizer.chat_template = chat_template
     routes = OpenAIRoutes(engine, model_name, api_key, tool_call_parser, generation_config)
     app.state.routes = routes
     app.add_exception_handler(APIError, _api_error)

@@ -481,7 +481,8 @@ def test_vllm_request_extensions(server, llm):
 
 def test_generation_config_defaults(tiny_checkpoint, llm, tmp_path):
     """serve's --generation-config auto (vLLM's default): the model's recommended sampling fills the
-    fields a request leaves unset (or sends as null); `vllm` keeps OpenAI's defaults."""
+    fields a request leaves unset (or sends as null); `vllm` keeps OpenAI's defaults. Also
+    --chat-template: the given template replaces the model's."""
     import shutil
 
     from tests.server.conftest import LiveServer
@@ -490,8 +491,11 @@ def test_generation_config_defaults(tiny_checkpoint, llm, tmp_path):
     shutil.copytree(tiny_checkpoint, path)
     (path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "eos_token_id": 2}))
     want = reference(llm, PROMPTS[0]).outputs[0].text  # greedy
-    with LiveServer(path) as s:
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+    with LiveServer(path, chat_template=template) as s:
         client = s.client()
+        tokens = httpx.post(f"{s.url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+        assert llm.tokenizer.decode(tokens["tokens"]) == "[user] Hi\n[assistant]"  # serve --chat-template
         unset = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, seed=5)
         null = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, seed=5,
                                          extra_body={"temperature": None})
