@@ -279,23 +279,25 @@ class LLMEngine:
         finished = self.scheduler.update(step_out)
         self.runner.release([r.request_id for r in finished])
         self.num_steps += 1
-        for rid in step_out.sampled:
-            tracked = self._tracked.get(rid)
-            if tracked is not None:
-                if tracked.grammar is not None:
-                    self._follow_grammar(tracked)
-                deltas.append(self._delta(tracked))
+        tracked = [t for t in map(self._tracked.get, step_out.sampled) if t is not None]
+        if self._num_structured:
+            self._follow_grammars([t for t in tracked if t.grammar is not None])
+        deltas += [self._delta(t) for t in tracked]
         return deltas
 
-    def _follow_grammar(self, t: _Tracked) -> None:
-        """Advance the grammar over the new token; a text the grammar lets nothing follow ends the
-        request as if it had sampled EOS."""
-        r = t.request
-        if r.num_output_tokens > t.num_sent:
-            t.grammar.accept(r.output_token_ids[-1])  # one new token per step
-        if not r.is_finished and t.grammar.is_terminated:
-            self.scheduler.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED)
-            self.runner.release([r.request_id])
+    def _follow_grammars(self, tracked: list[_Tracked]) -> None:
+        """Advance each grammar over its request's new token (one per step), compute the masks of the
+        states reached (in parallel: GrammarCompiler.prefetch), and end each request whose text the
+        grammar lets nothing follow, as if it had sampled EOS."""
+        for t in tracked:
+            if t.request.num_output_tokens > t.num_sent:
+                t.grammar.accept(t.request.output_token_ids[-1])
+        self.grammars.prefetch([t.grammar for t in tracked if not t.request.is_finished])
+        for t in tracked:
+            r = t.request
+            if not r.is_finished and t.grammar.is_terminated:
+                self.scheduler.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED)
+                self.runner.release([r.request_id])
 
     def stream(self) -> Iterator[RequestDelta]:
         """Step until no request is left, yielding every delta as it comes."""
