@@ -337,10 +337,6 @@ class DFA:
     def matches(self, text: str) -> bool:
         return bool(self.accepting[self.run(text.encode("utf-8"))])
 
-    def can_continue(self, state: int) -> bool:
-        """Some byte leads on from `state` (else only the end of the output can)."""
-        return bool(self.trans[state].any())
-
 
 def parse(pattern: str):
     """The pattern's syntax tree; RegexError where it leaves the dialect."""
