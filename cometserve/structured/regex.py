@@ -24,6 +24,7 @@ import numpy as np
 MAX_CODE_POINT = 0x10FFFF
 MAX_REPEAT = 1000  # {n,m} copies the sub-automaton: bounded so that a pattern cannot exhaust memory
 MAX_NFA_STATES = 400_000
+MAX_DFA_STATES = 100_000  # a pattern like (a|b)*a(a|b){20} needs 2^20: refused, not computed for minutes
 MAX_REFINE_ROUNDS = 64  # minimization rounds before the DFA is kept unminimized (see _minimize)
 _SURROGATES = (0xD800, 0xDFFF)  # not characters: UTF-8 cannot encode them
 
@@ -395,6 +396,9 @@ def _determinize(nfa: _NFA, start: int, accept: int) -> tuple[np.ndarray, np.nda
         for k, states in targets.items():
             key = frozenset(states)
             if key not in ids:
+                if len(sets) >= MAX_DFA_STATES:
+                    raise RegexError(f"the pattern needs more than {MAX_DFA_STATES} automaton states "
+                                     "(a repeat after an alternation multiplies them): simplify it")
                 ids[key] = len(sets)
                 sets.append(key)
             row[k] = ids[key]

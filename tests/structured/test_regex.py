@@ -105,3 +105,12 @@ def test_long_repeat_is_left_unminimized_and_still_exact():
     for _ in range(dfa.num_states):
         reach = reach | reach[dfa.trans].any(axis=1)
     assert reach[1:].all()
+
+
+@pytest.mark.parametrize("pattern, what", [(r"(a|b)*a(a|b){20}", "100000 automaton states"),
+                                           (r"(a{1000}){1000}", "400000 automaton states")])
+def test_patterns_that_explode_are_refused_not_computed(pattern, what):
+    """A request cannot make the server build an automaton of millions of states: the subset
+    construction (2^20 states here) and the NFA (a million copies) stop at their caps."""
+    with pytest.raises(RegexError, match=what):
+        compile_regex(pattern)
