@@ -99,6 +99,7 @@ HOSTILE = [
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "str"}}}), 400),
     ("regex outside the dialect", "POST", CMPL, cmpl(structured_outputs={"regex": "(?<=a)b"}), 400),
     ("two structured outputs", "POST", CMPL, cmpl(guided_regex="a", guided_choice=["a"]), 400),
+    ("regex with 2^20 automaton states", "POST", CMPL, cmpl(guided_regex="(a|b)*a(a|b){20}"), 400),
     ("structured_outputs empty", "POST", CMPL, cmpl(structured_outputs={}), 400),
     ("guided_choice empty", "POST", CMPL, cmpl(guided_choice=[]), 400),
     ("chat: tools with tool_choice auto", "POST", CHAT, chat(tools=[TOOL]), 400),
