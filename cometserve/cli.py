@@ -192,7 +192,7 @@ def cmd_serve(args) -> None:
         serve(engine, name, host=args.host, port=args.port, api_key=args.api_key,
               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
               tool_call_parser=args.tool_call_parser, generation_config=args.generation_config,
-              chat_template=_text_or_file(args.chat_template))
+              chat_template=_text_or_file(args.chat_template), allowed_origins=args.allowed_origins)
     finally:
         if workers is not None:
             workers.close()
@@ -212,6 +212,8 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json"),
                    help="the model's own tool-call format, for tool_choice 'auto' (hermes: Qwen2; llama3_json: "
                    "Llama 3.1/3.2)")
+    s.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                   help="a web origin (or *) whose pages may call the API from a browser (CORS; repeatable)")
     s.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (a file, or the template itself) replacing the model's")
     s.add_argument("--generation-config", default="auto", choices=("auto", "vllm"),

@@ -16,6 +16,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -56,11 +57,12 @@ MAX_BODY_BYTES = 8 << 20
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               tool_call_parser: str | None = None, generation_config: str = "auto",
-              chat_template: str | None = None) -> FastAPI:
+              chat_template: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
     """The app; its lifespan starts the engine thread and shuts it down. `tool_call_parser`: a name
     of server/tool_parsers.PARSERS, for tool_choice "auto"; `generation_config`: "auto" takes the
     model's recommended sampling as the defaults of requests, "vllm" OpenAI's own defaults;
-    `chat_template`: a Jinja template that replaces the tokenizer's."""
+    `chat_template`: a Jinja template that replaces the tokenizer's; `allowed_origins`: web origins
+    whose browser pages may call the API (CORS; none by default)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -75,6 +77,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         engine.tokenizer.chat_template = chat_template
     routes = OpenAIRoutes(engine, model_name, api_key, tool_call_parser, generation_config)
     app.state.routes = routes
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)

@@ -29,9 +29,10 @@ class _Server(uvicorn.Server):
 def make_server(engine: AsyncEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None, shutdown_timeout: float = 30.0,
                 log_level: str = "info", tool_call_parser: str | None = None,
-                generation_config: str = "auto", chat_template: str | None = None) -> uvicorn.Server:
+                generation_config: str = "auto", chat_template: str | None = None,
+                allowed_origins: list[str] | None = None) -> uvicorn.Server:
     """A uvicorn server for the app; `.run()` blocks (`.run(sockets=[sock])` serves a bound socket)."""
-    app = build_app(engine, model_name, api_key, tool_call_parser, generation_config, chat_template)
+    app = build_app(engine, model_name, api_key, tool_call_parser, generation_config, chat_template, allowed_origins)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
     return _Server(config, engine)

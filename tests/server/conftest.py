@@ -51,11 +51,12 @@ class LiveServer:
     """`with LiveServer(path) as s:` serves on 127.0.0.1 at a free port until the block ends."""
 
     def __init__(self, path, api_key: str | None = None, max_queue: int = 256, tool_call_parser: str | None = None,
-                 chat_template: str | None = None, **engine_kw) -> None:
+                 chat_template: str | None = None, allowed_origins: list[str] | None = None, **engine_kw) -> None:
         cfg = EngineConfig(**{"max_num_seqs": 64, "num_pages": 64, "use_cuda_graphs": False, **engine_kw})
         self.engine = AsyncEngine.from_checkpoint(path, cfg, device="cpu", max_queue=max_queue)
         self.server = make_server(self.engine, MODEL, api_key=api_key, log_level="warning",
-                                  tool_call_parser=tool_call_parser, chat_template=chat_template)
+                                  tool_call_parser=tool_call_parser, chat_template=chat_template,
+                                  allowed_origins=allowed_origins)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

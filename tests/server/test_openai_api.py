@@ -482,7 +482,7 @@ def test_vllm_request_extensions(server, llm):
 def test_generation_config_defaults(tiny_checkpoint, llm, tmp_path):
     """serve's --generation-config auto (vLLM's default): the model's recommended sampling fills the
     fields a request leaves unset (or sends as null); `vllm` keeps OpenAI's defaults. Also
-    --chat-template: the given template replaces the model's."""
+    --chat-template (the given template replaces the model's) and --allowed-origins (CORS)."""
     import shutil
 
     from tests.server.conftest import LiveServer
@@ -492,8 +492,13 @@ def test_generation_config_defaults(tiny_checkpoint, llm, tmp_path):
     (path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "eos_token_id": 2}))
     want = reference(llm, PROMPTS[0]).outputs[0].text  # greedy
     template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
-    with LiveServer(path, chat_template=template) as s:
+    with LiveServer(path, chat_template=template, allowed_origins=["https://app.example"]) as s:
         client = s.client()
+        cors = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        assert httpx.options(f"{s.url}/v1/chat/completions", headers=cors).headers.get(
+            "access-control-allow-origin") == "https://app.example"  # serve --allowed-origins
+        other = httpx.options(f"{s.url}/v1/chat/completions", headers={**cors, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
         tokens = httpx.post(f"{s.url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
         assert llm.tokenizer.decode(tokens["tokens"]) == "[user] Hi\n[assistant]"  # serve --chat-template
         unset = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, seed=5)
