@@ -127,7 +127,8 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
         if shared:
             idx = torch.tensor(shared, device=probs.device)
             noise.index_copy_(0, idx, torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_())
-    return (probs / noise).argmax(dim=-1)
+    # an exact 0 of noise would make a 0-probability (masked) token 0 / 0 = NaN, which argmax picks
+    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

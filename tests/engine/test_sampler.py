@@ -90,3 +90,12 @@ def test_filtered_probabilities_and_the_draw():
     draws = draw(batch[3:4].expand(20000, -1).contiguous(), [None] * 20000)
     freq = torch.bincount(draws, minlength=V).float() / 20000
     assert (freq - batch[3]).abs().max() < 0.02
+
+
+def test_zero_noise_never_picks_a_masked_token(monkeypatch):
+    """Exponential noise of exactly 0 (possible in float32) must not turn a 0-probability token into
+    0 / 0 = NaN, which argmax would pick."""
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.fill_(0.0))
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7], [0.0, 0.0, 1.0, 0.0]])
+    tokens = draw(probs, [None, torch.Generator().manual_seed(0)])
+    assert probs[0, tokens[0]] > 0 and int(tokens[1]) == 2
