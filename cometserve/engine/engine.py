@@ -195,6 +195,9 @@ class LLMEngine:
             raise ValueError(f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary [0, {vocab})")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_id)
         grammar = constraint(params, self.grammars, request.stop_ids)
+        if params.min_tokens and params.allowed_token_ids and set(params.allowed_token_ids) <= set(request.stop_ids):
+            raise ValueError("allowed_token_ids holds only stop tokens, which min_tokens forbids: nothing could "
+                             "be sampled")
         self.scheduler.add(request)
         detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer is not None
                  else None)

@@ -177,7 +177,17 @@ class LLM:
         jobs = [[(f"generate-{self._batches}-{k}-{i}", p.choice(i)) for i in range(p.n)] for k, p in enumerate(params)]
         engine = self.engine([t for t, job in zip(encoded, jobs) for _ in job], [p for job in jobs for _, p in job])
         t0 = time.perf_counter()
-        requests = {rid: engine.add_request(rid, toks, p) for toks, job in zip(encoded, jobs) for rid, p in job}
+        requests: dict = {}
+        try:
+            for toks, job in zip(encoded, jobs):
+                for rid, p in job:
+                    requests[rid] = engine.add_request(rid, toks, p)
+        except Exception:  # a request refused (a bad grammar, a token outside the vocabulary): none run
+            for rid in requests:
+                engine.abort(rid)
+            for _ in engine.stream():
+                pass
+            raise
         seconds: dict[str, float] = {}
         reasons: dict[str, str] = {}
         with tqdm(total=len(requests), desc="generating", disable=not use_tqdm) as bar:

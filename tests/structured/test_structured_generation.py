@@ -161,6 +161,10 @@ def test_allowed_token_ids_and_special_tokens_in_text(llm):
         llm.generate("Hi", SamplingParams(allowed_token_ids=(49152 + 5,)), use_tqdm=False)
     with pytest.raises(ValueError, match="give one of them"):
         SamplingParams(allowed_token_ids=(1,), structured_outputs=SPECS["choice"])
+    with pytest.raises(ValueError, match="only stop tokens"):  # the first prompt, accepted, does not run
+        llm.generate(["Hello", "Hi"], [SamplingParams(), SamplingParams(allowed_token_ids=(2,), min_tokens=1)],
+                     use_tqdm=False)
+    assert not llm._engine.has_unfinished() and not llm._engine.scheduler.requests
 
 
 def test_structured_requests_survive_preemption(llm):
