@@ -6,7 +6,8 @@ Host side (the engine's thread does this work): compile time of three grammars (
 a pydantic-like schema, a "required" tool call over two tools) and the allowed-token mask's time for
 a DFA state met for the first time (then cached), over SmolLM2's 49k-token vocabulary and over a
 128k one (SmolLM2's tokens plus byte-string variants: Llama 3's vocabulary size).
-Engine: `--batch` requests decoding `--output-len` tokens (temperature 1, seeded, EOS ignored) of
+Sampling: a step's 32 and 256 rows in one batch against row by row (the engine's sampler before and
+after session 24). Engine: `--batch` requests decoding `--output-len` tokens (temperature 1, seeded, EOS ignored) of
 which none, one, half and all are structured (persons as JSON lines, without end), async
 scheduling on; and all structured with it off. Each engine compiles the grammar before the clock
 starts; its masks are computed as the requests meet new states. Random weights of `--random-weights` on CUDA (the tiny test shape on CPU) with
@@ -100,6 +101,49 @@ def host_costs(tokenizer) -> tuple[list[dict], list[dict]]:
     return compiled, masks
 
 
+def sampler_costs(device: str) -> list[dict]:
+    """A step's sampling of R rows over a 128k vocabulary (temperature 1, top-p 0.9; half the rows
+    seeded), one batch (sampler.sample_rows, the engine's) against row by row (sample_tensor per row,
+    the engine's path before session 24): median of 20 with events on CUDA, of 3 on a CPU."""
+    from cometserve.engine.sampler import sample_rows, sample_tensor
+
+    def batch(logits, params, gens):
+        sample_rows(logits, params, gens, [None] * len(params), [()] * len(params), None)
+
+    def one_by_one(logits, params, gens):
+        for i, p in enumerate(params):
+            sample_tensor(logits[i], p, gens[i])
+
+    out = []
+    for r in (32, 256):
+        logits = torch.randn(r, 128256, device=device) * 3
+        params = [SamplingParams(temperature=1.0, top_p=0.9, seed=i if i % 2 else None) for i in range(r)]
+        gens = [torch.Generator(device=device).manual_seed(i) if p.seed is not None else None
+                for i, p in enumerate(params)]
+        out.append({"rows": r, "vocab": logits.shape[1],
+                    **{f"{name} ms": _median_ms(fn, (logits, params, gens), device)
+                       for name, fn in (("batch", batch), ("row by row", one_by_one))}})
+    return out
+
+
+def _median_ms(fn, args: tuple, device: str) -> float:
+    fn(*args)  # warm
+    ms = []
+    for _ in range(20 if device == "cuda" else 3):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            ms.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ms))
+
+
 def build_model(args, device: str):
     from cometserve.engine.random_model import build_random_model
 
@@ -169,6 +213,10 @@ def write(doc: dict, out_dir: Path, name: str) -> None:
     lines += [f"| {r['grammar']} | {r['regex_chars']} | {r['dfa_states']} | {r['compile_s']:.2f} |" for r in doc["compile"]]
     lines += ["", "| vocabulary | states | mask ms, mean | max |", "|---|---|---|---|"]
     lines += [f"| {r['vocab']} | {r['states']} | {r['ms_mean']:.2f} | {r['ms_max']:.2f} |" for r in doc["masks"]]
+    lines += ["", "Sampling a step's rows (temperature 1, top-p 0.9, half seeded, 128k vocabulary):", "",
+              "| rows | one batch ms | row by row ms | ratio |", "|---|---|---|---|"]
+    lines += [f"| {r['rows']} | {r['batch ms']:.2f} | {r['row by row ms']:.2f} | {r['row by row ms'] / r['batch ms']:.1f}x |"
+              for r in doc["sampling"]]
     if doc["engine"]:
         lines += ["", f"Engine: {doc['model']}", "", ("| structured of batch | async | output tokens | steps | "
                   "output tok/s | step ms p50 | vs none |"), "|---|---|---|---|---|---|---|"]
@@ -200,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or assets.smollm2_dir())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compiled, masks = host_costs(tokenizer)
+    sampling = sampler_costs(device)
     rows, model = [], None
     if not args.no_engine:
         engine = make_engine(build_model(args, device), tokenizer, args, device)
@@ -208,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(0, True), (1, True), (args.batch // 2, True), (args.batch, True), (args.batch, False)]
         for k, asyn in runs:
             rows.append(engine_run(engine, tokenizer, args, k, asyn, device))
-    write({**meta(args, device), "model": model, "compile": compiled, "masks": masks, "engine": rows},
+    write({**meta(args, device), "model": model, "compile": compiled, "masks": masks, "sampling": sampling,
+           "engine": rows},
           Path(args.out_dir), args.name)
     return 0
 
