@@ -77,7 +77,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
         probs = sampling_probs(scores.index_select(0, idx), [params[r] for r in sampled])
         tokens = tokens.index_copy(0, idx, draw(probs, [generators[r] for r in sampled]))
     _count(tokens, counts)
-    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+    return tokens, token_logprobs(logits, tokens)
 
 
 def _penalized(logits: torch.Tensor, params: list[SamplingParams], counts: list[torch.Tensor | None]) -> torch.Tensor:
@@ -159,4 +159,10 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
 def greedy_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 [S, vocab] -> (argmax tokens int64 [S], their log-probabilities float32 [S])."""
     tokens = logits.argmax(dim=-1)
-    return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return tokens, token_logprobs(logits, tokens)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows of logits float32 [R, vocab] and one token per row -> its log-probability float32 [R],
+    without writing the rows' whole log-softmax."""
+    return logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
