@@ -198,7 +198,10 @@ def meta(args, device: str) -> dict:
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores), no GPU"
-    return {"gpu": name, "torch": torch.__version__, "triton": triton.__version__,
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                         text=True, check=False) if device == "cuda" else None
+    return {"gpu": name, "driver": smi.stdout.split()[0] if smi and smi.returncode == 0 and smi.stdout else None,
+            "torch": torch.__version__, "triton": triton.__version__,
             "commit": args.commit or git("rev-parse", "--short", "HEAD") or "unknown",
             "command": " ".join(["benchmarks/e2e/structured.py", *sys.argv[1:]]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -207,7 +210,7 @@ def meta(args, device: str) -> dict:
 def write(doc: dict, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = [f"# Structured outputs ({datetime.date.today()})", "", (f"{doc['gpu']}, torch {doc['torch']}, triton "
+    lines = [f"# Structured outputs ({datetime.date.today()})", "", (f"{doc['gpu']} (driver {doc.get('driver') or 'none'}), torch {doc['torch']}, triton "
              f"{doc['triton']}, commit {doc['commit']}: `{doc['command']}`"), "",
              "| grammar | regex chars | DFA states | compile s |", "|---|---|---|---|"]
     lines += [f"| {r['grammar']} | {r['regex_chars']} | {r['dfa_states']} | {r['compile_s']:.2f} |" for r in doc["compile"]]
